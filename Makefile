@@ -1,0 +1,33 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both install on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision pinned as a pair: torchvision from the registry needs this CUDA build of torch.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/onnxecc inspect models/digits_cnn.onnx
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench
+
+lint: install
+	$(BIN)/ruff check onnxecc tests models
+
+clean:
+	rm -rf $(VENV) .pytest_cache

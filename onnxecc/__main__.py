@@ -1,0 +1,3 @@
+from onnxecc.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""`onnxecc inspect`: what is in a model — its compute layers, their MACs and parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from onnxecc import ingest
+from onnxecc.errors import UserError
+from onnxecc.layers import Layer, count_params, find_layers, with_static_shapes
+
+
+@dataclass
+class InspectResult:
+    """Everything `inspect` reports; `as_dict()` is the `--json` output."""
+
+    source: str
+    opset: int
+    inputs: dict[str, list[int]]
+    outputs: dict[str, list[int]]
+    layers: list[Layer]
+    model_params: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def layer_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source, "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
+            "layers": [layer.as_dict() for layer in self.layers],
+            "totals": {"macs": self.macs, "layer_params": self.layer_params, "model_params": self.model_params,
+                       "layers": len(self.layers)},
+            **self.extra,
+        }
+
+
+def inspect(model: ingest.ModelSource) -> InspectResult:
+    """Load, check and analyse a model. Raises UserError when it has no compute layer to compress."""
+    source = str(model) if isinstance(model, (str, Path)) else "<model>"
+    proto = ingest.load(model)
+    shaped = with_static_shapes(proto)
+    layers = find_layers(proto, shaped)
+    if not layers:
+        raise UserError(f"{source} has no compute layers (Conv, ConvTranspose, Gemm, MatMul with constant "
+                        "weights): nothing to compress")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return InspectResult(source, opset, _io_shapes(shaped, shaped.graph.input, proto),
+                         _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto))
+
+
+def _io_shapes(shaped: onnx.ModelProto, values, original: onnx.ModelProto) -> dict[str, list[int]]:
+    init_names = {t.name for t in original.graph.initializer}
+    out = {}
+    for vi in values:
+        if vi.name in init_names:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        out[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    return out

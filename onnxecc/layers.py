@@ -1,0 +1,234 @@
+"""Find the compute layers of a graph (Conv, ConvTranspose, Gemm, MatMul with a constant operand) and count
+their MACs and parameters exactly, for a batch of one.
+
+These are the layers whose channels or weights a budget can remove; everything else (activations,
+pooling, BatchNorm) is cheap or follows them. Counting convention: one multiply-accumulate per weight use,
+bias additions not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxecc.errors import UnsupportedModelError, UserError
+from onnxecc.graph import Graph
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class Layer:
+    """One compute node. `cin`/`cout` are channel counts (features for Gemm/MatMul)."""
+
+    name: str  # ONNX node name (or its first output when the node is unnamed)
+    op: str
+    weight: str  # tensor name of the weight
+    bias: str | None
+    cin: int
+    cout: int
+    kernel: tuple[int, ...]
+    groups: int
+    out_spatial: tuple[int, ...]
+    macs: int
+    params: int
+    node_index: int = field(repr=False, default=-1)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.op == "Conv" and self.groups > 1 and self.groups == self.cin and self.cin == self.cout
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "op": self.op, "weight": self.weight, "bias": self.bias, "cin": self.cin,
+            "cout": self.cout, "kernel": list(self.kernel), "groups": self.groups,
+            "out_spatial": list(self.out_spatial), "macs": self.macs, "params": self.params,
+        }
+
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or (node.output[0] if node.output else f"{node.op_type}_{index}")
+
+
+def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    """A copy with the batch dimension fixed and shapes inferred for every tensor (for counting)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    init_names = {t.name for t in out.graph.initializer}
+    for inp in out.graph.input:
+        if inp.name in init_names or not inp.type.HasField("tensor_type"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            if axis == 0:
+                dim.Clear()
+                dim.dim_value = batch
+            else:
+                raise UserError(
+                    f"input '{inp.name}' has a dynamic dimension {axis} ({dim.dim_param or '?'}): "
+                    "re-export the model with a fixed input size (only the batch may be dynamic)"
+                )
+    for vi in list(out.graph.value_info):
+        out.graph.value_info.remove(vi)
+    for o in out.graph.output:  # stale symbolic output shapes would conflict with the fixed batch
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    try:
+        out = onnx.shape_inference.infer_shapes(out, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError or bare RuntimeErrors here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"shape inference failed on the model ({first}): check that it runs in onnxruntime")\
+            from exc
+    known = tensor_shapes(out)
+    missing = [o for n in out.graph.node for o in n.output if o and o not in known]
+    if missing:
+        _shapes_from_onnxruntime(out, missing)
+    return out
+
+
+def _shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str]) -> None:
+    """onnx's inference gives up on data-dependent shapes (Reshape of a computed shape, as in channel
+    shuffles); one onnxruntime run on zeros measures them, and they are recorded as value_info."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], _ort_dtype(i.type))
+                 for i in session.get_inputs()}
+        values = session.run(names, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types without a common base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model does not run in onnxruntime ({first}): check the export") from exc
+    by_type = {vi.name: vi for vi in model.graph.value_info}
+    for name, value in zip(names, values):
+        value = np.asarray(value)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        vi = onnx.helper.make_tensor_value_info(name, elem, list(value.shape))
+        if name in by_type:
+            by_type[name].CopyFrom(vi)
+        else:
+            model.graph.value_info.append(vi)
+
+
+def _ort_dtype(ort_type: str) -> np.dtype:
+    table = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+    if ort_type not in table:
+        raise UserError(f"unsupported input type {ort_type}: onnxecc handles numeric tensor inputs")
+    return np.dtype(table[ort_type])
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes known in a shape-inferred model (inputs, value_info, outputs, initializers)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def find_layers(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> list[Layer]:
+    """Compute layers in graph order. `shaped` may pass a model already through `with_static_shapes`."""
+    shaped = shaped if shaped is not None else with_static_shapes(model)
+    shapes = tensor_shapes(shaped)
+    g = Graph(shaped)
+    layers = []
+    for index, node in enumerate(shaped.graph.node):
+        if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        layer = _layer(node, index, g, shapes)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def _shape(shapes: dict[str, tuple[int, ...]], name: str, node: onnx.NodeProto, index: int) -> tuple[int, ...]:
+    if name not in shapes:
+        raise UnsupportedModelError(
+            f"cannot infer the shape of '{name}' at {node.op_type} '{node_name(node, index)}': "
+            "re-export the model with static shapes"
+        )
+    return shapes[name]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _layer(node: onnx.NodeProto, index: int, g: Graph, shapes) -> Layer | None:
+    name = node_name(node, index)
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        w = g.const(node.input[1]) if len(node.input) > 1 else None
+        if w is None:
+            return None  # dynamic weights: not a prunable layer
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        groups = int(_attr(node, "group", 1))
+        out_shape = _shape(shapes, node.output[0], node, index)
+        kernel = tuple(int(k) for k in w.shape[2:])
+        if op == "Conv":
+            cout, cin = int(w.shape[0]), int(w.shape[1]) * groups
+            macs = int(w.size) * int(np.prod(out_shape[2:]))
+        else:
+            in_shape = _shape(shapes, node.input[0], node, index)
+            cin, cout = int(w.shape[0]), int(w.shape[1]) * groups
+            macs = int(w.size) * int(np.prod(in_shape[2:]))
+        params = int(w.size) + (_size(g, bias) if bias else 0)
+        return Layer(name, op, node.input[1], bias, cin, cout, kernel, groups, tuple(out_shape[2:]), macs,
+                     params, index)
+    if op == "Gemm":
+        b = g.const(node.input[1])
+        if b is None or b.ndim != 2:
+            return None
+        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+        k, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+        a_shape = _shape(shapes, node.input[0], node, index)
+        m = a_shape[1] if trans_a else a_shape[0]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        params = int(b.size) + (_size(g, bias) if bias else 0)
+        return Layer(name, op, node.input[1], bias, int(k), int(n), (), 1, (), int(m * k * n), params, index)
+    if op == "MatMul":
+        b = g.const(node.input[1])
+        if b is None or b.ndim != 2 or g.const(node.input[0]) is not None:
+            return None
+        out_shape = _shape(shapes, node.output[0], node, index)
+        k, n = int(b.shape[0]), int(b.shape[1])
+        return Layer(name, op, node.input[1], None, k, n, (), 1, tuple(out_shape[1:-1]),
+                     int(np.prod(out_shape)) * k, int(b.size), index)
+    return None
+
+
+def _size(g: Graph, name: str) -> int:
+    value = g.const(name)
+    return int(value.size) if value is not None else 0
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """All floating-point constant elements of the model (weights, biases, BatchNorm statistics)."""
+    total = 0
+    for t in model.graph.initializer:
+        if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f":
+            total += int(np.prod(t.dims, dtype=np.int64))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and onnx.helper.tensor_dtype_to_np_dtype(a.t.data_type).kind == "f":
+                    total += int(np.prod(a.t.dims, dtype=np.int64))
+    return total
