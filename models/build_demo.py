@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -137,16 +138,18 @@ def train(model: nn.Module, data: Dataset, epochs: int) -> None:
 
 def export_bytes(model: nn.Module) -> bytes:
     buf = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 1, 8, 8),),
-        buf,
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is chosen on purpose (see README)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 1, 8, 8),),
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     data = buf.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
@@ -160,6 +163,7 @@ def write_atomic(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shared build outputs
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -192,7 +196,9 @@ def count_macs(model: nn.Module) -> int:
         else:
             total += out.numel() * mod.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 1, 8, 8))
     for h in handles:
@@ -228,7 +234,6 @@ def build(name: str, make: Callable[[], nn.Module], epochs: int, data: Dataset) 
         "macs": count_macs(model),
         "n_test": int(len(data.y_test)),
         "max_abs_logit_diff_torch_vs_ort": diff,
-        "train_seconds": round(train_s, 1),
     }
     print(
         f"{name}: test accuracy {acc:.4f} (onnxruntime; torch {torch_acc:.4f}), params {record['params']:,}, "

@@ -134,8 +134,8 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise UserError(
-            f"{path} is not a valid .npz file ({_one_line(exc)}); "
-            "save it with numpy.savez(path, x=..., y=...)"
+            # numpy's own text here talks about unpickling, which would mislead: we never unpickle.
+            f"{path} is not an .npz archive (not a zip file); save it with numpy.savez(path, x=..., y=...)"
         ) from exc
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(
@@ -171,7 +171,8 @@ def _validate_x(x: np.ndarray, path: str, input_shape: Sequence[object] | None) 
     if x.ndim == 0 or x.shape[0] == 0:
         raise UserError(f"{path}: x has shape {x.shape}, expected N×(sample shape) with N ≥ 1 samples")
     check_sample_shape(tuple(x.shape[1:]), input_shape, f"{path}: x")
-    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
     bad = ~np.isfinite(x32)
     if bad.any():
         first = int(np.argwhere(bad)[0][0])
