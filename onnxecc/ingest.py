@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from onnxecc import atomic
 from onnxecc.errors import UserError
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
@@ -81,7 +82,16 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
 
 
 def _all_tensors(model: onnx.ModelProto):
-    yield from onnx.external_data_helper._get_all_tensors(model)
+    """Initializers and Constant-node tensors of the main graph and every subgraph."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
 
 
 def _uses_external_data(tensor: onnx.TensorProto) -> bool:
@@ -89,21 +99,13 @@ def _uses_external_data(tensor: onnx.TensorProto) -> bool:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically: a temp file in the same directory, fsync, rename — never a half-written model."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise UserError(f"output directory does not exist: {path.parent} — create it first")
+    """Write atomically (never a half-written model); models over 2 GB keep their weights in `NAME.data`."""
+    if model.ByteSize() < _TWO_GB:
+        return atomic.write_bytes(path, model.SerializeToString())
+    path = atomic.check_output_path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        large = model.ByteSize() >= _TWO_GB
-        if large:
-            data_name = path.name + ".data"
-            onnx.save_model(model, str(tmp), save_as_external_data=True, location=data_name)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
+        onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

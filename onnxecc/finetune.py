@@ -1,0 +1,144 @@
+"""Fine-tuning with frozen channel masks and distillation from the original model.
+
+After a projection the pruned channels must stay exactly zero (so the physically pruned ONNX model equals
+the trained torch model), and the user often has few or no labels: the original model's logits are the
+teacher, mixed with cross-entropy when labels exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Mask:
+    """A 0/1 tensor multiplied into a parameter after every optimizer step (and into its gradient)."""
+
+    param: torch.nn.Parameter
+    mask: torch.Tensor
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            self.param.mul_(self.mask)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    temperature: float = 2.0
+    distill_weight: float = 0.5  # share of the distillation term when labels exist (1.0 without labels)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    train_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[EpochLog] = field(default_factory=list)
+
+    def as_dict(self) -> list[dict]:
+        return [e.__dict__ for e in self.epochs]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                      temperature: float, distill_weight: float) -> torch.Tensor:
+    """T²·KL(teacher‖student) at temperature T, mixed with cross-entropy when labels are given."""
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    if labels is None:
+        return kd
+    return distill_weight * kd + (1.0 - distill_weight) * F.cross_entropy(student, labels)
+
+
+def _freeze_batchnorm(module: torch.nn.Module) -> None:
+    """Few samples make running statistics worse, not better: BatchNorm layers stay in eval mode."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray, y: np.ndarray | None,
+             config: TrainConfig, masks: list[Mask] = (),
+             on_epoch: Callable[[EpochLog], None] | None = None,
+             on_batch: Callable[[int, int], None] | None = None) -> TrainHistory:
+    """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed."""
+    import time
+
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    module.to(device)
+    for m in masks:
+        m.mask = m.mask.to(device)
+        m.apply()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    xs = torch.as_tensor(x, dtype=torch.float32)
+    ts = torch.as_tensor(teacher_logits, dtype=torch.float32)
+    ys = torch.as_tensor(y, dtype=torch.long) if y is not None else None
+    n = len(xs)
+    steps_per_epoch = max(1, math.ceil(n / config.batch_size))
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
+    weight = config.distill_weight if ys is not None else 1.0
+    history = TrainHistory()
+    step = 0
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        module.train()
+        _freeze_batchnorm(module)
+        order = torch.randperm(n, generator=generator)
+        total_loss, correct = 0.0, 0
+        for i in range(0, n, config.batch_size):
+            idx = order[i:i + config.batch_size]
+            xb, tb = xs[idx].to(device), ts[idx].to(device)
+            yb = ys[idx].to(device) if ys is not None else None
+            out = module(xb)
+            loss = distillation_loss(out, tb, yb, config.temperature, weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for m in masks:
+                if m.param.grad is not None:
+                    m.param.grad.mul_(m.mask)
+            optimizer.step()
+            scheduler.step()
+            for m in masks:  # Adam's moments could otherwise revive a pruned entry
+                m.apply()
+            total_loss += float(loss) * len(idx)
+            if yb is not None:
+                correct += int((out.argmax(1) == yb).sum())
+            step += 1
+            if on_batch:
+                on_batch(step, total_steps)
+        log = EpochLog(epoch + 1, total_loss / n, correct / n if ys is not None else None,
+                       time.perf_counter() - start)
+        history.epochs.append(log)
+        if on_epoch:
+            on_epoch(log)
+    module.eval()
+    module.to("cpu")
+    return history
