@@ -100,16 +100,39 @@ class Graph:
                     and len(node.attribute) == 1 and node.attribute[0].name == "value":
                 old = node.attribute[0].t
                 node.attribute[0].t.CopyFrom(numpy_helper.from_array(value.astype(_np_dtype(old)), old.name))
+            elif node is not None and node.op_type == "Identity":
+                self._private_identity_input(node, value)
+                return
             else:
                 self._detach_into_initializer(name, value)
                 return
         self._const_cache.clear()
 
+    def _add_initializer(self, tensor: onnx.TensorProto) -> None:
+        self.graph.initializer.append(tensor)
+        if self.model.ir_version < 4:  # IR 3 requires every initializer to be listed as a graph input
+            self.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                       list(tensor.dims)))
+
+    def _private_identity_input(self, node: onnx.NodeProto, value: np.ndarray) -> None:
+        """An Identity over a shared tensor (exporters deduplicate equal initializers this way) gets an
+        initializer of its own as input, so the Identity node and its name stay."""
+        old = self.const(node.input[0])
+        taken = set(self.initializers) | set(self.producer) | {i.name for i in self.graph.input}
+        fresh, k = f"{node.output[0]}__value", 1
+        while fresh in taken:
+            fresh, k = f"{node.output[0]}__value{k}", k + 1
+        dtype = old.dtype if old is not None else value.dtype
+        self._add_initializer(numpy_helper.from_array(value.astype(dtype), fresh))
+        node.input[0] = fresh
+        remove_dead_nodes(self.model)
+        self.__init__(self.model)
+
     def _detach_into_initializer(self, name: str, value: np.ndarray) -> None:
         """`name` is computed (or shared): it becomes an initializer of its own; dead producers are removed."""
         old = self.const(name)
         dtype = old.dtype if old is not None else value.dtype
-        self.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), name))
+        self._add_initializer(numpy_helper.from_array(value.astype(dtype), name))
         node = self.producer.get(name)
         if node is not None:
             keep = [o for o in node.output if o != name]
