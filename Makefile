@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/onnxecc inspect models/digits_cnn.onnx
+	mkdir -p out
+	$(BIN)/onnxecc compress models/digits_resdw.onnx --budget 0.3 --metric macs --data digits -o out/digits_resdw_macs30.onnx --report out/digits_resdw_macs30.json
+	$(BIN)/onnxecc validate models/digits_resdw.onnx out/digits_resdw_macs30.onnx --data digits
 
 test: install
 	$(BIN)/python -m pytest

@@ -46,13 +46,141 @@ def inspect(
     table.add_column("output", justify="right")
     table.add_column("MACs", justify="right", footer=f"{result.macs:,}")
     table.add_column("params", justify="right", footer=f"{result.layer_params:,}")
+    table.add_column("in grp", justify="right")
+    table.add_column("out grp", justify="right")
     for layer in result.layers:
+        ins, outs = result.layer_groups.get(layer.name, ([], []))
         table.add_row(layer.name, layer.op, str(layer.cin), str(layer.cout),
                       "×".join(map(str, layer.kernel)) or "-", str(layer.groups),
-                      "×".join(map(str, layer.out_spatial)) or "-", f"{layer.macs:,}", f"{layer.params:,}")
+                      "×".join(map(str, layer.out_spatial)) or "-", f"{layer.macs:,}", f"{layer.params:,}",
+                      _group_ids(ins), _group_ids(outs))
     console.print(table)
+    groups = Table(title="channel groups (prune a group by choosing which of its units to keep)")
+    for name in ("group", "units", "channels", "producers", "consumers", "status"):
+        groups.add_column(name, justify="left" if name == "status" else "right")
+    for g in result.groups:
+        status = "prunable" if g.prunable else (f"frozen by {g.frozen_by}" if g.frozen_by else "single unit")
+        groups.add_row(str(g.id), str(g.size), str(g.channels), str(len(g.producers)), str(len(g.consumers)),
+                       status)
+    console.print(groups)
     console.print(f"{len(result.layers)} compute layers; {result.model_params:,} parameters in the model "
                   "(MACs count Conv/Gemm/MatMul multiply-accumulates for batch 1)")
+
+
+def _group_ids(ids: list[int]) -> str:
+    return ",".join(map(str, ids)) if len(ids) <= 3 else f"{ids[0]},{ids[1]},… ({len(ids)})"
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="Path to the .onnx file to compress."),
+    budget: str = typer.Option(..., "--budget", "-b",
+                               help="0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k (params)."),
+    output: str = typer.Option(..., "--output", "-o", help="Where to write the compressed .onnx file."),
+    metric: str = typer.Option("macs", "--metric", "-m", help="macs | params (latency | energy need a profile)."),
+    data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
+    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    round_to: int = typer.Option(1, "--round-to", help="Keep channel counts at multiples of this (8 suits CPUs)."),
+    min_width: int = typer.Option(1, "--min-width", help="Never keep fewer channels than this in a group."),
+    device: str = typer.Option("auto", "--device", help="Training device: auto, cpu, cuda."),
+    report: str = typer.Option(None, "--report", help="Write a JSON report here."),
+) -> None:
+    """Compress MODEL so that it meets the budget; fine-tune on --data to recover accuracy."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from onnxecc.budget import format_cost
+    from onnxecc.compress import CompressOptions
+    from onnxecc.compress import compress as run_compress
+
+    options = CompressOptions(metric=metric, data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                              round_to=round_to, min_width=min_width, device=device)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=err_console, transient=True)
+    task = {}
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "stage" and info["name"] == "finetune":
+            task["id"] = progress.add_task("fine-tuning", total=None, info="")
+        elif kind == "stage":  # transient: shown while it runs, gone afterwards (and never on a non-terminal)
+            if "stage" not in task:
+                task["stage"] = progress.add_task("", total=None, info="")
+            progress.update(task["stage"], description=f"{info['name']}…")
+        elif kind == "batch" and "id" in task:
+            progress.update(task["id"], completed=info["step"], total=info["total"])
+        elif kind == "epoch" and "id" in task:
+            acc = info["train_accuracy"]
+            progress.update(task["id"], info=f"epoch {info['epoch']} loss {info['loss']:.4f}"
+                            + (f" train acc {acc:.3f}" if acc is not None else ""))
+
+    with progress:
+        result = run_compress(model, budget, output, options, report=report, on_event=on_event)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+
+    def fmt(v):
+        return format_cost(v, metric) if v is not None else "-"
+
+    table = Table(title=f"{model} → {output}")
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row(metric, fmt(result.original_cost), fmt(result.final_cost),
+                  f"{result.final_cost / result.original_cost:.3f}")
+    if result.accuracy_after is not None:
+        table.add_row("accuracy (test)", f"{result.accuracy_before:.4f}", f"{result.accuracy_after:.4f}",
+                      f"{result.accuracy_after - result.accuracy_before:+.4f}")
+    elif result.agreement is not None:
+        table.add_row("top-1 agreement", "1", f"{result.agreement:.3f}", "")
+    if result.latency_before is not None:
+        table.add_row("ORT CPU latency (1 thread)", f"{result.latency_before.median_s * 1e3:.3f} ms",
+                      f"{result.latency_after.median_s * 1e3:.3f} ms",
+                      f"{result.latency_after.median_s / result.latency_before.median_s:.3f}")
+    console.print(table)
+    verdict = "[green]meets the budget[/]" if result.meets_budget else "[red]misses the budget[/]"
+    console.print(f"budget {result.budget.describe(result.original_cost)}: {verdict} "
+                  f"({fmt(result.final_cost)}, counted on the output file)")
+    if not result.meets_budget:
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    original: str = typer.Argument(..., help="The original .onnx model."),
+    compressed: str = typer.Argument(..., help="The compressed .onnx model."),
+    data: str = typer.Option(None, "--data", help="digits or FILE.npz (accuracy when labels exist)."),
+    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="onnxruntime execution provider."),
+    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Run ORIGINAL and COMPRESSED side by side: agreement, accuracy, latency, budget re-check (exit 1 if missed)."""
+    from onnxecc.validate import validate as run_validate
+
+    result = run_validate(original, compressed, data=data, provider=provider, threads=threads)
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        table = Table(title=f"{original} vs {compressed} on {provider}")
+        table.add_column("")
+        table.add_column("original", justify="right")
+        table.add_column("compressed", justify="right")
+        table.add_row("latency (median)", f"{result.latency_original.median_s * 1e3:.3f} ms",
+                      f"{result.latency_compressed.median_s * 1e3:.3f} ms")
+        if result.accuracy_original is not None:
+            table.add_row("accuracy", f"{result.accuracy_original:.4f}", f"{result.accuracy_compressed:.4f}")
+        console.print(table)
+        console.print(f"top-1 agreement {result.top1_agreement:.4f} on {result.samples} samples; "
+                      f"max |Δlogit| {result.max_abs_diff:.3g}, mean {result.mean_abs_diff:.3g}")
+        if result.budget:
+            b = result.budget
+            verdict = {True: "[green]met[/]", False: "[red]violated[/]", None: "not re-checked"}[b["meets_budget"]]
+            console.print(f"budget ({b['metric']} ≤ {b['budget']:.6g}): {verdict}"
+                          + (f" — {b.get('how', '')} {b['cost']:.6g}" if b.get("cost") is not None else ""))
+    if result.meets_budget is False:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -92,3 +92,140 @@ class BilinearCost:
         a = np.array([-1 if t.a is None else t.a for t in self.terms], dtype=np.int64)
         b = np.array([-1 if t.b is None else t.b for t in self.terms], dtype=np.int64)
         return coef, a, b
+
+
+# ---- analytic costs from the channel groups --------------------------------------------------------------------
+@dataclass
+class Variables:
+    """The width variables of a cost: classes of units of one channel group that occur identically (same
+    tensors, same multiplicity) everywhere. Usually one class per group; a group whose units reach different
+    tensors (a Split of a shuffled group, say) has several, and only per class is the cost a function of
+    widths alone — which units are kept matters otherwise."""
+
+    group: list[int]  # variable -> channel group id
+    units: list[np.ndarray]  # variable -> unit indices in its group (sorted)
+
+    def of_group(self, gid: int) -> list[int]:
+        return [v for v, g in enumerate(self.group) if g == gid]
+
+    def group_keep(self, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Kept units per group from kept indices per variable (indices into `units[v]`)."""
+        out: dict[int, list[np.ndarray]] = {}
+        for v, idx in keep.items():
+            out.setdefault(self.group[v], []).append(self.units[v][np.asarray(idx, dtype=np.int64)])
+        return {g: np.sort(np.concatenate(parts)) for g, parts in out.items()}
+
+    def group_widths(self, widths: dict[int, int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for v, w in widths.items():
+            out[self.group[v]] = out.get(self.group[v], 0) + int(w)
+        return out
+
+
+def unit_classes(graph) -> Variables:
+    """Split every group's units by where they occur (see `Variables`)."""
+    signature: dict[tuple[int, int], list] = {}
+    for i, bind in enumerate(graph.binds):
+        gid, unit = bind.pos.gid.ravel(), bind.pos.unit.ravel()
+        keys, counts = np.unique(np.stack([gid, unit]), axis=1, return_counts=True)
+        for (g, u), c in zip(keys.T.tolist(), counts.tolist()):
+            signature.setdefault((g, u), []).append((i, c))
+    groups, units = [], []
+    for g in graph.groups:
+        classes: dict[tuple, list[int]] = {}
+        for u in range(g.size):
+            classes.setdefault(tuple(signature.get((g.id, u), ())), []).append(u)
+        for members in sorted(classes.values()):
+            groups.append(g.id)
+            units.append(np.array(members, dtype=np.int64))
+    return Variables(groups, units)
+
+
+def _bound_axes(graph, variables: Variables) -> dict[str, dict[int, dict[int, dict[int, float]]]]:
+    """name -> node index -> axis -> {variable: positions per kept unit}: the axis keeps Σ_v coef_v · w_v
+    positions (exact: the units of one variable occur equally often)."""
+    lookup = np.full((len(graph.groups), max(g.size for g in graph.groups)), -1, dtype=np.int64)
+    for v, (g, us) in enumerate(zip(variables.group, variables.units)):
+        lookup[g, us] = v
+    sizes = np.array([len(u) for u in variables.units], dtype=np.float64)
+    out: dict[str, dict[int, dict[int, dict[int, float]]]] = {}
+    for bind in graph.binds:
+        axes = out.setdefault(bind.name, {}).setdefault(bind.node_index, {})
+        if bind.axis in axes:
+            continue
+        var, counts = np.unique(lookup[bind.pos.gid.ravel(), bind.pos.unit.ravel()], return_counts=True)
+        axes[bind.axis] = {int(v): float(c) / sizes[v] for v, c in zip(var, counts)}
+    return out
+
+
+def _axes_of(bound, name: str, node_index: int | None) -> dict[int, dict[int, float]]:
+    per_node = bound.get(name, {})
+    if node_index is not None:
+        return per_node.get(node_index, {})
+    return next(iter(per_node.values()), {})
+
+
+def _tensor_terms(shape: tuple[int, ...], axes: dict[int, dict[int, float]], scale: float, label: str,
+                  ) -> tuple[list[Term], float]:
+    """Terms of scale · Π dims, where bound axes are linear in group widths (at most two bound axes)."""
+    rest = float(np.prod([d for i, d in enumerate(shape) if i not in axes], dtype=np.float64)) * scale
+    bound = [axes[a] for a in sorted(axes)]
+    if not bound:
+        return [], rest
+    if len(bound) == 1:
+        return [Term(rest * c, g) for g, c in bound[0].items()], 0.0
+    if len(bound) == 2:
+        terms = []
+        for g, c in bound[0].items():
+            for h, d in bound[1].items():
+                if g == h:
+                    raise ValueError(f"{label}: one channel group on two axes; the cost is not bilinear")
+                terms.append(Term(rest * c * d, g, h))
+        return terms, 0.0
+    raise ValueError(f"{label}: channels bound on {len(bound)} axes; the cost is not bilinear")
+
+
+def macs_cost(graph, layers, model, variables: Variables) -> BilinearCost:
+    """MACs of the compute layers as a function of group widths: each layer's MACs scale with the kept
+    positions of its weight's two channel axes (exact for plain, depthwise, Concat and Flatten→Gemm layers)."""
+    from onnxecc.graph import Graph
+
+    consts = Graph(model)
+    bound = _bound_axes(graph, variables)
+    terms: list[Term] = []
+    constant = 0.0
+    for layer in layers:
+        w_shape = consts.const(layer.weight).shape
+        per_weight = layer.macs / float(np.prod(w_shape, dtype=np.float64))
+        t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight,
+                             layer.name)
+        terms += t
+        constant += c
+    return BilinearCost("macs", "MACs", _full(variables), _merge(terms), constant)
+
+
+def params_cost(graph, model, variables: Variables) -> BilinearCost:
+    """Parameters (every floating-point constant used by a node, as `layers.count_params` counts them)."""
+    from onnxecc.layers import used_float_constants
+
+    bound = _bound_axes(graph, variables)
+    terms: list[Term] = []
+    constant = 0.0
+    for name, shape in used_float_constants(model).items():
+        t, c = _tensor_terms(shape, _axes_of(bound, name, None), 1.0, name)
+        terms += t
+        constant += c
+    return BilinearCost("params", "params", _full(variables), _merge(terms), constant)
+
+
+def _full(variables: Variables) -> dict[int, int]:
+    return {v: len(u) for v, u in enumerate(variables.units)}
+
+
+def _merge(terms: list[Term]) -> list[Term]:
+    """One term per (a, b) pair: fewer terms, faster evaluation and projection."""
+    merged: dict[tuple, float] = {}
+    for t in terms:
+        key = (t.a, t.b) if t.b is None or (t.a is not None and t.a <= t.b) else (t.b, t.a)
+        merged[key] = merged.get(key, 0.0) + t.coef
+    return [Term(c, a, b) for (a, b), c in merged.items() if c != 0.0]

@@ -128,7 +128,7 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
             scheduler.step()
             for m in masks:  # Adam's moments could otherwise revive a pruned entry
                 m.apply()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
             if yb is not None:
                 correct += int((out.argmax(1) == yb).sum())
             step += 1

@@ -1,4 +1,4 @@
-"""`onnxecc inspect`: what is in a model — its compute layers, their MACs and parameters."""
+"""`onnxecc inspect`: what is in a model — its compute layers, their MACs and parameters, its channel groups."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from onnxecc import ingest
+from onnxecc.channels import ChannelGroup, analyze
 from onnxecc.errors import UserError
 from onnxecc.layers import Layer, count_params, find_layers, with_static_shapes
 
@@ -23,6 +24,8 @@ class InspectResult:
     layers: list[Layer]
     model_params: int
     extra: dict = field(default_factory=dict)
+    groups: list[ChannelGroup] = field(default_factory=list)  # channel groups (onnxecc.channels)
+    layer_groups: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # layer -> (in, out) ids
 
     @property
     def macs(self) -> int:
@@ -35,11 +38,17 @@ class InspectResult:
     def as_dict(self) -> dict:
         return {
             "source": self.source, "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
-            "layers": [layer.as_dict() for layer in self.layers],
+            "layers": [{**layer.as_dict(), **self._group_ids(layer.name)} for layer in self.layers],
+            "groups": [g.as_dict() for g in self.groups],
             "totals": {"macs": self.macs, "layer_params": self.layer_params, "model_params": self.model_params,
-                       "layers": len(self.layers)},
+                       "layers": len(self.layers), "groups": len(self.groups),
+                       "prunable_groups": sum(g.prunable for g in self.groups)},
             **self.extra,
         }
+
+    def _group_ids(self, name: str) -> dict:
+        ins, outs = self.layer_groups.get(name, ([], []))
+        return {"in_groups": list(ins), "out_groups": list(outs)}
 
 
 def inspect(model: ingest.ModelSource) -> InspectResult:
@@ -52,8 +61,11 @@ def inspect(model: ingest.ModelSource) -> InspectResult:
         raise UserError(f"{source} has no compute layers (Conv, ConvTranspose, Gemm, MatMul with constant "
                         "weights): nothing to compress")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    channels = analyze(proto, shaped)
     return InspectResult(source, opset, _io_shapes(shaped, shaped.graph.input, proto),
-                         _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto))
+                         _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto),
+                         groups=channels.groups,
+                         layer_groups={n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()})
 
 
 def _io_shapes(shaped: onnx.ModelProto, values, original: onnx.ModelProto) -> dict[str, list[int]]:

@@ -220,15 +220,32 @@ def _size(g: Graph, name: str) -> int:
     return int(value.size) if value is not None else 0
 
 
-def count_params(model: onnx.ModelProto) -> int:
-    """All floating-point constant elements of the model (weights, biases, BatchNorm statistics)."""
-    total = 0
-    for t in model.graph.initializer:
-        if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f":
-            total += int(np.prod(t.dims, dtype=np.int64))
+def used_float_constants(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Shapes of the floating-point constants that nodes use (weights, biases, BatchNorm statistics, …).
+
+    Counted by the name a node uses: an initializer reached through an Identity counts at the Identity's
+    output (exporters deduplicate equal tensors that way; they are separate parameters of the network)."""
+    g = Graph(model)
+    out: dict[str, tuple[int, ...]] = {}
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and onnx.helper.tensor_dtype_to_np_dtype(a.t.data_type).kind == "f":
-                    total += int(np.prod(a.t.dims, dtype=np.int64))
-    return total
+        if node.op_type in ("Identity", "Constant"):
+            continue
+        for name in node.input:
+            if not name or name in out:
+                continue
+            source = g.initializers.get(name)
+            if source is not None:
+                if onnx.helper.tensor_dtype_to_np_dtype(source.data_type).kind == "f":
+                    out[name] = tuple(source.dims)
+                continue
+            producer = g.producer.get(name)
+            if producer is not None and producer.op_type in ("Identity", "Constant"):
+                value = g.const(name)
+                if value is not None and value.dtype.kind == "f":
+                    out[name] = value.shape
+    return out
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Parameters of the model: elements of every floating-point constant a node uses."""
+    return int(sum(np.prod(shape, dtype=np.int64) for shape in used_float_constants(model).values()))

@@ -1,0 +1,1130 @@
+"""Channel groups: which channel dimensions of an ONNX graph must be pruned together.
+
+A *group* is an abstract channel space of `size` units. Every tracked tensor has a *layout*: for each position
+along its channel axis (or axes), the group and the unit it holds. Pruning unit u of group g removes every
+position that holds (g, u) — in every tensor, weight, bias, BatchNorm parameter and per-channel constant at
+once — so the pruned model computes exactly what the original computes when those channels contribute nothing.
+
+Most tensors hold one group in order (unit i at position i). Concat lays several groups side by side (each
+consumer then slices each group at its offset); Flatten repeats every unit over the H×W features that follow
+it; grouped convolutions and channel shuffles *fold* a group, so that one unit stands for several channels
+that can only go together. Ops couple groups by unifying two layouts position by position: a union-find over
+groups in which a merged group's units are the classes of identified channels. Residual Adds, SE Muls,
+depthwise convolutions, Concat offsets and shuffles all reduce to that one operation.
+
+Each op's channel rule is one small function registered in `RULES`, so supporting a new op is one local
+change. An op without a rule freezes every group it touches, and so does reaching a graph output; graph inputs
+are never pruned. A frozen group records what froze it (`frozen_by`). Channel counts read by `Shape` are
+tracked too: they may only flow, through shape arithmetic, into the shape inputs of Reshape/Slice/Split/Expand
+(which surgery rewrites as constants); any other use freezes the groups whose counts were read.
+
+The analysis runs on `layers.with_static_shapes(model)` (every tensor has a static shape, batch 1); surgery
+(`onnxecc.surgery`) applies its result to the original model. Only onnx and numpy are used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxecc.graph import Graph, _evaluate_node
+from onnxecc.layers import node_name, tensor_shapes, with_static_shapes
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}
+
+
+# ---- public result ------------------------------------------------------------------------------------------
+@dataclass
+class Slot:
+    """One place where a group's channels are sliced: positions `offset ..` along `axis` of `tensor`.
+
+    `count` positions belong to the group; `block` is the number of positions per unit (1 for a plain
+    channel, H×W for features after Flatten, the number of conv groups for a folded grouped-conv channel;
+    0 when units have unequal multiplicity)."""
+
+    role: str  # producer | consumer | param | concat | reshape | slice | split | expand | input | output
+    node: str
+    op: str
+    tensor: str
+    axis: int
+    offset: int
+    count: int
+    block: int
+
+    def as_dict(self) -> dict:
+        return {"role": self.role, "node": self.node, "op": self.op, "tensor": self.tensor, "axis": self.axis,
+                "offset": self.offset, "count": self.count, "block": self.block}
+
+
+@dataclass
+class ChannelGroup:
+    """A set of channel slots that must keep the same channels. Prune it by choosing kept unit indices."""
+
+    id: int
+    size: int  # units: the indices a keep list chooses from
+    channels: int  # channels of its (widest) producer output; size × block for a folded group
+    producers: list[Slot] = field(default_factory=list)
+    consumers: list[Slot] = field(default_factory=list)
+    members: list[Slot] = field(default_factory=list)
+    frozen_by: str | None = None
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen_by is None and self.size > 1
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "size": self.size, "channels": self.channels, "prunable": self.prunable,
+                "frozen_by": self.frozen_by, "producers": [s.as_dict() for s in self.producers],
+                "consumers": [s.as_dict() for s in self.consumers], "members": [s.as_dict() for s in self.members]}
+
+
+@dataclass
+class LayerChannels:
+    """A compute layer's place in the groups: the groups of its input and of its output channels."""
+
+    name: str
+    op: str
+    node_index: int
+    input: str
+    output: str
+    in_groups: list[int]
+    out_groups: list[int]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "in_groups": self.in_groups, "out_groups": self.out_groups}
+
+
+@dataclass
+class Positions:
+    """Resolved layout of one tensor (or weight axis): group id and unit per position, shaped like the axes."""
+
+    axes: tuple[int, ...]
+    gid: np.ndarray
+    unit: np.ndarray
+
+    def kept(self, flat_keep: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Boolean mask of kept positions, given all groups' masks concatenated (see `ChannelGraph.flat`)."""
+        return flat_keep[offsets[self.gid] + self.unit]
+
+
+@dataclass
+class Bind:
+    """A constant tensor axis sliced like a layout, for the node at `node_index`."""
+
+    name: str
+    node_index: int
+    axis: int
+    pos: Positions
+    role: str
+
+
+@dataclass
+class Edit:
+    """A structural change surgery must make at a node (Reshape shape, Slice bounds, conv group, ...)."""
+
+    kind: str
+    node_index: int
+    data: dict
+
+
+class ChannelGraph:
+    """The channel groups of a model, per-layer group ids, and what surgery needs to slice them."""
+
+    def __init__(self, groups: list[ChannelGroup], layers: dict[str, LayerChannels],
+                 positions: dict[str, Positions], binds: list[Bind], edits: list[Edit], opset: int):
+        self.groups = groups
+        self.layers = layers
+        self._positions = positions
+        self.binds = binds
+        self.edits = edits
+        self.opset = opset
+        self.offsets = np.cumsum([0] + [g.size for g in groups]).astype(np.int64)
+
+    def positions(self, tensor: str) -> Positions | None:
+        """Group id and unit of every channel position of `tensor` (None when it carries no tracked channel)."""
+        return self._positions.get(tensor)
+
+    def tensor_positions(self) -> dict[str, Positions]:
+        """Every tensor that carries tracked channels, with its resolved layout."""
+        return dict(self._positions)
+
+    def layer_prunable(self, name: str) -> bool:
+        """Whether layer `name` can lose output channels: they hold two or more units of prunable groups."""
+        pos = self._positions[self.layers[name].output]
+        gid, unit = pos.gid.ravel(), pos.unit.ravel()
+        ok = np.array([self.groups[g].prunable for g in gid.tolist()], bool)
+        return len(set(zip(gid[ok].tolist(), unit[ok].tolist()))) >= 2
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def flat(self, masks: dict[int, np.ndarray]) -> np.ndarray:
+        """All groups' keep masks back to back (groups missing from `masks` keep everything)."""
+        parts = [masks.get(g.id, np.ones(g.size, bool)) for g in self.groups]
+        return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+    def kept_counts(self, tensor: str, masks: dict[int, np.ndarray]) -> int | None:
+        pos = self._positions.get(tensor)
+        return None if pos is None else int(pos.kept(self.flat(masks), self.offsets).sum())
+
+    def as_dict(self) -> dict:
+        return {"groups": [g.as_dict() for g in self.groups],
+                "layers": {name: lc.as_dict() for name, lc in self.layers.items()}}
+
+
+# ---- layouts and the group union-find ------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """Per position along `axes` (ascending tensor axes; arrays shaped like those dims): group and unit."""
+
+    axes: tuple[int, ...]
+    grp: np.ndarray
+    idx: np.ndarray
+
+    def moved(self, axes) -> Layout:
+        return Layout(tuple(axes), self.grp, self.idx)
+
+    def part(self, start: int, stop: int) -> Layout:
+        return Layout(self.axes, self.grp[start:stop], self.idx[start:stop])
+
+
+class _Groups:
+    """Union-find over groups; a merged group's parent maps each of its units onto the parent's units."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+        self.map: list[np.ndarray | None] = []
+        self.size: list[int] = []
+        self.frozen: dict[int, str] = {}
+
+    def new(self, size: int, frozen: str | None = None) -> int:
+        g = len(self.parent)
+        self.parent.append(g)
+        self.map.append(None)
+        self.size.append(int(size))
+        if frozen:
+            self.frozen[g] = frozen
+        return g
+
+    def find(self, g: int) -> tuple[int, np.ndarray | None]:
+        path = []
+        while self.parent[g] != g:
+            path.append(g)
+            g = self.parent[g]
+        root, above = g, None
+        for node in reversed(path):  # compress: map every node on the path straight onto the root
+            m = self.map[node] if above is None else above[self.map[node]]
+            self.parent[node], self.map[node], above = root, m, m
+        return root, above
+
+    def resolve(self, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+        grp, idx = lay.grp.ravel(), lay.idx.ravel()
+        roots, units = np.empty_like(grp), np.empty_like(idx)
+        for g in (np.unique(grp) if grp.size and grp.min() != grp.max() else grp[:1]):
+            r, m = self.find(int(g))
+            sel = grp == g
+            roots[sel] = r
+            units[sel] = idx[sel] if m is None else m[idx[sel]]
+        return roots, units
+
+    def unify(self, l1: Layout, l2: Layout) -> None:
+        """Identify the channel at each position of l1 with the one at the same position of l2."""
+        r1, u1 = self.resolve(l1)
+        r2, u2 = self.resolve(l2)
+        if r1.shape != r2.shape:
+            raise AssertionError("unify: layouts of different lengths")
+        if np.array_equal(r1, r2) and np.array_equal(u1, u2):
+            return
+        roots = list(dict.fromkeys(np.concatenate([r1, r2]).tolist()))
+        if len(roots) == 2 and (r1 == roots[0]).all() and (r2 == roots[1]).all() \
+                and self.size[roots[0]] == self.size[roots[1]] == r1.size \
+                and np.array_equal(u1, u2) and np.array_equal(np.sort(u1), np.arange(r1.size)):
+            a, b = roots  # the common case: two whole groups in the same order
+            self.parent[b], self.map[b] = a, np.arange(self.size[b])
+            if b in self.frozen and a not in self.frozen:
+                self.frozen[a] = self.frozen[b]
+            return
+        base, n = {}, 0
+        for r in roots:
+            base[r] = n
+            n += self.size[r]
+        a_atoms = u1 + np.array([base[r] for r in r1.tolist()], dtype=np.int64)
+        b_atoms = u2 + np.array([base[r] for r in r2.tolist()], dtype=np.int64)
+        parent = list(range(n))
+
+        def top(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for x, y in zip(a_atoms.tolist(), b_atoms.tolist()):
+            rx, ry = top(x), top(y)
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
+        labels, ids = np.empty(n, np.int64), {}
+        for x in range(n):
+            labels[x] = ids.setdefault(top(x), len(ids))
+        reason = next((self.frozen[r] for r in roots if r in self.frozen), None)
+        new = self.new(len(ids), reason)
+        for r in roots:
+            self.parent[r], self.map[r] = new, labels[base[r]:base[r] + self.size[r]]
+
+
+# ---- the analysis ------------------------------------------------------------------------------------------------
+Rule = Callable[["_Analysis", onnx.NodeProto], None]
+RULES: dict[str, Rule] = {}
+
+# Where a channel count read by Shape may end up: these inputs are rewritten as constants by surgery.
+SINKS = {"Reshape": {1}, "Slice": {1, 2, 3, 4}, "Split": {1}, "Expand": {1}}
+# Ops that only compute on shape values (a channel count flows through them to a sink).
+SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub",
+               "Slice", "Identity", "Floor", "Ceil", "ReduceProd", "Max", "Min", "Equal", "Where", "Neg", "Abs",
+               "Mod"}
+
+
+def register(*ops: str) -> Callable[[Rule], Rule]:
+    """Decorator: `fn(analysis, node)` is the channel rule of `ops`."""
+    def deco(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Analysis:
+    def __init__(self, shaped: onnx.ModelProto):
+        self.model = shaped
+        self.g = Graph(shaped)
+        self.shapes = tensor_shapes(shaped)
+        self.opset = self.g.opset("")
+        self.groups = _Groups()
+        self.layouts: dict[str, Layout] = {}
+        self.const_names: set[str] = set(self.g.initializers)
+        self.taint: dict[str, set[int]] = {}
+        self.notes: dict[str, str] = {}  # untracked tensor -> what made it untracked
+        self.binds: list[tuple[str, int, int, Layout, str]] = []
+        self.edits: list[tuple[str, int, dict]] = []
+        self.io: dict[int, tuple[str, str, Layout]] = {}  # compute node index -> (input, output, input layout)
+        self.concats: list[int] = []
+        self.static: dict[str, np.ndarray | None] = {}
+        self.skip: set[int] = set()  # nodes already handled by an earlier rule (a channel-shuffle chain)
+        self.node_at = {n.output[0]: i for i, n in enumerate(shaped.graph.node) if n.output}
+        self.index, self.where, self.cur_taint = -1, "", set()
+
+    # -- queries --
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.shapes.get(name)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.const_names
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.g.const(name) if name in self.const_names else None
+
+    def lay(self, name: str) -> Layout | None:
+        return self.layouts.get(name) if name else None
+
+    def static_value(self, name: str) -> np.ndarray | None:
+        """Value of a constant or of shape arithmetic on static shapes (batch 1)."""
+        if not name:
+            return None
+        if name in self.static:
+            return self.static[name]
+        value = self.const(name)
+        node = self.g.producer.get(name)
+        if value is None and node is not None and node.domain in ("", "ai.onnx"):
+            if node.op_type == "Shape" and self.shape(node.input[0]) is not None:
+                full = np.array(self.shape(node.input[0]), np.int64)
+                value = full[_attr(node, "start", 0):_attr(node, "end", None)]
+            elif node.op_type in SHAPE_ARITH:
+                inputs = [self.static_value(i) if i else None for i in node.input]
+                if all(v is not None for i, v in zip(node.input, inputs) if i):
+                    value = _evaluate_node(node, inputs, self.model)[list(node.output).index(name)]
+        self.static[name] = value
+        return value
+
+    # -- building blocks for rules --
+    def fresh(self, dims: tuple[int, ...], axes: tuple[int, ...], frozen: str | None = None) -> Layout:
+        n = int(np.prod(dims))
+        g = self.groups.new(n, frozen)
+        return Layout(tuple(axes), np.full(dims, g, np.int64), np.arange(n, dtype=np.int64).reshape(dims))
+
+    def need(self, name: str, axes: tuple[int, ...]) -> Layout:
+        """The layout of non-constant `name` on `axes`; untracked (or tracked elsewhere): a frozen fresh one."""
+        lay = self.lay(name)
+        if lay is not None and lay.axes == tuple(axes):
+            return lay
+        if lay is not None:
+            self.freeze(lay, f"{self.where} (channels on an unexpected axis)")
+        shp = self.shape(name)
+        dims = tuple(shp[a] for a in axes)
+        why = self.notes.get(name) or f"{self.where} (input '{name}' carries no tracked channels)"
+        fresh = self.fresh(dims, axes, why)
+        if lay is None:
+            self.layouts[name] = fresh  # later users of `name` share this (frozen) group
+        return fresh
+
+    def set(self, name: str, lay: Layout | None) -> None:
+        if name and lay is not None:
+            self.layouts[name] = lay
+
+    def freeze(self, lay: Layout | None, reason: str | None = None) -> None:
+        reason = reason or self.where
+        if lay is not None:
+            for r in set(self.groups.resolve(lay)[0].tolist()):
+                self.groups.frozen.setdefault(r, reason)
+        self._freeze_ids(self.cur_taint, reason)
+
+    def _freeze_ids(self, ids, reason: str) -> None:
+        for g in ids:
+            self.groups.frozen.setdefault(self.groups.find(g)[0], reason)
+
+    def freeze_all(self, node: onnx.NodeProto, reason: str) -> None:
+        """Freeze every input layout; outputs carry no tracked channels."""
+        for name in node.input:
+            self.freeze(self.lay(name), reason)
+        for out in node.output:
+            if out:
+                self.notes[out] = reason
+
+    def unify(self, l1: Layout, l2: Layout) -> None:
+        self.groups.unify(l1, l2)
+
+    def bind(self, name: str, axis: int, lay: Layout, role: str) -> None:
+        """Constant `name` is sliced along `axis` like `lay` (for the current node)."""
+        value = self.const(name)
+        if value is None or len(lay.axes) != 1 or axis >= value.ndim or value.shape[axis] != lay.grp.size:
+            self.freeze(lay, f"{self.where} ('{name}' cannot be sliced with the channels)")
+            return
+        self.binds.append((name, self.index, axis, lay, role))
+
+    def edit(self, kind: str, **data) -> None:
+        self.edits.append((kind, self.index, data))
+
+    # -- driver --
+    def run(self) -> None:
+        for inp in self.model.graph.input:
+            shp = self.shape(inp.name)
+            if inp.name not in self.g.initializers and shp is not None and len(shp) >= 2:
+                self.layouts[inp.name] = self.fresh((shp[1],), (1,), f"graph input '{inp.name}'")
+        for index, node in enumerate(self.model.graph.node):
+            if index in self.skip:
+                continue
+            self.index = index
+            self.where = f"{node.op_type} '{node_name(node, index)}'"
+            self.cur_taint = set()
+            inputs = [i for i in node.input if i]
+            if node.op_type not in _NONDETERMINISTIC and all(i in self.const_names for i in inputs) \
+                    and not _has_subgraph(node):
+                self.const_names.update(o for o in node.output if o)
+                continue
+            if not self._taint_gate(node):
+                continue
+            rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            unknown = [n for n in (*node.input, *node.output) if n and n not in self.const_names
+                       and self.shape(n) is None]
+            if unknown:  # rules reason on static shapes: without one, be safe
+                self.freeze_all(node, f"{self.where} (shape of '{unknown[0]}' unknown)")
+                continue
+            (rule or _unknown)(self, node)
+        self.index, self.cur_taint = -1, set()
+        for out in self.model.graph.output:
+            self.freeze(self.lay(out.name), f"graph output '{out.name}'")
+            if out.name in self.taint:
+                self._freeze_ids(self.taint[out.name], f"graph output '{out.name}' (a channel count)")
+
+    def _taint_gate(self, node: onnx.NodeProto) -> bool:
+        """Channel counts read by Shape: let them flow through shape arithmetic into sinks, else freeze."""
+        tainted = {k: self.taint[n] for k, n in enumerate(node.input) if n in self.taint}
+        if not tainted:
+            return True
+        sources = set().union(*tainted.values())
+        tracked = any(self.lay(n) is not None for n in node.input)
+        if set(tainted) <= SINKS.get(node.op_type, set()) and self.lay(node.input[0]) is not None:
+            self.cur_taint = sources  # the rule rewrites these inputs; if it gives up, these freeze too
+            return True
+        if node.op_type in SHAPE_ARITH and not tracked:
+            for out in node.output:
+                if out:
+                    self.taint[out] = sources
+            return False
+        self._freeze_ids(sources, f"{self.where} (uses a channel count)")
+        return True
+
+    # -- result --
+    def finish(self) -> ChannelGraph:
+        nodes = list(self.model.graph.node)
+        order: dict[int, int] = {}
+
+        def dense(root: int) -> int:
+            return order.setdefault(root, len(order))
+
+        for index in sorted(self.io):  # number groups in the order layers produce them
+            dense(self.groups.resolve(self.layouts[self.io[index][1]])[0][0])
+        resolved: dict[int, Positions] = {}
+
+        def pos(lay: Layout) -> Positions:
+            key = id(lay)
+            if key not in resolved:
+                roots, units = self.groups.resolve(lay)
+                gid = np.array([dense(r) for r in roots.tolist()], np.int64)
+                resolved[key] = Positions(lay.axes, gid.reshape(lay.grp.shape), units.reshape(lay.grp.shape))
+            return resolved[key]
+
+        positions = {name: pos(lay) for name, lay in self.layouts.items()}
+        binds = [Bind(n, i, ax, pos(lay), role) for n, i, ax, lay, role in self.binds]
+        edits = [Edit(kind, i, {k: pos(v) if isinstance(v, Layout) else v for k, v in d.items()})
+                 for kind, i, d in self.edits]
+        roots = sorted(order, key=order.get)
+        groups = [ChannelGroup(order[r], self.groups.size[r], 0, frozen_by=self.groups.frozen.get(r))
+                  for r in roots]
+
+        def label(i: int) -> tuple[str, str]:
+            return node_name(nodes[i], i), nodes[i].op_type
+
+        def add_slots(role: str, i: int, tensor: str, p: Positions) -> None:
+            name, op = label(i) if i >= 0 else (tensor, role)
+            gid, unit = p.gid.ravel(), p.unit.ravel()
+            for g in np.unique(gid).tolist():
+                sel = np.flatnonzero(gid == g)
+                counts = np.bincount(unit[sel])
+                counts = counts[counts > 0]
+                block = int(counts[0]) if (counts == counts[0]).all() else 0
+                slot = Slot(role, name, op, tensor, int(p.axes[0]), int(sel[0]), int(sel.size), block)
+                target = {"producer": "producers", "consumer": "consumers"}.get(role, "members")
+                getattr(groups[g], target).append(slot)
+
+        for b in binds:
+            add_slots(b.role, b.node_index, b.name, b.pos)
+        for i in self.concats:
+            out = nodes[i].output[0]
+            add_slots("concat", i, out, positions[out])
+        for e in edits:
+            if e.kind in ("reshape", "slice", "expand") and "out" in e.data:
+                add_slots(e.kind, e.node_index, nodes[e.node_index].output[0], e.data["out"])
+            elif e.kind in ("split", "permute"):
+                add_slots(e.kind, e.node_index, nodes[e.node_index].input[0], e.data["lay"])
+        for inp in self.model.graph.input:
+            if inp.name in positions:
+                add_slots("input", -1, inp.name, positions[inp.name])
+        for out in self.model.graph.output:
+            if out.name in positions:
+                add_slots("output", -1, out.name, positions[out.name])
+        for g in groups:
+            g.channels = max((s.count for s in g.producers), default=g.size)
+        layers = {}
+        for index in sorted(self.io):
+            x, y, lin = self.io[index]
+            name, op = label(index)
+            ins = list(dict.fromkeys(pos(lin).gid.ravel().tolist()))
+            outs = list(dict.fromkeys(positions[y].gid.ravel().tolist()))
+            layers[name] = LayerChannels(name, op, index, x, y, ins, outs)
+        return ChannelGraph(groups, layers, positions, binds, edits, self.opset)
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def analyze(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> ChannelGraph:
+    """Channel groups of `model`. `shaped` may pass `layers.with_static_shapes(model)` if already computed."""
+    analysis = _Analysis(shaped if shaped is not None else with_static_shapes(model))
+    analysis.run()
+    return analysis.finish()
+
+
+def prunable_fraction(model: onnx.ModelProto | ChannelGraph, ops: tuple[str, ...] = ("Conv", "ConvTranspose"))\
+        -> float:
+    """Fraction of the model's `ops` layers (conv layers by default) whose output channels can be pruned
+    (see `ChannelGraph.layer_prunable`)."""
+    graph = model if isinstance(model, ChannelGraph) else analyze(model)
+    layers = [lc for lc in graph.layers.values() if lc.op in ops]
+    if not layers:
+        return 0.0
+    return sum(graph.layer_prunable(lc.name) for lc in layers) / len(layers)
+
+
+# ---- rules -------------------------------------------------------------------------------------------------------
+def _unknown(a: _Analysis, node: onnx.NodeProto) -> None:
+    a.freeze_all(node, f"{a.where} (channel semantics unknown)")
+
+
+UNARY = ("Relu", "LeakyRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Gelu", "Sigmoid", "HardSigmoid",
+         "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
+         "Floor", "Ceil", "Round", "Erf", "Sign", "Sin", "Cos", "Not", "IsNaN", "IsInf", "Identity", "Cast",
+         "CastLike", "Clip", "Dropout")
+
+
+@register(*UNARY)
+def _unary(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Element by element: every output of the input's shape has the input's channels."""
+    x = node.input[0]
+    lay = a.lay(x)
+    if lay is None:
+        return
+    for out in node.output:
+        if out and a.shape(out) == a.shape(x):
+            a.set(out, lay)
+
+
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal",
+               "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift",
+               "BitwiseAnd", "BitwiseOr", "BitwiseXor")
+
+
+@register(*ELEMENTWISE)
+def _elementwise(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Broadcasting ops: operands that carry the full channel dim share channels; constants are sliced."""
+    out = node.output[0]
+    tracked = [n for n in node.input if a.lay(n) is not None]
+    if not tracked:
+        return
+    oshape = a.shape(out)
+    rank = len(oshape)
+    first = a.lay(tracked[0])
+    axes = tuple(ax + rank - len(a.shape(tracked[0])) for ax in first.axes)
+    result, consts = None, []
+    for name in node.input:
+        if not name:
+            continue
+        shp, lay = a.shape(name), a.lay(name)
+        own = tuple(ax - (rank - len(shp)) for ax in axes)
+        if any(o < 0 for o in own) or all(shp[o] == 1 for o in own):  # broadcast along the channels
+            if lay is not None and lay.grp.size > 1:
+                a.freeze(lay, f"{a.where} (channels broadcast against another channel axis)")
+            continue
+        if any(shp[o] != oshape[x] for o, x in zip(own, axes)):
+            a.freeze_all(node, f"{a.where} (partial broadcast over the channel axes)")
+            return
+        if a.is_const(name):
+            consts.append((name, own))
+            continue
+        lay = lay if lay is not None and lay.axes == own else a.need(name, own)
+        if result is None:
+            result = lay
+        else:
+            a.unify(result, lay)
+    result = result if result is not None else first
+    for name, own in consts:
+        if len(own) != 1:
+            a.freeze(result, f"{a.where} (constant over split channel axes)")
+        else:
+            a.bind(name, own[0], result.moved(own), "param")
+    a.set(out, result.moved(axes))
+
+
+@register("BatchNormalization", "InstanceNormalization")
+def _norm(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Per-channel normalisation: channels pass through; scale, bias, mean, var are sliced."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    if lay.axes != (1,) or any(node.output[1:]):
+        a.freeze_all(node, f"{a.where} (statistics outputs or channels off axis 1)")
+        return
+    for p in node.input[1:]:
+        if p:
+            a.bind(p, 0, lay, "param")
+    a.set(node.output[0], lay)
+
+
+def _reduced_axes(node: onnx.NodeProto, rank: int, a: _Analysis) -> list[int] | None:
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = a.const(node.input[1])
+        if value is None:
+            return None
+        axes = value.ravel().tolist()
+    if not axes:
+        return [] if _attr(node, "noop_with_empty_axes", 0) else list(range(rank))
+    return [int(x) % rank for x in axes]
+
+
+@register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+def _reduce(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Reductions over spatial axes keep the channels (moved when keepdims=0); over channels: frozen."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    axes = _reduced_axes(node, len(a.shape(node.input[0])), a)
+    if axes is None or set(axes) & set(lay.axes):
+        a.freeze_all(node, f"{a.where} (reduces over channels)")
+        return
+    keep = _attr(node, "keepdims", 1)
+    a.set(node.output[0], lay if keep else lay.moved(ax - sum(r < ax for r in axes) for ax in lay.axes))
+
+
+@register("ArgMax", "ArgMin")
+def _arg(a: _Analysis, node: onnx.NodeProto) -> None:
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    axis = _attr(node, "axis", 0) % len(a.shape(node.input[0]))
+    if axis in lay.axes:
+        a.freeze_all(node, f"{a.where} (reduces over channels)")
+        return
+    keep = _attr(node, "keepdims", 1)
+    a.set(node.output[0], lay if keep else lay.moved(ax - (axis < ax) for ax in lay.axes))
+
+
+@register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "LayerNormalization")
+def _normalize_over(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Ops that mix values along some axes: fine unless those include the channels."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    rank = len(a.shape(node.input[0]))
+    default = 1 if node.op_type == "LpNormalization" else -1
+    axis = _attr(node, "axis", default) % rank
+    if node.op_type == "LayerNormalization" or (node.op_type != "LpNormalization" and a.opset < 13):
+        mixed = set(range(axis, rank))
+    else:
+        mixed = {axis}
+    if mixed & set(lay.axes) or any(node.output[1:]):
+        a.freeze_all(node, f"{a.where} (mixes values across channels)")
+        return
+    a.set(node.output[0], lay)
+
+
+@register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def _pool(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Spatial pooling works per channel."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    if lay.axes != (1,) or any(node.output[1:]):
+        a.freeze_all(node, f"{a.where} (pooling indices or channels off axis 1)")
+        return
+    a.set(node.output[0], lay)
+
+
+@register("Resize", "Upsample")
+def _resize(a: _Analysis, node: onnx.NodeProto) -> None:
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    if a.shape(node.output[0]) is None or any(a.shape(node.output[0])[ax] != a.shape(node.input[0])[ax]
+                                              for ax in lay.axes):
+        a.freeze_all(node, f"{a.where} (resizes the channel axis)")
+        return
+    sizes = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 else ""
+    if sizes:  # explicit sizes hard-code the channel count
+        a.freeze_all(node, f"{a.where} (explicit sizes)")
+        return
+    a.set(node.output[0], lay)
+
+
+@register("Pad")
+def _pad(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Padding that leaves the channel axes alone."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    rank = len(a.shape(node.input[0]))
+    pads = _attr(node, "pads")
+    if pads is None and len(node.input) > 1:
+        pads = a.const(node.input[1])
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        value = a.const(node.input[3])
+        axes = None if value is None else [int(x) % rank for x in value.ravel()]
+    if pads is None or axes is None:
+        a.freeze_all(node, f"{a.where} (computed pads)")
+        return
+    pads = np.asarray(pads).ravel().tolist()
+    n = len(axes)
+    if any(pads[k] or pads[k + n] for k, ax in enumerate(axes) if ax in lay.axes):
+        a.freeze_all(node, f"{a.where} (pads the channel axis)")
+        return
+    a.set(node.output[0], lay)
+
+
+@register("Shape", "Size")
+def _shape(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Reading the channel count makes the result depend on pruning: it is tracked (see SINKS)."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    rank = len(a.shape(node.input[0]))
+    covered = set(range(rank)[_attr(node, "start", 0):_attr(node, "end", None)]) \
+        if node.op_type == "Shape" else set(range(rank))
+    if covered & set(lay.axes):
+        a.taint[node.output[0]] = set(np.unique(lay.grp).tolist()) | a.cur_taint
+
+
+@register("Transpose")
+def _transpose(a: _Analysis, node: onnx.NodeProto) -> None:
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    rank = len(a.shape(node.input[0]))
+    a.set(node.output[0], _transposed(lay, list(_attr(node, "perm", list(reversed(range(rank)))))))
+
+
+def _transposed(lay: Layout, perm: list[int]) -> Layout:
+    new = [perm.index(ax) for ax in lay.axes]
+    order = np.argsort(new)
+    return Layout(tuple(sorted(new)), lay.grp.transpose(order), lay.idx.transpose(order))
+
+
+def _reshape_layout(lay: Layout, shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> Layout | None:
+    """Where a contiguous span of channel axes lands after a reshape: split, merged, or merged with the
+    trailing axes (Flatten: each channel repeated over the H×W features that follow it)."""
+    axes = lay.axes
+    if list(axes) != list(range(axes[0], axes[-1] + 1)):
+        return None
+    a0, b = axes[0], axes[-1]
+    lead, span = int(np.prod(shape_in[:a0])), int(np.prod(shape_in[a0:b + 1]))
+    if span <= 1:
+        return None
+    for f in range(b + 1, len(shape_in) + 1):
+        target = span * int(np.prod(shape_in[b + 1:f]))
+        tail = int(np.prod(shape_in[f:]))
+        starts = [k for k in range(len(shape_out) + 1) if int(np.prod(shape_out[:k])) == lead]
+        for start in reversed(starts):
+            end, p = start, 1
+            while end < len(shape_out) and p < target:
+                p *= shape_out[end]
+                end += 1
+            if p == target and end > start and int(np.prod(shape_out[end:])) == tail:
+                full = shape_in[a0:f]
+                expand = lay.grp.shape + (1,) * (f - b - 1)
+                dims = tuple(shape_out[start:end])
+                grp = np.broadcast_to(lay.grp.reshape(expand), full).reshape(dims)
+                idx = np.broadcast_to(lay.idx.reshape(expand), full).reshape(dims)
+                return Layout(tuple(range(start, end)), grp, idx)
+    return None
+
+
+def _fold_rectangular(a: _Analysis, lay: Layout) -> None:
+    """A channel span over several axes must prune as a product (all of some axes × a subset of one):
+    units may vary along one axis only (the last varying one); fold the others."""
+    if len(lay.axes) < 2:
+        return
+    roots, units = a.groups.resolve(lay)
+    key = (roots * (units.max() + 1) + units).reshape(lay.grp.shape)
+    varying = [t for t in range(key.ndim) if not (key == np.take(key, [0], axis=t)).all()]
+    if len(varying) <= 1:
+        return
+    t = varying[-1]
+    n = key.shape[t]
+    g = a.groups.new(n)
+    shape = [1] * key.ndim
+    shape[t] = n
+    idx = np.broadcast_to(np.arange(n, dtype=np.int64).reshape(shape), key.shape)
+    a.unify(lay, Layout(lay.axes, np.full(key.shape, g, np.int64), idx))
+
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Follow the channel span through the new shape; Reshape's target shape is rewritten by surgery."""
+    x, out = node.input[0], node.output[0]
+    lay = a.lay(x)
+    if lay is None:
+        return
+    shape_in, shape_out = a.shape(x), a.shape(out)
+    new = _reshape_layout(lay, shape_in, shape_out) if shape_out is not None else None
+    if new is None:
+        a.freeze_all(node, f"{a.where} (reshapes the channel axis in an unsupported way)")
+        return
+    if len(new.axes) > 1 and _permutation_chain(a, node, lay):
+        return
+    _fold_rectangular(a, new)
+    if node.op_type == "Reshape":
+        shape_value = a.const(node.input[1])
+        allowzero = _attr(node, "allowzero", 0)
+        if shape_value is None and (allowzero or 0 in new.axes or shape_in[0] != shape_out[0]):
+            a.freeze_all(node, f"{a.where} (computed shape that moves the batch axis)")
+            return
+        a.edit("reshape", out=new, shape_in=shape_in, shape_out=shape_out,
+               const=None if shape_value is None else shape_value.astype(np.int64), allowzero=allowzero)
+    a.set(out, new)
+
+
+def _permutation_chain(a: _Analysis, node: onnx.NodeProto, lay: Layout) -> bool:
+    """Reshape (split the channel axis) → Transpose → Reshape (merge it back) only reorders the channels (a
+    channel shuffle). Handled here as one fixed permutation, which surgery turns into a Gather, so that any
+    channels may go (the Transpose and the second Reshape are skipped by the driver)."""
+    if node.op_type != "Reshape" or len(lay.axes) != 1:
+        return False
+    outputs = set(a.g.output_names)
+    chain = [node]
+    for op in ("Transpose", "Reshape"):
+        out = chain[-1].output[0]
+        users = a.g.consumers.get(out, [])
+        if len(users) != 1 or users[0].op_type != op or out in outputs:
+            return False
+        chain.append(users[0])
+    _, transpose, merge = chain
+    x = node.input[0]
+    shapes = [a.shape(x), a.shape(node.output[0]), a.shape(transpose.output[0]), a.shape(merge.output[0])]
+    if any(shp is None for shp in shapes) or shapes[3] != shapes[0]:
+        return False
+    probe = Layout(lay.axes, np.zeros_like(lay.idx), np.arange(lay.idx.size, dtype=np.int64))
+    split = _reshape_layout(probe, shapes[0], shapes[1])
+    perm = list(_attr(transpose, "perm", list(reversed(range(len(shapes[1]))))))
+    if split is None or any(perm[k] != k for k in range(len(perm)) if k not in split.axes):
+        return False
+    merged = _reshape_layout(_transposed(split, perm), shapes[2], shapes[3])
+    if merged is None or merged.axes != lay.axes:
+        return False
+    order = merged.idx.ravel()
+    indices = [a.node_at[transpose.output[0]], a.node_at[merge.output[0]]]
+    a.skip.update(indices)
+    a.set(merge.output[0], Layout(lay.axes, lay.grp[order], lay.idx[order]))
+    a.edit("permute", lay=lay, order=order, axis=lay.axes[0], nodes=(a.index, *indices))
+    return True
+
+
+@register("Concat")
+def _concat(a: _Analysis, node: onnx.NodeProto) -> None:
+    """On the channel axis: the output holds the inputs' channels side by side (offsets follow from that).
+    On another axis: the inputs share channels."""
+    out = node.output[0]
+    names = [n for n in node.input if n]
+    tracked = [n for n in names if a.lay(n) is not None]
+    if not tracked:
+        return
+    rank = len(a.shape(out))
+    axis = _attr(node, "axis", 0) % rank
+    if any(axis in a.lay(n).axes for n in tracked):
+        parts = []
+        for n in names:
+            shp = a.shape(n)
+            if a.is_const(n):
+                parts.append(a.fresh((shp[axis],), (axis,), f"{a.where} (constant input '{n}')"))
+            else:
+                parts.append(a.need(n, (axis,)))
+        a.set(out, Layout((axis,), np.concatenate([p.grp for p in parts]), np.concatenate([p.idx for p in parts])))
+        a.concats.append(a.index)
+        return
+    first = a.lay(tracked[0])
+    for n in names:
+        if a.is_const(n):
+            if len(first.axes) != 1:
+                a.freeze(first, f"{a.where} (constant input over split channel axes)")
+            else:
+                a.bind(n, first.axes[0], first, "param")
+        else:
+            a.unify(first, a.need(n, first.axes))
+    a.set(out, first)
+
+
+def _ints(a: _Analysis, node: onnx.NodeProto, position: int, attr: str) -> list[int] | None:
+    """An integer list given as input `position` (opset ≥ 10/13) or as attribute `attr` (older)."""
+    if len(node.input) > position and node.input[position]:
+        value = a.static_value(node.input[position])
+        return None if value is None else [int(v) for v in np.asarray(value).ravel()]
+    value = _attr(node, attr)
+    return None if value is None else [int(v) for v in value]
+
+
+@register("Slice")
+def _slice(a: _Analysis, node: onnx.NodeProto) -> None:
+    """A range of the channel axis (step 1): surgery rewrites the bounds for the kept channels."""
+    x, out = node.input[0], node.output[0]
+    lay = a.lay(x)
+    if lay is None:
+        return
+    shp = a.shape(x)
+    rank = len(shp)
+    starts, ends = _ints(a, node, 1, "starts"), _ints(a, node, 2, "ends")
+    axes = _ints(a, node, 3, "axes")
+    steps = _ints(a, node, 4, "steps")
+    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) \
+            or (len(node.input) > 4 and node.input[4] and steps is None):
+        a.freeze_all(node, f"{a.where} (bounds not known statically)")
+        return
+    axes = [ax % rank for ax in (axes if axes is not None else range(len(starts)))]
+    steps = steps if steps is not None else [1] * len(starts)
+    computed = any(n in a.taint or (n and not a.is_const(n)) for n in node.input[1:5])
+    if computed and 0 in axes:
+        a.freeze_all(node, f"{a.where} (computed bounds on the batch axis)")
+        return
+    hit = [k for k, ax in enumerate(axes) if ax in lay.axes]
+    if not hit:
+        if any(a.shape(out)[ax] != shp[ax] for ax in lay.axes):
+            a.freeze_all(node, f"{a.where} (changes the channel axis)")
+            return
+        if computed:
+            a.edit("slice", lay=lay, starts=starts, ends=ends, axes=axes, steps=steps, k=None)
+        a.set(out, lay)
+        return
+    if len(lay.axes) != 1 or len(hit) != 1 or steps[hit[0]] != 1:
+        a.freeze_all(node, f"{a.where} (strided or multi-axis slice of the channels)")
+        return
+    k = hit[0]
+    start, stop, _ = slice(starts[k], ends[k], 1).indices(shp[axes[k]])
+    stop = max(stop, start)
+    new = lay.part(start, stop)
+    a.edit("slice", lay=lay, out=new, starts=starts, ends=ends, axes=axes, steps=steps, k=k,
+           bounds=(start, stop))
+    a.set(out, new)
+
+
+@register("Split")
+def _split(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Consecutive ranges of the channel axis: surgery rewrites the split sizes."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    rank = len(a.shape(node.input[0]))
+    axis = _attr(node, "axis", 0) % rank
+    outs = list(node.output)
+    if axis not in lay.axes:
+        if len(node.input) > 1 and node.input[1] in a.taint:
+            a.freeze_all(node, f"{a.where} (computed split sizes)")
+            return
+        for o in outs:
+            a.set(o, lay)
+        return
+    if len(lay.axes) != 1 or any(not o for o in outs):
+        a.freeze_all(node, f"{a.where} (split of split channel axes)")
+        return
+    sizes = [a.shape(o)[axis] for o in outs]
+    offset, parts = 0, []
+    for o, n in zip(outs, sizes):
+        parts.append((offset, offset + n))
+        a.set(o, lay.part(offset, offset + n))
+        offset += n
+    a.edit("split", lay=lay, parts=parts, axis=axis)
+
+
+@register("Gather")
+def _gather(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Indexing along another axis keeps the channels (moved by the index rank)."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    rank = len(a.shape(node.input[0]))
+    axis = _attr(node, "axis", 0) % rank
+    ind = a.shape(node.input[1])
+    if axis in lay.axes or ind is None:
+        a.freeze_all(node, f"{a.where} (indexes the channel axis)")
+        return
+    a.set(node.output[0], lay.moved(ax if ax < axis else ax + len(ind) - 1 for ax in lay.axes))
+
+
+@register("Expand")
+def _expand(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Broadcast to a larger shape without touching the channels: the target shape is rewritten."""
+    x, out = node.input[0], node.output[0]
+    lay = a.lay(x)
+    if lay is None:
+        return
+    shape_in, shape_out = a.shape(x), a.shape(out)
+    shift = len(shape_out) - len(shape_in)
+    axes = tuple(ax + shift for ax in lay.axes)
+    if any(shape_out[o] != shape_in[i] for i, o in zip(lay.axes, axes)):
+        a.freeze_all(node, f"{a.where} (broadcasts the channel axis)")
+        return
+    new = lay.moved(axes)
+    a.edit("expand", out=new, shape_in=shape_in, shape_out=shape_out)
+    a.set(out, new)
+
+
+@register("Tile")
+def _tile(a: _Analysis, node: onnx.NodeProto) -> None:
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    reps = a.const(node.input[1])
+    if reps is None or any(int(reps[ax]) != 1 for ax in lay.axes):
+        a.freeze_all(node, f"{a.where} (repeats the channel axis)")
+        return
+    a.set(node.output[0], lay)
+
+
+@register("Conv", "ConvTranspose")
+def _conv(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Input channels are consumed, output channels produced. Depthwise (one input channel per group): input
+    and output are the same channels. Other grouped convs: every group keeps the same in/out channels."""
+    x, w, out = node.input[0], node.input[1], node.output[0]
+    weight = a.const(w)
+    if weight is None or a.is_const(x):
+        a.freeze_all(node, f"{a.where} (non-constant weight)")
+        return
+    transposed = node.op_type == "ConvTranspose"
+    groups = int(_attr(node, "group", 1))
+    cin, cout = a.shape(x)[1], a.shape(out)[1]
+    m_in, m_out = cin // groups, cout // groups
+    lin = a.need(x, (1,))
+    a.io[a.index] = (x, out, lin)
+    if groups == 1:
+        lout = a.fresh((cout,), (1,))
+        a.bind(w, 0 if transposed else 1, lin, "consumer")
+        a.bind(w, 1 if transposed else 0, lout, "producer")
+    elif m_in == 1:  # depthwise (with channel multiplier m_out): removing a channel removes its whole group
+        lout = Layout((1,), np.repeat(lin.grp, m_out), np.repeat(lin.idx, m_out))
+        a.bind(w, 0, lin if transposed else lout, "producer")
+        a.edit("group", lay=lin)
+    else:  # grouped: unit j of the input (output) is channel j of every group
+        fold = a.groups.new(m_in)
+        a.unify(lin, Layout((1,), np.full(cin, fold, np.int64), np.tile(np.arange(m_in, dtype=np.int64), groups)))
+        g_out = a.groups.new(m_out)
+        lout = Layout((1,), np.full(cout, g_out, np.int64), np.tile(np.arange(m_out, dtype=np.int64), groups))
+        if transposed:
+            a.bind(w, 0, lin, "consumer")
+            a.bind(w, 1, lout.part(0, m_out), "producer")
+        else:
+            a.bind(w, 1, lin.part(0, m_in), "consumer")
+            a.bind(w, 0, lout, "producer")
+    if len(node.input) > 2 and node.input[2]:
+        a.bind(node.input[2], 0, lout, "param")
+    a.set(out, lout)
+
+
+@register("Gemm")
+def _gemm(a: _Analysis, node: onnx.NodeProto) -> None:
+    """A (M×K) · B (K×N): input features consumed, output features produced, bias sliced."""
+    x, w, out = node.input[0], node.input[1], node.output[0]
+    weight = a.const(w)
+    if weight is None or weight.ndim != 2 or a.is_const(x):
+        a.freeze_all(node, f"{a.where} (non-constant weight)")
+        return
+    trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+    lin = a.need(x, (0 if trans_a else 1,))
+    a.io[a.index] = (x, out, lin)
+    n = a.shape(out)[1]
+    lout = a.fresh((n,), (1,))
+    a.bind(w, 1 if trans_b else 0, lin, "consumer")
+    a.bind(w, 0 if trans_b else 1, lout, "producer")
+    if len(node.input) > 2 and node.input[2]:
+        c = node.input[2]
+        value = a.const(c)
+        if value is None:
+            a.freeze(lout, f"{a.where} (non-constant bias)")
+        elif value.ndim >= 1 and value.shape[-1] == n and n > 1:
+            a.bind(c, value.ndim - 1, lout, "param")
+    a.set(out, lout)
+
+
+@register("MatMul")
+def _matmul(a: _Analysis, node: onnx.NodeProto) -> None:
+    """X (…×K) · W (K×N) with a constant 2-D W: features of the last axis consumed / produced."""
+    x, w, out = node.input[0], node.input[1], node.output[0]
+    weight = a.const(w)
+    if weight is None or weight.ndim != 2 or a.is_const(x):
+        a.freeze_all(node, f"{a.where} (no constant 2-D weight)")
+        return
+    rank_x, rank_out = len(a.shape(x)), len(a.shape(out))
+    lin = a.need(x, (rank_x - 1,))
+    a.io[a.index] = (x, out, lin)
+    lout = a.fresh((weight.shape[1],), (rank_out - 1,))
+    a.bind(w, 0, lin, "consumer")
+    a.bind(w, 1, lout, "producer")
+    a.set(out, lout)

@@ -1,0 +1,74 @@
+"""Channel importance and channel masks, computed on the ONNX graph (numpy only).
+
+Kept apart from the projection (which only needs numbers per channel) and from surgery (which only needs
+the kept indices), so another importance criterion is one new function here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxecc.channels import ChannelGraph
+from onnxecc.graph import Graph
+
+
+def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool = True,
+                  diminishing: bool = True) -> dict[int, np.ndarray]:
+    """Squared L2 norm of every unit's producer weights, per prunable group.
+
+    Raw squared norms are what a Euclidean projection (ADMM's Z-step) maximises. With `normalize`, each
+    group's importances are divided by their mean, so the knapsack compares channels *within* their layer's
+    scale: exporters fold BatchNorm into weights, which makes raw norms incomparable across layers.
+    With `diminishing`, the k-th strongest unit of a group is worth its normalised norm divided by k, so a
+    group's kept value grows like log(width). Without it, the knapsack empties whichever group saves the most
+    cost per channel (on the digits residual demo: the 32-channel trunk cut to 1 channel, 43% accuracy after
+    fine-tuning); with it, widths are traded like a proportional-fair allocation (same budget: 98%).
+    """
+    consts = Graph(model)
+    prunable = {g.id for g in graph.prunable_groups}
+    out = {g: np.zeros(graph.groups[g].size) for g in prunable}
+    for bind in graph.binds:
+        if bind.role != "producer":
+            continue
+        value = consts.const(bind.name)
+        if value is None:
+            continue
+        other = tuple(a for a in range(value.ndim) if a != bind.axis)
+        energy = np.square(value.astype(np.float64)).sum(axis=other)
+        gid, unit, e = bind.pos.gid.ravel(), bind.pos.unit.ravel(), energy.ravel()
+        for g in set(gid.tolist()) & prunable:
+            sel = gid == g
+            np.add.at(out[g], unit[sel], e[sel])
+    if normalize:
+        for g, values in out.items():
+            mean = values.mean()
+            out[g] = values / mean if mean > 0 else np.ones_like(values)
+    if diminishing:
+        for g, values in out.items():
+            ranks = np.empty(len(values))
+            ranks[np.argsort(-values, kind="stable")] = np.arange(1, len(values) + 1)
+            out[g] = values / ranks
+    return out
+
+
+def channel_masks(model: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """0/1 mask (the tensor's shape) of every constant that carries a pruned group's channels. Zeroing these
+    makes the full-size model compute exactly what the physically pruned one computes, so it can be trained
+    as a stand-in for it."""
+    consts = Graph(model)
+    flags = {g: np.isin(np.arange(graph.groups[g].size), idx) for g, idx in keep.items()}
+    flat = graph.flat(flags)
+    masks: dict[str, np.ndarray] = {}
+    for bind in graph.binds:
+        kept = bind.pos.kept(flat, graph.offsets).ravel()
+        if kept.all():
+            continue
+        value = consts.const(bind.name)
+        if value is None:
+            continue
+        shape = [1] * value.ndim
+        shape[bind.axis] = kept.size
+        mask = np.broadcast_to(kept.reshape(shape), value.shape)
+        masks[bind.name] = mask & masks[bind.name] if bind.name in masks else mask.copy()
+    return masks

@@ -1,0 +1,310 @@
+"""Structured surgery: physically remove channels of prunable groups from an ONNX model.
+
+`prune_channels(model, keep)` takes, per prunable channel group (see `onnxecc.channels`), the unit indices to
+keep, and returns a new, smaller model: every producer's weight/bias, every consumer's input slice (at Concat
+offsets, in H×W blocks after Flatten), BatchNorm and per-channel constants are sliced; conv `group` attributes,
+Reshape/Expand target shapes, Slice bounds and Split sizes are rewritten; value_info is re-inferred. Node names,
+graph inputs/outputs and the opset are kept; a constant shared with a node that needs other values gets a
+copy of its own (`<name>_pruned`).
+
+`zero_channels(model, keep)` is the reference it must agree with: the original graph with every consumer-side
+weight slice of the removed channels set to zero, so those channels contribute nothing.
+
+Only onnx and numpy are used here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxecc.channels import ChannelGraph, Edit, analyze
+from onnxecc.errors import UserError
+from onnxecc.graph import Graph, remove_dead_nodes
+from onnxecc.layers import node_name
+
+Keep = Mapping[int, Sequence[int]]
+
+
+def validate_keep(graph: ChannelGraph, keep: Keep) -> dict[int, np.ndarray]:
+    """Boolean keep masks per group id; every problem with `keep` is a one-line UserError."""
+    if not isinstance(keep, Mapping):
+        raise UserError("keep must map channel-group ids to lists of kept channel indices")
+    n = len(graph.groups)
+    masks: dict[int, np.ndarray] = {}
+    for gid, chans in keep.items():
+        if isinstance(gid, bool) or not isinstance(gid, (int, np.integer)) or not 0 <= gid < n:
+            raise UserError(f"unknown channel group {gid!r}: group ids run from 0 to {n - 1} "
+                            "(see `onnxecc inspect`)")
+        group = graph.groups[int(gid)]
+        if group.frozen_by:
+            raise UserError(f"channel group {gid} cannot be pruned: it is frozen by {group.frozen_by}")
+        try:
+            arr = np.asarray(chans if isinstance(chans, np.ndarray) else list(chans))
+        except TypeError:
+            arr = np.asarray(chans)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise UserError(f"channel group {gid}: kept channels must be a flat list of integers")
+        if arr.size == 0:
+            raise UserError(f"channel group {gid}: the list of kept channels is empty "
+                            f"(keep at least one of its {group.size})")
+        bad = arr[(arr < 0) | (arr >= group.size)]
+        if bad.size:
+            raise UserError(f"channel group {gid}: kept channel {int(bad[0])} is out of range "
+                            f"(the group has channels 0..{group.size - 1})")
+        values, counts = np.unique(arr, return_counts=True)
+        if (counts > 1).any():
+            raise UserError(f"channel group {gid}: kept channel {int(values[counts > 1][0])} is listed twice")
+        mask = np.zeros(group.size, bool)
+        mask[arr] = True
+        masks[int(gid)] = mask
+    flat = graph.flat(masks)
+    for name, pos in graph.tensor_positions().items():
+        if pos.gid.size and not pos.kept(flat, graph.offsets).any():
+            gids = sorted(set(pos.gid.ravel().tolist()))
+            raise UserError(f"the kept channels leave tensor '{name}' with no channels: keep at least one "
+                            f"channel of group(s) {', '.join(map(str, gids))} that it holds")
+    return masks
+
+
+def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | None = None) -> onnx.ModelProto:
+    """A new model without the channels that `keep` leaves out (groups absent from `keep` stay whole)."""
+    graph = graph if graph is not None else analyze(model)
+    masks = validate_keep(graph, keep)
+    flat = graph.flat(masks)
+    out = _copy(model)
+    writer = _Writer(out)
+    cuts: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
+    for b in graph.binds:
+        cuts[b.name][b.node_index].append((b.axis, b.pos.kept(flat, graph.offsets).ravel()))
+    for name, per_node in cuts.items():
+        value = writer.g.const(name)
+        new = {}
+        for index, axis_masks in per_node.items():
+            sliced = value
+            for axis, mask in axis_masks:
+                sliced = np.compress(mask, sliced, axis=axis)
+            new[index] = sliced
+        writer.write(name, value, new)
+    for e in graph.edits:
+        _EDITS[e.kind](writer, graph, e, flat)
+    writer.finish()
+    del out.graph.value_info[:]
+    try:
+        out = onnx.shape_inference.infer_shapes(out)
+    except Exception:  # shape inference is a courtesy: the checker below is the real test
+        pass
+    onnx.checker.check_model(out)
+    return out
+
+
+def zero_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | None = None) -> onnx.ModelProto:
+    """The original model with every consumer-side weight slice of the removed channels set to zero."""
+    graph = graph if graph is not None else analyze(model)
+    masks = validate_keep(graph, keep)
+    flat = graph.flat(masks)
+    out = _copy(model)
+    writer = _Writer(out)
+    cuts: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
+    for b in graph.binds:
+        if b.role == "consumer":
+            cuts[b.name][b.node_index].append((b.axis, b.pos.kept(flat, graph.offsets).ravel()))
+    for name, per_node in cuts.items():
+        value = writer.g.const(name)
+        new = {}
+        for index, axis_masks in per_node.items():
+            zeroed = value.copy()
+            for axis, mask in axis_masks:
+                index_ = [slice(None)] * zeroed.ndim
+                index_[axis] = ~mask
+                zeroed[tuple(index_)] = 0
+            new[index] = zeroed
+        writer.write(name, value, new)
+    writer.finish()
+    return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+class _Writer:
+    """Edits a model in place while keeping node objects valid (dead nodes are dropped only at the end)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = Graph(model)
+        self.nodes = list(model.graph.node)
+        self.users: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(self.nodes):
+            for inp in node.input:
+                if inp:
+                    self.users[inp].append(i)
+        self.names = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input} | \
+            {o for n in self.nodes for o in n.output} | {i for n in self.nodes for i in n.input}
+        self.outputs = {o.name for o in model.graph.output}
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}{k}"
+        self.names.add(name)
+        return name
+
+    def write(self, name: str, old: np.ndarray, per_node: dict[int, np.ndarray]) -> None:
+        """Give each node in `per_node` its value of constant `name`: in place when every user of `name`
+        wants the same value, else a copy per node."""
+        values = list(per_node.values())
+        if all(v.shape == old.shape and np.array_equal(v, old) for v in values):
+            return
+        same = all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values)
+        if same and set(self.users[name]) <= set(per_node) and name not in self.outputs:
+            self._replace(name, values[0].astype(old.dtype, copy=False))
+            return
+        for index, value in per_node.items():
+            new = self.add_const(f"{name}_pruned", value.astype(old.dtype, copy=False))
+            node = self.nodes[index]
+            for k, inp in enumerate(node.input):
+                if inp == name:
+                    node.input[k] = new
+
+    def add_const(self, base: str, value: np.ndarray) -> str:
+        name = self.unique(base)
+        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def _replace(self, name: str, value: np.ndarray) -> None:
+        if self.g.weight_source(name) in self.g.initializers:
+            self.g.set_const(name, value)  # follows Identity chains; never restructures the graph here
+            for inp in self.model.graph.input:  # old IR: initializers listed as inputs carry a shape
+                if inp.name == self.g.weight_source(name) and inp.type.HasField("tensor_type"):
+                    inp.type.tensor_type.shape.CopyFrom(
+                        onnx.helper.make_tensor_type_proto(1, list(value.shape)).tensor_type.shape)
+            return
+        producer = self.g.producer[name]  # computed constant: it becomes an initializer; the node dies later
+        kept = [o for o in producer.output if o != name]
+        del producer.output[:]
+        producer.output.extend(kept)
+        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+    def set_input(self, index: int, position: int, value: np.ndarray, suffix: str) -> None:
+        node = self.nodes[index]
+        new = self.add_const(f"{node_name(node, index)}_{suffix}", value)
+        while len(node.input) <= position:
+            node.input.append("")
+        node.input[position] = new
+
+    def finish(self) -> None:
+        remove_dead_nodes(self.model)
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for k, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[k]
+            break
+    if value is not None:
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+# ---- structural edits, one per kind recorded by the analysis --------------------------------------------------
+def _edit_group(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    """Depthwise conv: one group per kept channel."""
+    _set_attr(w.nodes[e.node_index], "group", int(e.data["lay"].kept(flat, graph.offsets).sum()))
+
+
+def _new_dims(mask: np.ndarray) -> list[int]:
+    dims = []
+    for t in range(mask.ndim):
+        others = tuple(o for o in range(mask.ndim) if o != t)
+        dims.append(int(mask.any(axis=others).sum()) if others else int(mask.sum()))
+    if int(np.prod(dims)) != int(mask.sum()):
+        raise AssertionError("kept channels over several axes are not a product: cannot reshape")
+    return dims
+
+
+def _edit_reshape(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    out = e.data["out"]
+    dims = _new_dims(out.kept(flat, graph.offsets))
+    const, shape_out = e.data["const"], e.data["shape_out"]
+    if const is not None:
+        shape = const.copy()
+        for k in range(1, len(shape)):  # 0 copies the input dim, which may be a pruned one: spell it out
+            if shape[k] == 0 and not e.data["allowzero"]:
+                shape[k] = shape_out[k]
+        for t, ax in enumerate(out.axes):
+            if shape[ax] != -1:
+                shape[ax] = dims[t]
+        if np.array_equal(shape, const):
+            return
+    else:  # computed from Shape: a constant now, the batch copied from the input
+        shape = np.array(shape_out, np.int64)
+        for t, ax in enumerate(out.axes):
+            shape[ax] = dims[t]
+        shape[0] = 0
+    w.set_input(e.node_index, 1, shape.astype(np.int64), "shape")
+
+
+def _edit_slice(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    d = e.data
+    starts, ends = list(d["starts"]), list(d["ends"])
+    if d["k"] is not None:
+        mask = d["lay"].kept(flat, graph.offsets).ravel()
+        start, stop = d["bounds"]
+        starts[d["k"]], ends[d["k"]] = int(mask[:start].sum()), int(mask[:stop].sum())
+    node = w.nodes[e.node_index]
+    if graph.opset >= 10:
+        for position, values, suffix in ((1, starts, "starts"), (2, ends, "ends"), (3, d["axes"], "axes"),
+                                         (4, d["steps"], "steps")):
+            w.set_input(e.node_index, position, np.array(values, np.int64), suffix)
+    else:
+        _set_attr(node, "starts", starts)
+        _set_attr(node, "ends", ends)
+        _set_attr(node, "axes", list(d["axes"]))
+
+
+def _edit_split(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    mask = e.data["lay"].kept(flat, graph.offsets).ravel()
+    sizes = [int(mask[a:b].sum()) for a, b in e.data["parts"]]
+    node = w.nodes[e.node_index]
+    if graph.opset >= 13:
+        _set_attr(node, "num_outputs", None)
+        w.set_input(e.node_index, 1, np.array(sizes, np.int64), "split")
+    else:
+        _set_attr(node, "split", sizes)
+
+
+def _edit_expand(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    shape_in, shape_out = e.data["shape_in"], e.data["shape_out"]
+    shift = len(shape_out) - len(shape_in)
+    shape = [o if k < shift or shape_in[k - shift] != o else 1 for k, o in enumerate(shape_out)]
+    w.set_input(e.node_index, 1, np.array(shape, np.int64), "shape")
+
+
+def _edit_permute(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    """Channel shuffle Reshape → Transpose → Reshape: the first becomes a Gather of the kept channels in
+    shuffled order, the other two Identity (node names kept)."""
+    mask = e.data["lay"].kept(flat, graph.offsets).ravel()
+    order = e.data["order"]
+    indices = (np.cumsum(mask) - 1)[order[mask[order]]]
+    first, transpose, merge = (w.nodes[i] for i in e.data["nodes"])
+    name = w.add_const(f"{node_name(first, e.data['nodes'][0])}_indices", indices.astype(np.int64))
+    first.op_type = "Gather"
+    del first.attribute[:]
+    first.attribute.append(onnx.helper.make_attribute("axis", int(e.data["axis"])))
+    first.input[1] = name
+    for node in (transpose, merge):
+        node.op_type = "Identity"
+        del node.attribute[:]
+        del node.input[1:]
+
+
+_EDITS = {"permute": _edit_permute, "group": _edit_group, "reshape": _edit_reshape, "slice": _edit_slice,
+          "split": _edit_split, "expand": _edit_expand}
