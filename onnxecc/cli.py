@@ -77,7 +77,10 @@ def compress(
     budget: str = typer.Option(..., "--budget", "-b",
                                help="0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k (params)."),
     output: str = typer.Option(..., "--output", "-o", help="Where to write the compressed .onnx file."),
-    metric: str = typer.Option("macs", "--metric", "-m", help="macs | params (latency | energy need a profile)."),
+    metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
+    method: str = typer.Option("auto", "--method", help="auto | project | ecc | uniform | greedy | wsp."),
+    profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
+    hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
     epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
     lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
@@ -95,7 +98,8 @@ def compress(
     from onnxecc.compress import CompressOptions
     from onnxecc.compress import compress as run_compress
 
-    options = CompressOptions(metric=metric, data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
+                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                               round_to=round_to, min_width=min_width, device=device)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)

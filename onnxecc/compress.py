@@ -28,7 +28,7 @@ from onnxecc.surgery import prune_channels
 from onnxecc.validate import analytic_cost, write_metadata
 
 METRICS = ("macs", "params", "latency", "energy")
-METHODS = ("l2",)
+METHODS = ("auto", "project", "ecc", "uniform", "greedy", "wsp")
 
 
 @dataclass
@@ -36,6 +36,9 @@ class CompressOptions:
     """Every knob of `compress`, with defaults that work on the demo models without tuning."""
 
     metric: str = "macs"
+    method: str = "auto"  # auto: ecc with --data, else project; see METHODS
+    profile: str | None = None  # fitted latency/energy profile JSON (`onnxecc profile`), for those metrics
+    hardware: str | None = None  # accelerator description JSON, for --method wsp
     data: str | None = None
     epochs: int = 30
     lr: float = 1e-3
@@ -116,8 +119,8 @@ def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers,
     if metric == "params":
         return params_cost(graph, model, variables)
     if metric in ("latency", "energy"):
-        raise UserError(f"--metric {metric} needs a measured profile (`onnxecc profile` and `--profile`), "
-                        "which is not implemented yet: use --metric macs or params for now")
+        raise UserError(f"--metric {metric} needs a measured profile: run `onnxecc profile MODEL -o P.json` on the "
+                        "target and pass --profile P.json")
     raise UserError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
 
 
@@ -138,7 +141,13 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         atomic.check_output_path(report)
     if opts.epochs < 0 or opts.round_to < 1 or opts.min_width < 1:
         raise UserError("--epochs must be ≥ 0, --round-to and --min-width ≥ 1")
+    if opts.method not in METHODS and opts.method != "netadapt":
+        raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
     parsed = parse_budget(str(budget), opts.metric)
+    if opts.method == "wsp":
+        from onnxecc.wsp import compress_wsp
+
+        return compress_wsp(model, parsed, output, opts, report, emit)
     proto = ingest.load(model)
 
     emit("stage", {"name": "analyse"})
