@@ -28,11 +28,12 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
 def inspect(
     model: str = typer.Argument(..., help="Path to the .onnx file."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    hardware: str = typer.Option(None, "--hardware", help="Accelerator JSON: add the modelled energy per layer."),
 ) -> None:
     """List the compute layers of MODEL with channels, kernel, MACs and parameters."""
     from onnxecc.inspection import inspect as run_inspect
 
-    result = run_inspect(model)
+    result = run_inspect(model, hardware=hardware)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return
@@ -55,6 +56,19 @@ def inspect(
                       "×".join(map(str, layer.out_spatial)) or "-", f"{layer.macs:,}", f"{layer.params:,}",
                       _group_ids(ins), _group_ids(outs))
     console.print(table)
+    energy = result.extra.get("energy")
+    if energy:
+        et = Table(title=f"modelled energy on {energy['hardware']} (units: {energy['energy_unit']}; "
+                         "the accelerator's model, not onnxruntime)", show_footer=True)
+        for col, foot in (("layer", "total"), ("compute", "compute"), ("weights", "weights"), ("inputs", "inputs"),
+                          ("total", "total"), ("share", None)):
+            et.add_column(col, justify="left" if col == "layer" else "right",
+                          footer=f"{energy[foot]:.4g}" if col != "layer" and foot else ("" if foot else "100%"))
+        for row in energy["layers"]:
+            et.add_row(row["name"], *(f"{row[k]:.4g}" for k in ("compute", "weights", "inputs", "total")),
+                       f"{row['total'] / energy['total']:.1%}")
+        console.print(et)
+        console.print(f"modelled energy per inference: {energy['joules']:.4g} J")
     groups = Table(title="channel groups (prune a group by choosing which of its units to keep)")
     for name in ("group", "units", "channels", "producers", "consumers", "status"):
         groups.add_column(name, justify="left" if name == "status" else "right")
@@ -89,9 +103,18 @@ def compress(
     round_to: int = typer.Option(1, "--round-to", help="Keep channel counts at multiples of this (8 suits CPUs)."),
     min_width: int = typer.Option(1, "--min-width", help="Never keep fewer channels than this in a group."),
     device: str = typer.Option("auto", "--device", help="Training device: auto, cpu, cuda."),
+    proj_interval: int = typer.Option(10, "--proj-interval", help="wsp: batches between weighted sparse projections."),
+    admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
+    admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
+    rho: float = typer.Option(5e-3, "--rho", help="ECC: initial ADMM penalty ρ (doubles every iteration)."),
+    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="Where latency is measured."),
+    threads: int = typer.Option(1, "--threads", help="onnxruntime threads for latency measurements."),
+    max_rounds: int = typer.Option(3, "--max-rounds", help="Closed loop: re-projections when a measurement misses."),
+    verify_projection: bool = typer.Option(False, "--verify-projection",
+                                           help="Debug: check each ADMM Z-step against the exact MILP (small models)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
 ) -> None:
-    """Compress MODEL so that it meets the budget; fine-tune on --data to recover accuracy."""
+    """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from onnxecc.budget import format_cost
@@ -99,8 +122,11 @@ def compress(
     from onnxecc.compress import compress as run_compress
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
-                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                              round_to=round_to, min_width=min_width, device=device)
+                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, admm_iterations=admm_iterations,
+                              admm_epochs=admm_epochs, rho=rho, provider=provider, threads=threads,
+                              max_rounds=max_rounds, verify_projection=verify_projection,
+                              round_to=round_to, min_width=min_width, device=device,
+                              proj_interval=proj_interval)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
@@ -185,6 +211,81 @@ def validate(
                           + (f" — {b.get('how', '')} {b['cost']:.6g}" if b.get("cost") is not None else ""))
     if result.meets_budget is False:
         raise typer.Exit(1)
+
+
+_PROVIDER_OPTION = typer.Option(None, "--provider-option", help="KEY=VALUE passed to the provider (repeatable).")
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="Path to the .onnx file to profile (on the target device)."),
+    output: str = typer.Option(..., "--output", "-o", help="Profile JSON to write (resumed if it exists)."),
+    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="onnxruntime execution provider."),
+    provider_option: list[str] = _PROVIDER_OPTION,
+    meter: str = typer.Option("latency", "--meter",
+                              help='latency | cputime | rapl[:DIR,...] | nvml[:GPU] | jetson[:FILE,...] | '
+                                   'cmd:"COMMAND" (prints a cumulative energy reading in joules).'),
+    samples: int = typer.Option(200, "--samples", help="Width variants to measure (4 anchors + random)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads (pinned)."),
+    warmup: int = typer.Option(10, "--warmup", help="Runs before measuring each variant."),
+    repeats: int = typer.Option(30, "--repeats", help="Measurements per variant (the median is kept)."),
+    min_width: int = typer.Option(1, "--min-width", help="Smallest width sampled for a group."),
+    step: str = typer.Option("auto", "--step",
+                             help="Sample widths on multiples of this (auto: the provider's kernel block; 1: any)."),
+) -> None:
+    """Measure width variants of MODEL on this device and fit the bilinear latency/energy model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from onnxecc.budget import format_cost
+    from onnxecc.profiler import profile as run_profile
+
+    options = {}
+    for item in provider_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--provider-option {item!r}: use KEY=VALUE")
+        options[key.strip()] = value.strip()
+    progress = Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=err_console, transient=True)
+    task = progress.add_task("profiling", total=None, info="")
+
+    started = []
+
+    def on_progress(done: int, total: int, sample: dict) -> None:
+        if not started:  # only once the model loaded and the meter started: errors before print one line
+            progress.start()
+            started.append(True)
+        info = f"last {sample['value']:.4g} ± {sample['iqr']:.2g}" if sample else ""
+        progress.update(task, completed=done, total=total, info=info)
+
+    try:
+        result = run_profile(model, output, provider=provider, provider_options=options or None, meter=meter,
+                             samples=samples, seed=seed, threads=threads, warmup=warmup, repeats=repeats,
+                             min_width=min_width, step=step, on_progress=on_progress)
+    finally:
+        if started:
+            progress.stop()
+    fit = result.fit
+    full = next((s["value"] for s in result.samples if s.get("kind") == "full"), None)
+    table = Table(title=f"{model} on {result.provider} ({result.meter.get('spec', meter)}) → {output}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("samples", f"{len(result.samples)} (widths on multiples of {result.settings.get('step', 1)})")
+    if full is not None:
+        table.add_row(f"full model {result.metric}", format_cost(full, result.metric))
+    table.add_row("fitted model", f"{fit.variant} ({len(fit.layers)} layer coefficients)")
+    if fit.holdout.get("n"):
+        table.add_row(f"held-out error ({fit.holdout['n']} samples)",
+                      f"mean {fit.holdout['mean_rel_error']:.1%}, max {fit.holdout['max_rel_error']:.1%}")
+    noise = fit.variants.get("noise", {})
+    if noise:
+        table.add_row("measurement noise (IQR/median)", f"median {noise['median_rel_iqr']:.1%}")
+    table.add_row("profiling time", f"{result.profiling_s:.1f} s")
+    console.print(table)
+    round_to = max(int(result.settings.get("step", 1)), int(fit.step))
+    console.print(f"use it: onnxecc compress {model} --metric {result.metric} --profile {output} --round-to {round_to} "
+                  "--budget ...")
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from onnxecc.budget import Budget, format_cost, parse_budget
 from onnxecc.channels import ChannelGraph, analyze
 from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost, unit_classes
 from onnxecc.errors import UserError
-from onnxecc.importance import l2_importance
 from onnxecc.layers import find_layers, with_static_shapes
-from onnxecc.projection import check_reachable, project
+from onnxecc.problem import Problem
+from onnxecc.projection import check_reachable
 from onnxecc.surgery import prune_channels
 from onnxecc.validate import analytic_cost, write_metadata
 
@@ -50,6 +50,16 @@ class CompressOptions:
     distill_weight: float = 0.5
     device: str = "auto"
     measure_latency: bool = True
+    proj_interval: int = 10  # --method wsp: batches between weighted sparse projections
+    admm_iterations: int = 5
+    admm_epochs: int = 2  # epochs per ADMM iteration (W-step)
+    rho: float = 5e-3
+    rho_growth: float = 2.0
+    provider: str = "CPUExecutionProvider"  # where latency is measured (closed loop, report)
+    threads: int = 1
+    closed_loop: bool = True  # measured metrics: re-measure the output and tighten if it misses
+    verify_projection: bool = False  # debug: check every ADMM Z-step against the exact MILP (small models)
+    max_rounds: int = 3
 
 
 @dataclass
@@ -74,6 +84,9 @@ class CompressResult:
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    method: str = "none"
+    rounds: list[dict] = field(default_factory=list)  # closed-loop rounds: internal budget, measurement
+    measured_miss: bool = False  # the measurement missed the budget after every round
 
     @property
     def final_cost(self) -> float:
@@ -81,6 +94,8 @@ class CompressResult:
 
     @property
     def meets_budget(self) -> bool:
+        if self.measured_miss:
+            return False
         return self.final_cost <= self.budget_abs * (1 + 1e-12)
 
     def as_dict(self) -> dict:
@@ -94,7 +109,8 @@ class CompressResult:
                        "fraction": self.budget_abs / self.original_cost if self.original_cost else None},
             "original_cost": self.original_cost, "estimated_cost": self.estimated_cost,
             "counted_cost": self.counted_cost, "cost_fraction": self.final_cost / self.original_cost,
-            "meets_budget": self.meets_budget, "pruned": self.pruned,
+            "meets_budget": self.meets_budget, "pruned": self.pruned, "method": self.method,
+            "rounds": self.rounds,
             "widths": {str(g): {"kept": k, "full": f} for g, (k, f) in self.widths.items()},
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
             "top1_agreement": self.agreement,
@@ -111,16 +127,24 @@ def _tool_version() -> str:
     return __version__
 
 
-def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers, variables: Variables
-               ) -> BilinearCost:
+def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers, variables: Variables,
+               profile: str | None = None) -> BilinearCost:
     """The cost of `metric` as a bilinear function of the widths of `variables` (classes of group units)."""
     if metric == "macs":
         return macs_cost(graph, layers, model, variables)
     if metric == "params":
         return params_cost(graph, model, variables)
     if metric in ("latency", "energy"):
-        raise UserError(f"--metric {metric} needs a measured profile: run `onnxecc profile MODEL -o P.json` on the "
-                        "target and pass --profile P.json")
+        if not profile:
+            raise UserError(f"--metric {metric} needs a measured profile: run `onnxecc profile MODEL -o P.json` on "
+                            "the target and pass --profile P.json")
+        from onnxecc.profiler import load_profile, profile_cost
+
+        prof = load_profile(profile, model)
+        if prof.metric != metric:
+            raise UserError(f"profile {profile} measures {prof.metric}, not {metric}: pass --metric {prof.metric} "
+                            f"or a profile measured with an {metric} meter")
+        return profile_cost(prof, model, graph, layers, variables)
     raise UserError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
 
 
@@ -135,14 +159,10 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     emit = on_event or (lambda kind, info: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    if output is not None:
-        atomic.check_output_path(output)
-    if report is not None:
-        atomic.check_output_path(report)
-    if opts.epochs < 0 or opts.round_to < 1 or opts.min_width < 1:
-        raise UserError("--epochs must be ≥ 0, --round-to and --min-width ≥ 1")
-    if opts.method not in METHODS and opts.method != "netadapt":
-        raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
+    for path in (output, report):
+        if path is not None:
+            atomic.check_output_path(path)
+    _check_options(opts)
     parsed = parse_budget(str(budget), opts.metric)
     if opts.method == "wsp":
         from onnxecc.wsp import compress_wsp
@@ -157,71 +177,178 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         raise UserError("the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to compress")
     graph = analyze(proto, shaped)
     variables = unit_classes(graph)
-    cost = cost_model(opts.metric, proto, graph, layers, variables)
+    cost = cost_model(opts.metric, proto, graph, layers, variables, opts.profile)
     original = cost(None)
     target = parsed.resolve(original)
     fmt = lambda v: format_cost(v, opts.metric)  # noqa: E731
+    method = opts.method if opts.method != "auto" else ("ecc" if opts.data else "project")
+    method = "greedy" if method == "netadapt" else method
+    if method in ("ecc", "greedy") and not opts.data:
+        raise UserError(f"--method {method} trains the network and needs --data (digits or FILE.npz); "
+                        "without data use --method project or uniform")
     data = _load_data(opts.data, shaped, layers) if opts.data else None
+    prunable_groups = {g.id for g in graph.prunable_groups}
+    problem = Problem(proto, graph, variables, cost, [v for v, g in enumerate(variables.group) if g in prunable_groups],
+                      opts.min_width, opts.round_to, fmt)
     timings["analyse"] = time.perf_counter() - t0
 
     warnings: list[str] = []
     history: list[dict] = []
+    rounds: list[dict] = []
+    keep = None
+    estimated = original
     if target >= original:
-        out_model, proj, pruned = proto, None, False
+        out_model, pruned = proto, False
         warnings.append(f"budget {fmt(target)} is at or above the original cost {fmt(original)}: no pruning needed")
     else:
-        prunable_groups = {g.id for g in graph.prunable_groups}
-        prunable = [v for v, g in enumerate(variables.group) if g in prunable_groups]
-        if not prunable:
+        if not problem.prunable:
             raise UserError("no channel group of this model can be pruned (all frozen; see `onnxecc inspect`)")
-        check_reachable(cost, prunable, target, min_width=opts.min_width, round_to=opts.round_to, fmt=fmt)
-        emit("stage", {"name": "project"})
-        t = time.perf_counter()
-        group_importance = l2_importance(proto, graph)
-        importance = {v: group_importance[variables.group[v]][variables.units[v]] for v in prunable}
-        proj = project(cost, importance, target, min_width=opts.min_width, round_to=opts.round_to, fmt=fmt)
-        keep = variables.group_keep(proj.keep)
-        timings["project"] = time.perf_counter() - t
-        trained = proto
-        if data is not None and opts.epochs > 0:
-            emit("stage", {"name": "finetune", "epochs": opts.epochs})
-            t = time.perf_counter()
-            trained, history = _finetune(proto, graph, keep, data, opts, emit)
-            timings["finetune"] = time.perf_counter() - t
-        elif data is None:
+        check_reachable(cost, problem.prunable, target, min_width=opts.min_width, round_to=opts.round_to, fmt=fmt)
+        if data is None:
             warnings.append("no --data: channels were chosen by weight magnitude only and accuracy is not "
                             "recovered by fine-tuning; pass --data to fine-tune")
-        emit("stage", {"name": "prune"})
-        out_model = prune_channels(trained, keep, graph)
+        internal = target
+        t = time.perf_counter()
+        for round_ in range(1, opts.max_rounds + 1):
+            keep, trained, history = _select(method, problem, internal, data, opts, emit)
+            emit("stage", {"name": "prune"})
+            out_model = prune_channels(trained, keep, graph)
+            estimated = cost(variables_widths(variables, keep))
+            record = {"round": round_, "internal_budget": internal, "estimated_cost": estimated}
+            rounds.append(record)
+            check = _closed_loop_check(opts, proto, out_model, parsed, target)
+            if check is None:
+                break
+            record.update(check)
+            if check["meets"]:
+                break
+            internal *= check["budget"] / check["measured"] * 0.98  # model error: tighten by what was observed
+            if internal < min_cost_or_zero(problem):
+                break
+        timings["select"] = time.perf_counter() - t
         pruned = True
 
     counted = analytic_cost(out_model, opts.metric)
-    estimated = proj.cost if proj is not None else original
     if counted is not None and abs(counted - estimated) > 1e-6 * max(1.0, original):
         raise RuntimeError(f"cost model disagrees with the count on the pruned file: {estimated} vs {counted}")
     result = CompressResult(
         out_model, Path(output) if output else None, opts.metric, parsed, target, original, estimated, counted,
-        pruned, _widths(graph, keep if proj is not None else None), history=history, warnings=warnings,
+        pruned, _widths(graph, keep), history=history, warnings=warnings,
     )
+    result.method = method if pruned else "none"
+    result.rounds = rounds
     emit("stage", {"name": "validate"})
     t = time.perf_counter()
     _evaluate(result, proto, data, opts)
     timings["validate"] = time.perf_counter() - t
-    if not result.meets_budget:
+    measured_fail = bool(rounds) and "meets" in rounds[-1] and not rounds[-1]["meets"]
+    if not result.meets_budget and not measured_fail:
         raise RuntimeError(f"internal error: output cost {fmt(result.final_cost)} exceeds the budget {fmt(target)}")
 
     write_metadata(out_model, {
         "version": _tool_version(), "metric": opts.metric, "budget": target, "budget_text": parsed.text,
         "original_cost": original, "estimated_cost": estimated, "counted_cost": counted, "pruned": pruned,
-        "accuracy": result.accuracy_after,
+        "method": result.method, "accuracy": result.accuracy_after,
     })
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
-    if output is not None:
+    if measured_fail:
+        result.measured_miss = True
+        if output is not None:  # never hand an over-budget model over under the requested name
+            kept_as = Path(output).with_name(Path(output).stem + ".over-budget.onnx")
+            ingest.save(out_model, kept_as)
+            result.output = kept_as
+    elif output is not None:
         ingest.save(out_model, output)
     if report is not None:
         atomic.write_json(report, result.as_dict())
     return result
+
+
+def _check_options(opts: CompressOptions) -> None:
+    if opts.epochs < 0 or opts.round_to < 1 or opts.min_width < 1 or opts.max_rounds < 1:
+        raise UserError("--epochs must be ≥ 0; --round-to, --min-width and --max-rounds ≥ 1")
+    if opts.method not in METHODS and opts.method != "netadapt":
+        raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
+
+
+def variables_widths(variables: Variables, keep: dict[int, np.ndarray]) -> dict[int, int]:
+    """Kept units per variable, from kept units per group."""
+    out = {}
+    for v, (g, units) in enumerate(zip(variables.group, variables.units)):
+        if g in keep:
+            out[v] = int(np.isin(units, keep[g]).sum())
+    return out
+
+
+def min_cost_or_zero(problem: Problem) -> float:
+    from onnxecc.projection import min_cost
+
+    return min_cost(problem.cost, problem.prunable, problem.min_width, problem.round_to)
+
+
+def _select(method: str, problem: Problem, target: float, data, opts: CompressOptions, emit):
+    """Run one method: (kept units per group, the model with trained weights, training history)."""
+    from onnxecc.baselines import uniform_keep
+
+    admm_epochs = opts.admm_iterations * opts.admm_epochs
+    total_epochs = opts.epochs + admm_epochs  # every method gets the same training budget as ecc
+    if method in ("project", "uniform") and (data is None or opts.epochs == 0):
+        emit("stage", {"name": "project"})
+        keep = problem.project(target)[0] if method == "project" else uniform_keep(problem, target)
+        return keep, problem.proto, []
+    mm = _masked_model(problem, data, opts)
+    history: list[dict] = []
+    if method == "project":
+        keep = problem.project(target)[0]
+    elif method == "uniform":
+        keep = uniform_keep(problem, target)
+    elif method == "greedy":
+        from onnxecc.baselines import greedy
+
+        keep, log = greedy(problem, mm, target, emit=emit)
+        history += [{"phase": "greedy", **e} for e in log]
+        total_epochs -= len(log)
+    elif method == "ecc":
+        from onnxecc.ecc import AdmmConfig, admm
+
+        config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth,
+                            verify=opts.verify_projection)
+        log = admm(problem, mm, target, config, emit)
+        history += [{"phase": "admm", **e} for e in log]
+        names = problem.producer_tensors()
+        keep = problem.project(target, mm.onnx_values(names))[0]  # hard projection of the trained W
+        total_epochs = opts.epochs
+    else:
+        raise UserError(f"unknown method '{method}'")
+    mm.set_keep(keep)
+    emit("stage", {"name": "finetune", "epochs": total_epochs})
+    history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit)]
+    return keep, mm.write_back(), history
+
+
+def _masked_model(problem: Problem, data, opts: CompressOptions):
+    from onnxecc.finetune import TrainConfig
+    from onnxecc.masked import MaskedModel
+
+    config = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
+                         temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
+    return MaskedModel(problem.proto, problem.graph, data, config)
+
+
+def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compressed: onnx.ModelProto,
+                       budget: Budget, target: float) -> dict | None:
+    """Measure latency on the target provider, side by side with the original (fraction budgets compare
+    ratios, so a drift of the machine hits both). None when the metric is not measured here."""
+    if opts.metric != "latency" or not opts.closed_loop:
+        return None
+    sess_o = runtime.session(original, opts.provider, opts.threads)
+    sess_c = runtime.session(compressed, opts.provider, opts.threads)
+    x = runtime.example_input(sess_o, batch=1, seed=opts.seed)
+    t_o, t_c = runtime.measure_pair(sess_o, sess_c, x)
+    allowed = budget.fraction * t_o.median_s if budget.fraction is not None else target
+    return {"measured": t_c.median_s, "measured_original": t_o.median_s, "budget": allowed,
+            "iqr": t_c.iqr_s, "meets": t_c.median_s <= allowed}
 
 
 def _widths(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> dict[int, tuple[int, int]]:
@@ -239,40 +366,6 @@ def _load_data(spec: str, shaped: onnx.ModelProto, layers):
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim)
     out_dim = layers[-1].cout
     return load_data(spec, shape, num_classes=out_dim)
-
-
-def _finetune(proto: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, np.ndarray], data, opts: CompressOptions,
-              emit):
-    """Train the full-size model with the pruned channels masked to zero, then write it back (still full
-    size, zeros in place) so that surgery removes exactly what the masks removed."""
-    import torch
-
-    from onnxecc.bridge import to_torch, write_back
-    from onnxecc.finetune import Mask, TrainConfig, finetune
-    from onnxecc.importance import channel_masks
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tm = to_torch(proto)
-    masks = []
-    for name, mask in channel_masks(proto, graph, keep).items():
-        if name not in tm.params:
-            continue  # a constant torch does not train (e.g. a per-channel Mul): consumers are masked anyway
-        tensor = tm.parameter(name)
-        m = tm.layouts[name].to_torch(mask.astype(np.float32)) if name in tm.layouts else \
-            torch.from_numpy(mask.astype(np.float32))
-        if isinstance(tensor, torch.nn.Parameter):
-            masks.append(Mask(tensor, m))
-        else:
-            with torch.no_grad():
-                tensor.mul_(m.to(tensor.dtype))
-    sess = runtime.session(proto)
-    teacher = runtime.run_batched(sess, data.x_train)
-    config = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
-                         temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
-    history = finetune(tm.module, data.x_train, teacher, data.y_train, config, masks,
-                       on_epoch=lambda log: emit("epoch", log.__dict__),
-                       on_batch=lambda step, total: emit("batch", {"step": step, "total": total}))
-    return write_back(tm), history.as_dict()
 
 
 def _evaluate(result: CompressResult, original: onnx.ModelProto, data, opts: CompressOptions) -> None:

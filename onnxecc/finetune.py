@@ -83,8 +83,11 @@ def _freeze_batchnorm(module: torch.nn.Module) -> None:
 def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray, y: np.ndarray | None,
              config: TrainConfig, masks: list[Mask] = (),
              on_epoch: Callable[[EpochLog], None] | None = None,
-             on_batch: Callable[[int, int], None] | None = None) -> TrainHistory:
-    """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed."""
+             on_batch: Callable[[int, int], None] | None = None,
+             penalty: Callable[[], torch.Tensor] | None = None) -> TrainHistory:
+    """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed.
+
+    `penalty()` is added to every batch's loss (ADMM's proximal term ρ/2·‖W − Z + U‖²)."""
     import time
 
     device = pick_device(config.device)
@@ -119,6 +122,8 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
             yb = ys[idx].to(device) if ys is not None else None
             out = module(xb)
             loss = distillation_loss(out, tb, yb, config.temperature, weight)
+            if penalty is not None:
+                loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for m in masks:

@@ -6,6 +6,8 @@ the kept indices), so another importance criterion is one new function here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
@@ -14,7 +16,8 @@ from onnxecc.graph import Graph
 
 
 def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool = True,
-                  diminishing: bool = True) -> dict[int, np.ndarray]:
+                  diminishing: bool = True, values: Mapping[str, np.ndarray] | None = None,
+                  norm: str = "l2") -> dict[int, np.ndarray]:
     """Squared L2 norm of every unit's producer weights, per prunable group.
 
     Raw squared norms are what a Euclidean projection (ADMM's Z-step) maximises. With `normalize`, each
@@ -24,6 +27,8 @@ def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool =
     group's kept value grows like log(width). Without it, the knapsack empties whichever group saves the most
     cost per channel (on the digits residual demo: the 32-channel trunk cut to 1 channel, 43% accuracy after
     fine-tuning); with it, widths are traded like a proportional-fair allocation (same budget: 98%).
+    `values` overrides tensors by name (e.g. the current torch weights during training); `norm="l1"` sums
+    absolute values instead of squares (the classic L1 filter criterion).
     """
     consts = Graph(model)
     prunable = {g.id for g in graph.prunable_groups}
@@ -31,11 +36,12 @@ def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool =
     for bind in graph.binds:
         if bind.role != "producer":
             continue
-        value = consts.const(bind.name)
+        value = values[bind.name] if values is not None and bind.name in values else consts.const(bind.name)
         if value is None:
             continue
         other = tuple(a for a in range(value.ndim) if a != bind.axis)
-        energy = np.square(value.astype(np.float64)).sum(axis=other)
+        magnitude = np.abs(value.astype(np.float64)) if norm == "l1" else np.square(value.astype(np.float64))
+        energy = magnitude.sum(axis=other)
         gid, unit, e = bind.pos.gid.ravel(), bind.pos.unit.ravel(), energy.ravel()
         for g in set(gid.tolist()) & prunable:
             sel = gid == g

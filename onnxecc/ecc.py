@@ -1,0 +1,111 @@
+"""ECC's online phase: train under the cost constraint with ADMM (CVPR'19), torch side.
+
+    min loss(W)  s.t.  cost(widths(W)) ≤ B
+    W-step: epochs of SGD/Adam on loss(W) + ρ/2·‖W − Z + U‖²       (only the constrained tensors)
+    Z-step: Z = structured projection of W + U onto {cost ≤ B_k}    (the knapsack of onnxecc.projection)
+    U-step: U ← U + W − Z;  ρ ← ρ·growth
+with the budget B_k decaying geometrically from the original cost to the target over the first iterations,
+so the network is pulled towards the constraint gradually rather than cut at once. The caller then makes a
+hard projection of W (feasible by construction) and fine-tunes with the masks frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from onnxecc.masked import MaskedModel
+from onnxecc.problem import Problem
+from onnxecc.projection import project
+
+
+@dataclass
+class AdmmConfig:
+    iterations: int = 5
+    epochs_per_iteration: int = 2
+    rho: float = 5e-3
+    rho_growth: float = 2.0
+    decay_iterations: int = 3  # B_k reaches the target after this many iterations
+    lr: float | None = 3e-3  # W-step learning rate (Adam: moves ≈ lr per step; weights must travel to Z)
+    verify: bool = False  # debug: solve every Z-step exactly too (cvxpy MILP; small models only), log the gap
+
+    @property
+    def epochs(self) -> int:
+        return self.iterations * self.epochs_per_iteration
+
+
+def budget_schedule(original: float, target: float, k: int, decay_iterations: int) -> float:
+    """Geometric decay from the original cost to the target: B_k = original·(target/original)^((k+1)/K)."""
+    if k + 1 >= decay_iterations:
+        return target
+    return original * (target / original) ** ((k + 1) / decay_iterations)
+
+
+def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, emit=None) -> list[dict]:
+    """Run the ADMM iterations on `mm` in place; returns a log per iteration (budget, ρ, widths, gap)."""
+    emit = emit or (lambda kind, info: None)
+    names = [n for n in problem.producer_tensors() if n in mm.tm.params]
+    constrained = sorted(_masked_names(problem, mm))
+    tensors = {n: mm.tensor(n) for n in constrained}
+    u = {n: torch.zeros_like(t) for n, t in tensors.items()}
+    z = {n: t.detach().clone() for n, t in tensors.items()}
+    rho = {"value": config.rho}
+    log: list[dict] = []
+    checks: list[dict] = []
+
+    def z_step(budget: float) -> dict[int, np.ndarray]:
+        with torch.no_grad():
+            v = {n: tensors[n] + u[n] for n in constrained}
+        onnx_values = {n: mm.tm.layouts[n].to_onnx(v[n]) if n in mm.tm.layouts else v[n].detach().numpy()
+                       for n in names if n in v}
+        importance = problem.importance(onnx_values)
+        proj = project(problem.cost, importance, budget, min_width=problem.min_width, round_to=problem.round_to,
+                       fmt=problem.fmt)
+        if config.verify:
+            from onnxecc.exact import solve_exact
+
+            exact = solve_exact(problem.cost, importance, budget, problem.min_width, problem.round_to)
+            checks.append({"greedy": proj.kept_importance, "exact": exact.kept_importance,
+                           "gap": (exact.kept_importance - proj.kept_importance) / max(exact.kept_importance, 1e-30),
+                           "greedy_feasible": proj.cost <= budget * (1 + 1e-12)})
+        keep = problem.variables.group_keep(proj.keep)
+        masks = mm.torch_masks(keep)
+        for n in constrained:
+            z[n] = v[n].detach() * masks[n] if n in masks else v[n].detach().clone()
+        return keep
+
+    def penalty() -> torch.Tensor:
+        total = 0.0
+        for n in constrained:
+            total = total + (tensors[n] - z[n] + u[n]).pow(2).sum()
+        return 0.5 * rho["value"] * total
+
+    original = problem.original_cost
+    for k in range(config.iterations):
+        budget = budget_schedule(original, target, k, config.decay_iterations)
+        keep = z_step(budget)
+        emit("stage", {"name": f"admm {k + 1}/{config.iterations}"})
+        history = mm.train(config.epochs_per_iteration, emit, penalty=penalty, lr=config.lr)
+        with torch.no_grad():
+            gap, outside, total = 0.0, 0.0, 0.0
+            for n in constrained:
+                u[n] += tensors[n] - z[n]
+                gap += float((tensors[n] - z[n]).pow(2).sum())
+                outside += float(tensors[n].pow(2)[z[n] == 0].sum())
+                total += float(tensors[n].pow(2).sum())
+        log.append({"iteration": k + 1, "budget": budget, "rho": rho["value"], "primal_gap": gap,
+                    "pruned_energy": outside / max(total, 1e-30),  # share of ‖W‖² outside Z's support
+                    "widths": {int(g): int(len(idx)) for g, idx in keep.items()},
+                    "loss": history[-1]["loss"] if history else None,
+                    **({"zstep_check": checks[-1]} if checks else {})})
+        rho["value"] *= config.rho_growth
+    return log
+
+
+def _masked_names(problem: Problem, mm: MaskedModel) -> list[str]:
+    """Every trained tensor that carries channels of a prunable group (what a projection may zero)."""
+    everything = {g: np.arange(problem.graph.groups[g].size)[:0] for g in
+                  {problem.variables.group[v] for v in problem.prunable}}
+    return list(mm.torch_masks(everything))

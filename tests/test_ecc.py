@@ -1,0 +1,96 @@
+"""ECC (ADMM) and the baselines: budgets met by the count on the file, ADMM converging, Z-step vs exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DEMO_MODELS
+
+from onnxecc.baselines import uniform_widths
+from onnxecc.channels import analyze
+from onnxecc.compress import CompressOptions, compress, cost_model
+from onnxecc.costs import unit_classes
+from onnxecc.ecc import budget_schedule
+from onnxecc.errors import UserError
+from onnxecc.layers import find_layers
+from onnxecc.problem import Problem
+
+FAST = dict(metric="macs", data="digits", epochs=2, admm_iterations=3, admm_epochs=1, measure_latency=False)
+
+
+def _problem(path, round_to=1):
+    proto = onnx.load(path)
+    graph = analyze(proto)
+    variables = unit_classes(graph)
+    cost = cost_model("macs", proto, graph, find_layers(proto), variables)
+    prunable = {g.id for g in graph.prunable_groups}
+    return Problem(proto, graph, variables, cost, [v for v, g in enumerate(variables.group) if g in prunable],
+                   1, round_to)
+
+
+def test_budget_schedule_decays_geometrically_to_target():
+    values = [budget_schedule(100.0, 25.0, k, 3) for k in range(5)]
+    assert values[0] == pytest.approx(100 * 0.25 ** (1 / 3))
+    assert values[2:] == [25.0, 25.0, 25.0]
+    assert all(a > b for a, b in zip(values[:2], values[1:3]))
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_uniform_widths_is_the_largest_common_ratio(round_to):
+    problem = _problem(DEMO_MODELS[1], round_to)
+    target = 0.4 * problem.original_cost
+    widths = uniform_widths(problem, target)
+    assert problem.cost(widths) <= target
+    # one step wider in every variable that can grow breaks the budget (else the ratio was not the largest)
+    ratios = [widths[v] / problem.cost.full_widths[v] for v in problem.prunable]
+    grown = {}
+    for v in problem.prunable:
+        wider = problem.allowed(v)[problem.allowed(v) > widths[v]]
+        grown[v] = int(wider[0]) if len(wider) else widths[v]
+    assert problem.cost(grown) > target
+    if round_to == 1:
+        assert max(ratios) - min(ratios) < 0.2
+
+
+@pytest.mark.parametrize("method", ["ecc", "uniform", "greedy", "project"])
+def test_every_method_meets_the_budget_on_the_file(method, tmp_path):
+    out = tmp_path / f"{method}.onnx"
+    result = compress(DEMO_MODELS[0], "0.4", out, CompressOptions(method=method, **FAST))
+    macs = sum(layer.macs for layer in find_layers(onnx.load(out)))
+    original = sum(layer.macs for layer in find_layers(onnx.load(DEMO_MODELS[0])))
+    assert macs <= 0.4 * original and macs == result.counted_cost
+    assert result.method == method
+    assert result.accuracy_after > 0.8  # a few epochs on digits: far above chance (0.1)
+
+
+def test_admm_schedule_and_zstep_matches_exact(tmp_path):
+    result = compress(DEMO_MODELS[0], "0.5", None,
+                      CompressOptions(method="ecc", round_to=8, verify_projection=True,
+                                      **{**FAST, "admm_iterations": 4}))
+    admm = [h for h in result.history if h.get("phase") == "admm"]
+    assert len(admm) == 4
+    assert [h["rho"] for h in admm] == pytest.approx([5e-3 * 2**k for k in range(4)])
+    assert admm[-1]["budget"] == pytest.approx(0.5 * result.original_cost)
+    assert all(a["budget"] > b["budget"] for a, b in zip(admm[:2], admm[1:3]))
+    for h in admm:
+        assert 0 <= h["pruned_energy"] <= 1
+        check = h["zstep_check"]
+        assert check["greedy_feasible"]
+        assert check["greedy"] <= check["exact"] * (1 + 1e-9)  # the exact optimum is never beaten
+        assert check["gap"] < 0.25
+
+
+def test_methods_that_train_need_data():
+    with pytest.raises(UserError, match="needs --data"):
+        compress(DEMO_MODELS[0], "0.5", None, CompressOptions(method="ecc", measure_latency=False))
+
+
+def test_zero_epochs_project_equals_projection_without_training():
+    result = compress(DEMO_MODELS[1], "0.5", None, CompressOptions(method="project", metric="macs",
+                                                                   measure_latency=False))
+    problem = _problem(DEMO_MODELS[1])
+    keep, proj = problem.project(0.5 * problem.original_cost)
+    assert {g: k for g, (k, _) in result.widths.items()} == {g: len(v) for g, v in keep.items()}
+    assert result.estimated_cost == pytest.approx(proj.cost)
+    assert np.isfinite(result.agreement)
