@@ -1,11 +1,17 @@
 """onnxecc: compress an ONNX network so that it meets a hard resource budget.
 
-The Python API mirrors the CLI: `onnxecc.inspect(path)`; more commands join as they are built.
+The Python API mirrors the CLI: `onnxecc.inspect(path)`, `onnxecc.compress(path, budget, output, options)`,
+`onnxecc.validate(original, compressed)`. Importing onnxecc does not import torch: the training side is
+loaded only when a command trains.
 """
 
-from onnxecc.errors import UnsupportedModelError, UserError
-from onnxecc.ingest import load, save
-from onnxecc.inspection import InspectResult, inspect
-
 __version__ = "0.1.0"
-__all__ = ["InspectResult", "UnsupportedModelError", "UserError", "inspect", "load", "save", "__version__"]
+
+from onnxecc.compress import CompressOptions, CompressResult, compress  # noqa: E402
+from onnxecc.errors import UnsupportedModelError, UserError  # noqa: E402
+from onnxecc.ingest import load, save  # noqa: E402
+from onnxecc.inspection import InspectResult, inspect  # noqa: E402
+from onnxecc.validate import ValidateResult, validate  # noqa: E402
+
+__all__ = ["CompressOptions", "CompressResult", "InspectResult", "UnsupportedModelError", "UserError",
+           "ValidateResult", "__version__", "compress", "inspect", "load", "save", "validate"]
