@@ -51,10 +51,15 @@ class InspectResult:
         return {"in_groups": list(ins), "out_groups": list(outs)}
 
 
-def inspect(model: ingest.ModelSource) -> InspectResult:
-    """Load, check and analyse a model. Raises UserError when it has no compute layer to compress."""
+def inspect(model: ingest.ModelSource, hardware: str | None = None) -> InspectResult:
+    """Load, check and analyse a model. Raises UserError when it has no compute layer to compress.
+    With `hardware` (an accelerator description JSON), `extra["energy"]` holds the modelled energy per layer."""
     source = str(model) if isinstance(model, (str, Path)) else "<model>"
     proto = ingest.load(model)
+    if len(proto.graph.sparse_initializer):  # e.g. `compress --method wsp` output: analyse the dense weights
+        from onnxecc.hardware import densify
+
+        proto = densify(proto)
     shaped = with_static_shapes(proto)
     layers = find_layers(proto, shaped)
     if not layers:
@@ -62,8 +67,13 @@ def inspect(model: ingest.ModelSource) -> InspectResult:
                         "weights): nothing to compress")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     channels = analyze(proto, shaped)
+    extra = {}
+    if hardware:
+        from onnxecc.hardware import load_hardware, model_energy
+
+        extra["energy"] = model_energy(proto, load_hardware(hardware)).as_dict()
     return InspectResult(source, opset, _io_shapes(shaped, shaped.graph.input, proto),
-                         _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto),
+                         _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto), extra,
                          groups=channels.groups,
                          layer_groups={n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()})
 

@@ -1,0 +1,261 @@
+"""Weighted sparse projection: the threshold search equals the sorted greedy, the greedy is within one item of
+the exact knapsack (cvxpy + HiGHS), and `compress --method wsp` meets a modelled energy budget by an
+independent recount of the written file, whose sparse initializers run in onnxruntime like the dense model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from onnxecc.compress import CompressOptions, compress
+from onnxecc.errors import UserError
+from onnxecc.sparse_projection import greedy_knapsack, greedy_sorted, greedy_value, prefix_by_score, project
+
+REPO = Path(__file__).resolve().parents[1]
+EYERISS = REPO / "profiles" / "eyeriss.json"
+CNN, RESDW = REPO / "models" / "digits_cnn.onnx", REPO / "models" / "digits_resdw.onnx"
+
+
+# ---------------------------------------------------------------------------------- threshold == sort
+def _instances(rng):
+    n = 200_000  # above the direct-sort size: the histogram levels run
+    yield "continuous", rng.standard_normal(n).astype(np.float32) ** 2, rng.integers(1, 5000, n).astype(float)
+    # few distinct profits and costs: many exact ties in the ratio, a third of the profits zero
+    yield "ties", rng.integers(-3, 4, n).astype(float) ** 2, rng.choice([1.0, 2.0, 4.0], n)
+    costs = rng.integers(0, 50, n).astype(float)  # zero costs: free items (ratio +inf, or 0 without profit)
+    yield "zero costs", np.abs(rng.standard_normal(n)) * (rng.random(n) < 0.8), costs
+    yield "all equal", np.ones(n), np.full(n, 3.0)
+    yield "narrow range", 1.0 + rng.random(n) * 1e-9, np.ones(n)  # needs several histogram levels
+
+
+def test_threshold_search_equals_the_sorted_greedy():
+    rng = np.random.default_rng(0)
+    for name, profit, cost in _instances(rng):
+        total = float(cost.sum())
+        for capacity in (-1.0, 0.0, 1.0, 0.013 * total, 0.5 * total, math.floor(0.77 * total) + 0.5, total,
+                         2 * total):
+            fast, ref = greedy_knapsack(profit, cost, capacity), greedy_sorted(profit, cost, capacity)
+            assert np.array_equal(fast, ref), (name, capacity)
+            assert cost[fast].sum() <= max(capacity, 0.0) or capacity < 0 and not fast.any()
+        if name == "continuous":
+            assert greedy_knapsack(profit, cost, total).all() and not greedy_knapsack(profit, cost, -1).any()
+
+
+def test_projection_of_values_matches_and_zeroes_exactly():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((300, 400)).astype(np.float32)
+    v[rng.random(v.shape) < 0.1] = 0
+    cost = rng.choice([3.0, 7.0, 11.0], v.shape)
+    capacity = 0.3 * cost.sum()
+    projected, keep = project(v, cost, capacity)
+    assert np.array_equal(keep.reshape(-1), greedy_sorted(np.square(v.astype(np.float64)), cost, capacity))
+    assert projected.dtype == v.dtype and np.array_equal(projected[keep], v[keep]) and not projected[~keep].any()
+    assert np.array_equal(project(v, cost, capacity, exact_sort=True)[1], keep)
+    empty = project(np.zeros(0, np.float32), np.zeros(0), 5.0)
+    assert empty[0].size == 0 and empty[1].size == 0
+    with pytest.raises(ValueError):
+        project(np.array([np.nan, 1.0]), np.ones(2), 1.0)
+    with pytest.raises(ValueError):
+        greedy_knapsack(np.ones(2), np.array([1.0, -1.0]), 1.0)
+
+
+def test_prefix_by_score_cuts_the_score_order_at_the_budget():
+    rng = np.random.default_rng(2)
+    score = np.round(rng.random(100_000), 3)  # ties
+    cost = rng.integers(1, 9, score.size).astype(float)
+    for capacity in (0.0, 0.25 * cost.sum(), cost.sum()):
+        keep = prefix_by_score(score, cost, capacity)
+        order = np.argsort(-score, kind="stable")
+        k = int(np.searchsorted(np.cumsum(cost[order]), capacity, side="right"))
+        expected = np.zeros(score.size, bool)
+        expected[order[:k]] = True
+        assert np.array_equal(keep, expected)
+
+
+# -------------------------------------------------------------------------------- greedy vs exact (cvxpy)
+def test_greedy_is_feasible_and_within_one_item_of_the_exact_knapsack():
+    exact = pytest.importorskip("onnxecc.exact", reason="needs the training extra (cvxpy)")
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(60):
+        n = int(rng.integers(3, 40))
+        profit = rng.gamma(1.5, 1.0, n) * (rng.random(n) < 0.9)
+        cost = rng.integers(1, 25, n).astype(float)
+        capacity = float(rng.uniform(0, 1.1) * cost.sum())
+        keep_opt, opt = exact.exact_knapsack(profit, cost, capacity)
+        value, used, critical = greedy_value(profit, cost, capacity)
+        assert used <= capacity + 1e-9 and cost[keep_opt].sum() <= capacity + 1e-9
+        assert value <= opt + 1e-7
+        assert opt - value <= critical + 1e-7 <= profit.max() + 1e-7  # within one item (the critical one)
+        gaps.append(opt - value)
+    assert min(gaps) >= -1e-7 and any(g < 1e-9 for g in gaps)
+
+
+# -------------------------------------------------------------------------------- compress --method wsp
+HW = json.loads(EYERISS.read_text())
+
+
+def _dense_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The test's own reading of (sparse) initializers: values scattered at linear indices."""
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for sp in model.graph.sparse_initializer:
+        dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)
+        dense[numpy_helper.to_array(sp.indices)] = numpy_helper.to_array(sp.values)
+        out[sp.values.name] = dense.reshape(tuple(sp.dims))
+    return out
+
+
+def _independent_energy(model: onnx.ModelProto) -> float:
+    """The modelled energy (units) recounted from the file with torch's unfold/conv2d, not onnxecc.hardware."""
+    import torch
+    import torch.nn.functional as F
+
+    m, n = HW["pe_array"]["rows"], HW["pe_array"]["cols"]
+    s_i, s_w = HW["input_cache"], HW["weight_cache"]
+    u = HW["unit_energy"]
+    inits = _dense_initializers(model)
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    del dense.graph.sparse_initializer[:]
+    for k, v in inits.items():
+        if k not in {t.name for t in dense.graph.initializer}:
+            dense.graph.initializer.append(numpy_helper.from_array(v, k))
+    shaped = onnx.shape_inference.infer_shapes(dense)
+    shapes = {vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+              for vi in list(shaped.graph.value_info) + list(shaped.graph.input) + list(shaped.graph.output)}
+    producer = {o: node for node in model.graph.node for o in node.output}
+    total = 0.0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            w = inits[node.input[1]]
+            c, h, wd = shapes[node.input[0]][1:]
+            support = torch.ones(1, c, h, wd)
+            mul = producer.get(node.input[0])
+            if mul is not None and mul.op_type == "Mul" and mul.input[1] in inits:
+                support = torch.from_numpy((np.broadcast_to(inits[mul.input[1]], (1, c, h, wd)) != 0)
+                                           .astype(np.float32))
+            pads, groups = attrs.get("pads", [0] * 4), attrs.get("group", 1)
+            assert pads[:2] == pads[2:]
+            stride, pad = attrs.get("strides", [1, 1]), pads[:2]
+            kernel = tuple(w.shape[2:])
+            nz = torch.from_numpy((w != 0).astype(np.float32))
+            macs = float(F.conv2d(support, nz, None, stride, pad, 1, groups).sum())
+            cols = F.unfold(support, kernel, padding=pad, stride=stride)
+            positions, uses = cols.shape[-1], float((cols != 0).sum())
+            d, dg = w.shape[0], w.shape[0] // groups
+        elif node.op_type == "Gemm":
+            w = inits[node.input[1]]
+            k = w.shape[1] if attrs.get("transB", 0) else w.shape[0]
+            d = dg = w.shape[0] if attrs.get("transB", 0) else w.shape[1]
+            nnz_w = np.count_nonzero(w)
+            macs, positions, uses, support = float(nnz_w), 1, float(k), torch.ones(k)
+        else:
+            continue
+        nnz = int(np.count_nonzero(w))
+        t, r, x = math.ceil(positions / m), math.ceil(dg / n), float(support.sum())
+        total += u["mac"] * macs
+        total += u["cache"] * t * nnz + u["rf"] * positions * nnz + u["dram"] * (min(s_w, nnz) + t * max(0, nnz - s_w))
+        total += u["cache"] * r * uses + u["rf"] * dg * uses + u["dram"] * (min(s_i, x) + r * max(0, x - s_i))
+        total += u["dram"] * d * positions
+    return total
+
+
+@pytest.fixture(scope="module")
+def resdw_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wsp") / "resdw_wsp.onnx"
+    report = out.with_suffix(".json")
+    opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=3,
+                           proj_interval=5, measure_latency=False)
+    result = compress(RESDW, "0.4", out, opts, report=report)
+    return result, out, report
+
+
+def test_wsp_meets_the_energy_budget_by_an_independent_recount(resdw_run):
+    result, out, _ = resdw_run
+    written = onnx.load(out)
+    onnx.checker.check_model(written)
+    assert len(written.graph.sparse_initializer) > 0  # pruned weights are stored sparse where smaller
+    recount = _independent_energy(written) * 1e-12  # eyeriss.json: energy_unit pJ
+    assert recount <= result.budget_abs * (1 + 1e-12)
+    assert recount == pytest.approx(result.counted_cost, rel=1e-9)
+    assert result.meets_budget and result.pruned
+    original = _independent_energy(onnx.load(RESDW)) * 1e-12
+    assert result.original_cost == pytest.approx(original, rel=1e-9)
+    assert result.budget_abs == pytest.approx(0.4 * original, rel=1e-9)
+    assert result.accuracy_after is not None and result.accuracy_after > 0.5  # 3 epochs: far from converged
+
+
+def test_wsp_output_graph_masks_metadata_and_ort(resdw_run):
+    result, out, report = resdw_run
+    original, written = onnx.load(RESDW), onnx.load(out)
+    names = [n.name for n in written.graph.node]
+    assert {n.name for n in original.graph.node} <= set(names) and len(set(names)) == len(names)
+    muls = [n for n in written.graph.node if n.name not in {m.name for m in original.graph.node}]
+    assert muls and all(n.op_type == "Mul" for n in muls)  # resdw at 0.4 needs input masks
+    meta = {p.key: json.loads(p.value) for p in written.metadata_props}
+    assert meta["onnxecc.hardware_sha256"] == hashlib.sha256(EYERISS.read_bytes()).hexdigest()
+    assert meta["onnxecc.modelled_energy_j"] == pytest.approx(result.counted_cost)
+    assert meta["onnxecc.metric"] == "energy" and meta["onnxecc.method"] == "wsp"
+    # ORT loads the sparse initializers: same output as the dense model with zeros in place
+    dense = onnx.ModelProto()
+    dense.CopyFrom(written)
+    inits = _dense_initializers(written)
+    del dense.graph.sparse_initializer[:]
+    dense.graph.initializer.extend(numpy_helper.from_array(inits[sp.values.name], sp.values.name)
+                                   for sp in written.graph.sparse_initializer)
+    assert out.stat().st_size < len(dense.SerializeToString())
+    x = np.random.default_rng(0).random((16, 1, 8, 8)).astype(np.float32)
+    a = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
+    b = ort.InferenceSession(dense.SerializeToString()).run(None, {"input": x})[0]
+    assert np.array_equal(a, b)
+    doc = json.loads(report.read_text())
+    assert doc["meets_budget"] and doc["metric"] == "energy"
+    assert len(doc["wsp"]["energy"]["layers"]) == 12 and doc["wsp"]["storage"]["ort_loads_sparse"]
+    assert any("densely" in w for w in doc["warnings"])
+
+
+def test_one_shot_absolute_budget_and_no_pruning(tmp_path):
+    out = tmp_path / "a.onnx"
+    result = compress(CNN, "40uJ", out, CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS),
+                                                        epochs=0, measure_latency=False))
+    assert result.meets_budget and result.counted_cost <= 40e-6
+    assert _independent_energy(onnx.load(out)) * 1e-12 <= 40e-6
+    same = compress(CNN, "150%", tmp_path / "b.onnx", CompressOptions(metric="energy", method="wsp",
+                                                                      hardware=str(EYERISS), measure_latency=False))
+    assert not same.pruned and any("no pruning" in w for w in same.warnings)
+
+
+def test_wsp_user_errors(tmp_path):
+    opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), measure_latency=False)
+    with pytest.raises(UserError, match="smallest reachable"):
+        compress(RESDW, "0.1", tmp_path / "x.onnx", opts)  # output writes alone are 18% of the energy
+    with pytest.raises(UserError, match="--metric energy"):
+        compress(CNN, "0.5", tmp_path / "x.onnx", CompressOptions(metric="macs", method="wsp",
+                                                                  hardware=str(EYERISS)))
+    with pytest.raises(UserError, match="--hardware"):
+        compress(CNN, "0.5", tmp_path / "x.onnx", CompressOptions(metric="energy", method="wsp"))
+    with pytest.raises(UserError, match="input masks"):  # weights alone cannot reach it, and no data to learn masks
+        compress(RESDW, "0.3", tmp_path / "x.onnx", CompressOptions(metric="energy", method="wsp",
+                                                                    hardware=str(EYERISS), epochs=0))
+
+
+def test_cli_bad_hardware_json_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "hw.json"
+    bad.write_text('{"pe_array": {"rows": 12}}')
+    proc = subprocess.run([sys.executable, "-m", "onnxecc", "compress", str(CNN), "--budget", "0.5", "--metric",
+                           "energy", "--method", "wsp", "--hardware", str(bad), "--proj-interval", "5",
+                           "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "hw.json" in lines[0] and "input_cache" in lines[0], proc.stderr
