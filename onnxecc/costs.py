@@ -229,3 +229,19 @@ def _merge(terms: list[Term]) -> list[Term]:
         key = (t.a, t.b) if t.b is None or (t.a is not None and t.a <= t.b) else (t.b, t.a)
         merged[key] = merged.get(key, 0.0) + t.coef
     return [Term(c, a, b) for (a, b), c in merged.items() if c != 0.0]
+
+
+def layer_costs(graph, layers, model, variables: Variables) -> list[BilinearCost]:
+    """Each compute layer's MACs as a bilinear cost of its own (the per-layer terms `macs_cost` sums): the
+    features of a fitted profile are these divided by their full-width value."""
+    from onnxecc.graph import Graph
+
+    consts = Graph(model)
+    bound = _bound_axes(graph, variables)
+    out = []
+    for layer in layers:
+        w_shape = consts.const(layer.weight).shape
+        per_weight = layer.macs / float(np.prod(w_shape, dtype=np.float64))
+        t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight, layer.name)
+        out.append(BilinearCost("macs", "MACs", _full(variables), _merge(t), c))
+    return out

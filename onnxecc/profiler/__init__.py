@@ -1,0 +1,283 @@
+"""ECC offline phase: profile a model on the target and fit the bilinear cost model.
+
+`profile(model, output)` measures variants of `model` with random widths per prunable channel group on an
+onnxruntime execution provider (`sampling`), with a meter (`meters`: latency, RAPL, NVML, Jetson rails, an
+external command), fits E(w) = b + Σ_l a_l·f_l(w) with non-negative coefficients (`fit`), and writes the
+profile JSON (`store`) — atomically after every sample, so an interrupted run resumes where it stopped.
+`load_profile(path, model)` reads a profile back and checks it belongs to `model`'s structure;
+`profile_cost(...)` turns it into the `BilinearCost` that `compress --metric latency|energy` projects with.
+
+This package runs on the target device: it imports onnx, onnxruntime and numpy only — never torch,
+onnx2torch or cvxpy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxecc import atomic, ingest, runtime
+from onnxecc.costs import BilinearCost, Term, Variables, _merge, layer_costs, unit_classes
+from onnxecc.errors import UserError
+from onnxecc.profiler import fit as fitting
+from onnxecc.profiler import sampling, store
+from onnxecc.profiler.meters import Meter, make_meter
+from onnxecc.profiler.store import Fit, Profile, fingerprint
+
+__all__ = ["Profile", "Fit", "profile", "load_profile", "profile_cost", "fingerprint", "make_meter", "Meter",
+           "ModelInfo"]
+
+DEFAULT_SAMPLES = 200
+DEFAULT_WARMUP = 10
+DEFAULT_REPEATS = 30
+
+
+@dataclass
+class ModelInfo:
+    """What the profiler needs to know about a model: layers, channel groups, width variables, features."""
+
+    model: onnx.ModelProto
+    shaped: onnx.ModelProto
+    layers: list
+    graph: object
+    variables: Variables
+    layer_costs: list[BilinearCost]
+    features: fitting.Features
+    fingerprint: str
+
+    @classmethod
+    def of(cls, model: ingest.ModelSource) -> ModelInfo:
+        from onnxecc.channels import analyze
+        from onnxecc.layers import find_layers, with_static_shapes
+
+        proto = ingest.load(model)
+        shaped = with_static_shapes(proto)
+        layers = find_layers(proto, shaped)
+        if not layers:
+            raise UserError("the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to profile")
+        graph = analyze(proto, shaped)
+        variables = unit_classes(graph)
+        costs = layer_costs(graph, layers, proto, variables)
+        return cls(proto, shaped, layers, graph, variables, costs, _features(graph, variables, costs),
+                   fingerprint(proto))
+
+
+def _features(graph, variables: Variables, costs: list[BilinearCost]) -> fitting.Features:
+    prunable_groups = {g.id for g in graph.prunable_groups}
+    full = np.array([len(u) for u in variables.units], dtype=np.float64)
+    prunable = np.array([g in prunable_groups for g in variables.group], dtype=bool)
+    return fitting.Features(costs, full, prunable)
+
+
+def _settings(provider, provider_options, meter: Meter, threads, warmup, repeats, seed, min_width, step) -> dict:
+    return {"provider": provider, "provider_options": provider_options or {}, "meter": meter.spec,
+            "threads": int(threads), "warmup": int(warmup), "repeats": int(repeats), "seed": int(seed),
+            "min_width": int(min_width), "step": int(step), "batch": 1}
+
+
+def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, *,
+            provider: str = "CPUExecutionProvider", provider_options: dict | None = None,
+            meter: str | Meter = "latency", samples: int = DEFAULT_SAMPLES, seed: int = 0, threads: int = 1,
+            warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, min_width: int = 1, step: int | str = "auto",
+            on_progress: Callable[[int, int, dict], None] | None = None) -> Profile:
+    """Measure `samples` width variants of `model` and fit the bilinear model; write the profile to `output`.
+
+    If `output` already holds a profile of the same model structure with the same settings, its samples are
+    kept and only the missing ones are measured (resume). `on_progress(done, total, sample)` is called after
+    every sample. Widths are sampled on multiples of `step` ("auto": the kernel block of the provider, see
+    `sampling.auto_step`; 1: any width) — the bilinear model is accurate on that grid, so compress with
+    `--round-to` equal to it."""
+    if step == "auto" or step is None:
+        step = sampling.auto_step(provider)
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise UserError(f"--step must be a positive integer or auto, not {step!r}") from None
+    if samples < 2:
+        raise UserError("--samples must be at least 2 (the fit needs measurements to compare)")
+    if threads < 1 or warmup < 0 or repeats < 1 or min_width < 1 or step < 1:
+        raise UserError("--threads, --repeats, --min-width and --step must be ≥ 1, --warmup ≥ 0")
+    if output is not None:
+        atomic.check_output_path(output)
+    info = ModelInfo.of(model)
+    m = make_meter(meter)
+    if m.name == "cputime" and threads != 1:
+        m.close()
+        raise UserError("--meter cputime times the calling thread only: use it with --threads 1")
+    try:
+        settings = _settings(provider, provider_options, m, threads, warmup, repeats, seed, min_width, step)
+        prof = _start(info, output, m, settings, model)
+        measured = {x["index"] for x in prof.samples}
+        todo = [s for s in sampling.plan(info.graph, samples, seed, min_width, step) if s.index not in measured]
+        done = len(prof.samples)
+        total = done + len(todo)
+        if on_progress:
+            on_progress(done, total, {})
+        x = None
+        for s in todo:
+            t0 = time.perf_counter()
+            variant = sampling.build(info.model, info.graph, s)
+            sess = runtime.session(variant, provider, threads, provider_options)
+            if x is None:
+                x = runtime.example_input(sess, batch=1, seed=seed)
+            feed = {sess.get_inputs()[0].name: x}
+            meas, tries = _measure(m, lambda sess=sess, feed=feed: sess.run(None, feed), warmup, repeats)
+            record = {"index": s.index, "kind": s.kind, "widths": sampling.variable_widths(info.variables, s.keep),
+                      **meas.as_dict(), "tries": tries, "seconds": round(time.perf_counter() - t0, 4)}
+            prof.samples.append(record)
+            prof.samples.sort(key=lambda r: r["index"])
+            prof.profiling_s += time.perf_counter() - t0
+            done += 1
+            if output is not None:
+                prof.save(output)
+            if on_progress:
+                on_progress(done, total, record)
+    finally:
+        m.close()
+    t0 = time.perf_counter()
+    prof.fit = fit_samples(prof, info)
+    prof.profiling_s += time.perf_counter() - t0
+    if output is not None:
+        prof.save(output)
+    return prof
+
+
+NOISY = 0.1  # a measurement whose IQR exceeds this fraction of its median is taken again
+MAX_TRIES = 3
+
+
+def _measure(m: Meter, run, warmup: int, repeats: int):
+    """Measure; while the spread says another process disturbed it, measure again (keep the steadiest)."""
+    best = None
+    for tries in range(1, MAX_TRIES + 1):
+        meas = m.measure(run, warmup if tries == 1 else min(warmup, 2), repeats)
+        if best is None or meas.iqr / max(meas.value, 1e-300) < best.iqr / max(best.value, 1e-300):
+            best = meas
+        if best.value > 0 and best.iqr <= NOISY * best.value:
+            break
+    return best, tries
+
+
+def _start(info: ModelInfo, output, m: Meter, settings: dict, source) -> Profile:
+    """A new profile, or the one at `output` to resume (same structure and settings)."""
+    if output is not None and Path(output).exists():
+        old = store.read(output, require_fit=False)
+        store.check_model(old, info.fingerprint, output)
+        if old.settings != settings:
+            diff = sorted(k for k in set(old.settings) | set(settings) if old.settings.get(k) != settings.get(k))
+            raise UserError(f"{output} holds a profile measured with other settings ({', '.join(diff)}): use the "
+                            "same options to resume it, or another -o to start a new one")
+        old.fit = None
+        return old
+    from onnxecc import __version__
+
+    source_name = Path(source).name if isinstance(source, (str, os.PathLike)) else ""
+    return Profile(
+        fingerprint=info.fingerprint, source=source_name, metric=m.metric, unit=m.unit,
+        provider=settings["provider"], provider_options=settings["provider_options"], meter=m.describe(),
+        machine=store.machine_info(), settings=settings,
+        variables=[{"group": int(g), "units": int(len(u)), "prunable": bool(p)}
+                   for g, u, p in zip(info.variables.group, info.variables.units, info.features.prunable)],
+        layers=[{"name": layer.name, "macs": int(layer.macs)} for layer in info.layers],
+        tool_version=__version__, path=Path(output) if output is not None else None,
+    )
+
+
+def sample_arrays(prof: Profile) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    widths = np.array([s["widths"] for s in prof.samples], dtype=np.float64).reshape(len(prof.samples), -1)
+    y = np.array([s["value"] for s in prof.samples], dtype=np.float64)
+    kinds = [str(s.get("kind", "random")) for s in prof.samples]
+    return widths, y, kinds
+
+
+def fit_samples(prof: Profile, info: ModelInfo, only: fitting.Candidate | None = None) -> Fit:
+    """Fit the profile's samples (see `onnxecc.profiler.fit`) into the stored `Fit`."""
+    widths, y, kinds = sample_arrays(prof)
+    if (y <= 0).any():
+        raise UserError("the meter returned a non-positive measurement: the fit needs positive values "
+                        "(is the energy counter advancing? try a longer window or --meter latency)")
+    result = fitting.fit_profile(info.features, widths, y, kinds, seed=int(prof.settings.get("seed", 0)), only=only)
+    model = result.model
+    names = [layer.name for layer in info.layers]
+    iqr = np.array([s.get("iqr", 0.0) for s in prof.samples], dtype=np.float64)
+    noise = {"median_rel_iqr": float(np.median(iqr / y)), "max_rel_iqr": float(np.max(iqr / y))}
+    return Fit(
+        variant=model.candidate.name, step=model.candidate.step, weighting=model.candidate.weighting,
+        constant=model.constant,
+        layers={names[i]: float(model.layers[i]) for i in range(len(names)) if info.features.active[i]},
+        linear={int(v): float(c) for v, c in zip(info.features.linear_vars, model.linear) if c > 0},
+        holdout=result.holdout, train=result.train,
+        variants={"chosen_by": "5-fold cross-validation on the training split", "split": result.split,
+                  "bilinear_holdout": result.bilinear_holdout, "noise": noise, "candidates": result.variants},
+    )
+
+
+def load_profile(path: str | os.PathLike, model: ingest.ModelSource | None = None) -> Profile:
+    """Read a profile; with `model`, check that it was measured on this model's structure (UserError if not)."""
+    prof = store.read(path)
+    if model is not None:
+        proto = model if isinstance(model, onnx.ModelProto) else ingest.load(model)
+        store.check_model(prof, fingerprint(proto), path)
+    return prof
+
+
+def profile_cost(prof: Profile, model: onnx.ModelProto, graph, layers, variables: Variables,
+                 around: float | None = None) -> BilinearCost:
+    """The profile as a `BilinearCost` over `variables` (latency in seconds or energy in joules):
+    constant b plus, per layer, a_l × (layer l's MACs terms) / MACs_l(full), plus linear width terms.
+
+    Off the profile's width step (`prof.fit.step` > 1) this is the fitted model evaluated on the actual widths,
+    a lower estimate between steps: compress with `--round-to step` to stay on the grid where it is exact.
+
+    `around` (a fraction of the full model's cost, e.g. the budget) refits the same model form with samples
+    weighted by closeness to that cost (log-Gaussian, σ = 0.35): more accurate near the budget where a global
+    fit is not (cache-capacity regimes make small variants cheaper per MAC than large ones)."""
+    if prof.fit is None:
+        raise UserError(f"profile {prof.path} has no fitted model: re-run `onnxecc profile` to finish it")
+    mine = [(int(g), int(len(u))) for g, u in zip(variables.group, variables.units)]
+    theirs = [(int(v["group"]), int(v["units"])) for v in prof.variables]
+    if mine != theirs:
+        raise UserError(f"profile {prof.path} does not match this model's channel groups: profile this model with "
+                        "`onnxecc profile`")
+    costs = layer_costs(graph, layers, model, variables)
+    by_name = {layer.name: k for k, layer in enumerate(layers)}
+    if [v["name"] for v in prof.layers] != [layer.name for layer in layers]:
+        raise UserError(f"profile {prof.path} lists other compute layers than this model: profile this model with "
+                        "`onnxecc profile`")
+    fit = prof.fit if around is None else local_fit(prof, _features(graph, variables, costs), layers, around)
+    terms: list[Term] = []
+    constant = float(fit.constant)
+    for name, a in fit.layers.items():
+        lc = costs[by_name[name]]
+        full = lc(None)
+        if a <= 0 or full <= 0:
+            continue
+        terms += [Term(a * t.coef / full, t.a, t.b) for t in lc.terms]
+        constant += a * lc.constant / full
+    for v, c in fit.linear.items():
+        terms.append(Term(c / len(variables.units[v]), v))
+    full_widths = {v: len(u) for v, u in enumerate(variables.units)}
+    return BilinearCost(prof.metric, prof.unit, full_widths, _merge(terms), constant)
+
+
+def local_fit(prof: Profile, feats: fitting.Features, layers, around: float, sigma: float = 0.35) -> Fit:
+    """The profile's model form refitted with samples weighted by how close their cost is to `around` × the
+    full model's (weights exp(−½(ln(y/target)/σ)²), at least 0.05 so that every coefficient stays determined)."""
+    if not 0 < around:
+        raise UserError(f"around must be a positive fraction of the full cost, not {around}")
+    widths, y, _ = sample_arrays(prof)
+    full = next((s["value"] for s in prof.samples if s.get("kind") == "full"), float(np.max(y)))
+    weights = np.maximum(0.05, np.exp(-0.5 * (np.log(y / (around * full)) / sigma) ** 2))
+    cand = fitting.Candidate(prof.fit.weighting or "relative", int(prof.fit.step), "linear" in prof.fit.variant)
+    model = fitting.fit_candidate(feats, widths, y, cand, sample_weights=weights)
+    names = [layer.name for layer in layers]
+    return Fit(variant=f"{cand.name}@{around:g}", step=cand.step, weighting=cand.weighting, constant=model.constant,
+               layers={names[i]: float(model.layers[i]) for i in range(len(names)) if feats.active[i]},
+               linear={int(v): float(c) for v, c in zip(feats.linear_vars, model.linear) if c > 0},
+               holdout={}, train={})
