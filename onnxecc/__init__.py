@@ -11,7 +11,9 @@ from onnxecc.compress import CompressOptions, CompressResult, compress  # noqa: 
 from onnxecc.errors import UnsupportedModelError, UserError  # noqa: E402
 from onnxecc.ingest import load, save  # noqa: E402
 from onnxecc.inspection import InspectResult, inspect  # noqa: E402
+from onnxecc.profiler import Profile, load_profile, profile  # noqa: E402
 from onnxecc.validate import ValidateResult, validate  # noqa: E402
 
-__all__ = ["CompressOptions", "CompressResult", "InspectResult", "UnsupportedModelError", "UserError",
+__all__ = ["CompressOptions", "CompressResult", "InspectResult", "Profile", "load_profile", "profile",
+           "UnsupportedModelError", "UserError",
            "ValidateResult", "__version__", "compress", "inspect", "load", "save", "validate"]

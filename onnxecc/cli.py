@@ -100,7 +100,7 @@ def compress(
     lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    round_to: int = typer.Option(1, "--round-to", help="Keep channel counts at multiples of this (8 suits CPUs)."),
+    round_to: int = typer.Option(None, "--round-to", help="Keep channel counts at multiples of this (8 suits CPUs)."),
     min_width: int = typer.Option(1, "--min-width", help="Never keep fewer channels than this in a group."),
     device: str = typer.Option("auto", "--device", help="Training device: auto, cpu, cuda."),
     proj_interval: int = typer.Option(10, "--proj-interval", help="wsp: batches between weighted sparse projections."),

@@ -8,6 +8,7 @@ output file and the model checked in onnxruntime → atomic write with metadata,
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class CompressOptions:
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
-    round_to: int = 1
+    round_to: int | None = None  # None: the profile's width step (kernels' sweet spot) with --profile, else 1
     min_width: int = 1
     temperature: float = 2.0
     distill_weight: float = 0.5
@@ -128,7 +129,7 @@ def _tool_version() -> str:
 
 
 def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers, variables: Variables,
-               profile: str | None = None) -> BilinearCost:
+               profile=None) -> BilinearCost:
     """The cost of `metric` as a bilinear function of the widths of `variables` (classes of group units)."""
     if metric == "macs":
         return macs_cost(graph, layers, model, variables)
@@ -140,10 +141,10 @@ def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers,
                             "the target and pass --profile P.json")
         from onnxecc.profiler import load_profile, profile_cost
 
-        prof = load_profile(profile, model)
+        prof = load_profile(profile, model) if isinstance(profile, (str, Path)) else profile
         if prof.metric != metric:
-            raise UserError(f"profile {profile} measures {prof.metric}, not {metric}: pass --metric {prof.metric} "
-                            f"or a profile measured with an {metric} meter")
+            raise UserError(f"profile {prof.path or profile} measures {prof.metric}, not {metric}: "
+                            f"pass --metric {prof.metric} or a profile measured with an {metric} meter")
         return profile_cost(prof, model, graph, layers, variables)
     raise UserError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
 
@@ -155,7 +156,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
 
     `on_event(kind, info)` receives progress ("stage", "epoch", "batch") for a front end to display.
     """
-    opts = options or CompressOptions()
+    opts = copy.copy(options or CompressOptions())
     emit = on_event or (lambda kind, info: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -177,7 +178,17 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         raise UserError("the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to compress")
     graph = analyze(proto, shaped)
     variables = unit_classes(graph)
-    cost = cost_model(opts.metric, proto, graph, layers, variables, opts.profile)
+    profile = None
+    if opts.profile and opts.metric in ("latency", "energy"):
+        from onnxecc.profiler import load_profile
+
+        profile = load_profile(opts.profile, proto)
+        # The fit is exact on the width grid it was sampled on; measure where the profile was measured.
+        opts.round_to = opts.round_to or int(profile.settings.get("step", 1))
+        opts.provider = profile.provider
+        opts.threads = int(profile.settings.get("threads", opts.threads))
+    opts.round_to = opts.round_to or 1
+    cost = cost_model(opts.metric, proto, graph, layers, variables, profile or opts.profile)
     original = cost(None)
     target = parsed.resolve(original)
     fmt = lambda v: format_cost(v, opts.metric)  # noqa: E731
@@ -266,7 +277,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
 
 
 def _check_options(opts: CompressOptions) -> None:
-    if opts.epochs < 0 or opts.round_to < 1 or opts.min_width < 1 or opts.max_rounds < 1:
+    bad_round = opts.round_to is not None and opts.round_to < 1
+    if opts.epochs < 0 or bad_round or opts.min_width < 1 or opts.max_rounds < 1:
         raise UserError("--epochs must be ≥ 0; --round-to, --min-width and --max-rounds ≥ 1")
     if opts.method not in METHODS and opts.method != "netadapt":
         raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
