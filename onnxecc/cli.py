@@ -97,7 +97,7 @@ def compress(
     hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
     epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     round_to: int = typer.Option(None, "--round-to", help="Keep channel counts at multiples of this (8 suits CPUs)."),

@@ -42,7 +42,7 @@ class CompressOptions:
     hardware: str | None = None  # accelerator description JSON, for --method wsp
     data: str | None = None
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 64
     seed: int = 0
     round_to: int | None = None  # None: the profile's width step (kernels' sweet spot) with --profile, else 1

@@ -28,7 +28,7 @@ class AdmmConfig:
     rho: float = 5e-3
     rho_growth: float = 2.0
     decay_iterations: int = 3  # B_k reaches the target after this many iterations
-    lr: float | None = 3e-3  # W-step learning rate (Adam: moves ≈ lr per step; weights must travel to Z)
+    lr: float | None = None  # W-step learning rate (None: the fine-tuning rate)
     verify: bool = False  # debug: solve every Z-step exactly too (cvxpy MILP; small models only), log the gap
 
     @property

@@ -31,7 +31,7 @@ class Mask:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 64
     weight_decay: float = 0.0
     temperature: float = 2.0
@@ -88,6 +88,20 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
     """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed.
 
     `penalty()` is added to every batch's loss (ADMM's proximal term ρ/2·‖W − Z + U‖²)."""
+
+    threads = torch.get_num_threads()
+    if sum(p.numel() for p in module.parameters()) < _SMALL_MODEL:
+        torch.set_num_threads(1)  # tiny layers: thread synchronisation costs more than it gives
+    try:
+        return _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_SMALL_MODEL = 2_000_000  # parameters
+
+
+def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty) -> TrainHistory:
     import time
 
     device = pick_device(config.device)
