@@ -78,10 +78,7 @@ def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | Non
     flat = graph.flat(masks)
     out = _copy(model)
     writer = _Writer(out)
-    cuts: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
-    for b in graph.binds:
-        cuts[b.name][b.node_index].append((b.axis, b.pos.kept(flat, graph.offsets).ravel()))
-    for name, per_node in cuts.items():
+    for name, per_node in _cuts(graph, flat).items():
         value = writer.g.const(name)
         new = {}
         for index, axis_masks in per_node.items():
@@ -109,11 +106,7 @@ def zero_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | None
     flat = graph.flat(masks)
     out = _copy(model)
     writer = _Writer(out)
-    cuts: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
-    for b in graph.binds:
-        if b.role == "consumer":
-            cuts[b.name][b.node_index].append((b.axis, b.pos.kept(flat, graph.offsets).ravel()))
-    for name, per_node in cuts.items():
+    for name, per_node in _cuts(graph, flat, roles=("consumer",)).items():
         value = writer.g.const(name)
         new = {}
         for index, axis_masks in per_node.items():
@@ -126,6 +119,16 @@ def zero_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | None
         writer.write(name, value, new)
     writer.finish()
     return out
+
+
+def _cuts(graph: ChannelGraph, flat: np.ndarray, roles: tuple[str, ...] | None = None
+          ) -> dict[str, dict[int, list[tuple[int, np.ndarray]]]]:
+    """constant name -> node index -> [(axis, kept-position mask)] for every bind (of the given roles)."""
+    cuts: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
+    for b in graph.binds:
+        if roles is None or b.role in roles:
+            cuts[b.name][b.node_index].append((b.axis, b.pos.kept(flat, graph.offsets).ravel()))
+    return cuts
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
