@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 
 from onnxecc import atomic, ingest, runtime
+from onnxecc.analysis import analyse
 from onnxecc.budget import Budget, format_cost, parse_budget
-from onnxecc.channels import ChannelGraph, analyze
-from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost, unit_classes
+from onnxecc.channels import ChannelGraph
+from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost
 from onnxecc.errors import UserError
-from onnxecc.layers import find_layers, with_static_shapes
 from onnxecc.problem import Problem
 from onnxecc.projection import check_reachable
 from onnxecc.surgery import prune_channels
@@ -172,12 +172,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     proto = ingest.load(model)
 
     emit("stage", {"name": "analyse"})
-    shaped = with_static_shapes(proto)
-    layers = find_layers(proto, shaped)
-    if not layers:
-        raise UserError("the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to compress")
-    graph = analyze(proto, shaped)
-    variables = unit_classes(graph)
+    analysis = analyse(proto, "compress")
+    shaped, layers, graph, variables = analysis.shaped, analysis.layers, analysis.graph, analysis.variables
     profile = None
     if opts.profile and opts.metric in ("latency", "energy"):
         from onnxecc.profiler import load_profile

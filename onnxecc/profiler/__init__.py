@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from onnxecc import atomic, ingest, runtime
-from onnxecc.costs import BilinearCost, Term, Variables, _merge, layer_costs, unit_classes
+from onnxecc.costs import BilinearCost, Term, Variables, _merge, layer_costs
 from onnxecc.errors import UserError
 from onnxecc.profiler import fit as fitting
 from onnxecc.profiler import sampling, store
@@ -53,18 +53,12 @@ class ModelInfo:
 
     @classmethod
     def of(cls, model: ingest.ModelSource) -> ModelInfo:
-        from onnxecc.channels import analyze
-        from onnxecc.layers import find_layers, with_static_shapes
+        from onnxecc.analysis import analyse
 
         proto = ingest.load(model)
-        shaped = with_static_shapes(proto)
-        layers = find_layers(proto, shaped)
-        if not layers:
-            raise UserError("the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to profile")
-        graph = analyze(proto, shaped)
-        variables = unit_classes(graph)
-        costs = layer_costs(graph, layers, proto, variables)
-        return cls(proto, shaped, layers, graph, variables, costs, _features(graph, variables, costs),
+        a = analyse(proto, "profile")
+        costs = layer_costs(a.graph, a.layers, proto, a.variables)
+        return cls(proto, a.shaped, a.layers, a.graph, a.variables, costs, _features(a.graph, a.variables, costs),
                    fingerprint(proto))
 
 

@@ -1,0 +1,33 @@
+"""Graph understanding in one call: static shapes, compute layers, channel groups, width variables.
+
+Every command that prunes or profiles needs the same four views of a model, computed in this order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnxecc.channels import ChannelGraph, analyze
+from onnxecc.costs import Variables, unit_classes
+from onnxecc.errors import UserError
+from onnxecc.layers import Layer, find_layers, with_static_shapes
+
+
+@dataclass
+class Analysis:
+    proto: onnx.ModelProto
+    shaped: onnx.ModelProto  # batch fixed to 1, every tensor shaped
+    layers: list[Layer]
+    graph: ChannelGraph
+    variables: Variables
+
+
+def analyse(proto: onnx.ModelProto, purpose: str = "compress") -> Analysis:
+    """Raises UserError when the model has no compute layer (nothing to `purpose`)."""
+    shaped = with_static_shapes(proto)
+    layers = find_layers(proto, shaped)
+    if not layers:
+        raise UserError(f"the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to {purpose}")
+    graph = analyze(proto, shaped)
+    return Analysis(proto, shaped, layers, graph, unit_classes(graph))
