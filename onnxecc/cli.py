@@ -288,6 +288,65 @@ def profile(
                   "--budget ...")
 
 
+@app.command()
+def sweep(
+    model: str = typer.Argument(..., help="Path to the .onnx file to compress."),
+    budgets: str = typer.Option(..., "--budgets", help="Comma-separated budgets, e.g. 0.2,0.4,0.6,0.8."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for the models, reports and sweep.json."),
+    methods: str = typer.Option("ecc,uniform,greedy", "--methods", help="Comma-separated methods."),
+    metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
+    profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
+    data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
+    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
+    seed: int = typer.Option(0, "--seed"),
+    admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
+    admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the latency ratio of every point."),
+    plot: str = typer.Option(None, "--plot", help="Write the accuracy-vs-cost plot (PNG) here."),
+    plot_x: str = typer.Option("cost", "--plot-x", help="x axis of the plot: cost | latency (measured ratio)."),
+) -> None:
+    """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points)."""
+    from onnxecc.compress import CompressOptions
+    from onnxecc.sweep import sweep as run_sweep
+
+    options = CompressOptions(metric=metric, profile=profile, data=data, epochs=epochs, seed=seed,
+                              admm_iterations=admm_iterations, admm_epochs=admm_epochs, measure_latency=latency)
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "point" and info["status"] != "start":
+            err_console.print(f"{info['name']}: {info['status']}", highlight=False)
+        elif kind == "point":
+            err_console.print(f"{info['name']}: running…", highlight=False)
+
+    try:
+        result = run_sweep(model, budgets.split(","), methods.split(","), output, options, plot=plot,
+                           on_event=on_event, plot_x=plot_x)
+    except KeyboardInterrupt:  # exit here: main() would see typer's return value (130) and exit 0
+        err_console.print(f"interrupted: {output}/sweep.json lists the finished points; rerun the same command "
+                          "to continue")
+        raise SystemExit(130) from None
+
+    def num(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    table = Table(title=f"{model} sweep ({metric}) → {output}")
+    for col in ("budget", "method", "cost fraction", "latency ratio", "accuracy", "time", "status"):
+        table.add_column(col, justify="left" if col in ("method", "status") else "right")
+    if result.original_accuracy is not None:
+        table.add_row("original", "-", "1.000", "1.000", num(result.original_accuracy, ".4f"), "-", "")
+    for row in result.points:
+        if row["status"] == "skipped":
+            status = f"[yellow]skipped[/]: {row['message']}"
+        else:
+            status = "[green]meets[/]" if row["meets_budget"] else "[red]misses[/]"
+        table.add_row(row["budget"], row["method"], num(row.get("cost_fraction"), ".3f"),
+                      num(row.get("latency_ratio"), ".3f"), num(row.get("accuracy_after"), ".4f"),
+                      f"{row['time_s']:.1f} s", status)
+    console.print(table)
+    console.print(f"{result.computed} point(s) computed, {len(result.points) - result.computed} reused or skipped; "
+                  f"summary {result.outdir / 'sweep.json'}" + (f", plot {result.plot}" if result.plot else ""))
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; internal errors exit 1."""
     try:
@@ -303,12 +362,16 @@ def main() -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # click's usage errors carry their own exit code
-        import click
+        try:
+            from click.exceptions import Abort, ClickException
+        except ImportError:  # typer ≥ 0.2x vendors click as typer._click and no longer installs click
+            from typer import Abort
+            from typer._click import ClickException
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, Abort):
             sys.exit(130)
         if _state["debug"]:
             traceback.print_exc()
