@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-quick lint clean fuzz
 
 install: $(STAMP)
 
@@ -27,8 +27,14 @@ test: install
 bench: install
 	$(BIN)/python -m bench
 
+bench-quick: install
+	$(BIN)/python -m bench --quick
+
+fuzz: install
+	ONNXECC_FUZZ_EXAMPLES=$${ONNXECC_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest tests/test_fuzz_ingest.py -q
+
 lint: install
-	$(BIN)/ruff check onnxecc tests models
+	$(BIN)/ruff check onnxecc tests models bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -100,7 +100,9 @@ def compress(
     lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    round_to: int = typer.Option(None, "--round-to", help="Keep channel counts at multiples of this (8 suits CPUs)."),
+    round_to: int = typer.Option(None, "--round-to",
+                                 help="Keep channel counts at multiples of this (default: the CPU kernels' block, "
+                                      "8 or 16; 1: any)."),
     min_width: int = typer.Option(1, "--min-width", help="Never keep fewer channels than this in a group."),
     device: str = typer.Option("auto", "--device", help="Training device: auto, cpu, cuda."),
     proj_interval: int = typer.Option(10, "--proj-interval", help="wsp: batches between weighted sparse projections."),
@@ -350,7 +352,9 @@ def sweep(
 def main() -> None:
     """Entry point: user errors print one line and exit 2; internal errors exit 1."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit / Ctrl-C codes instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         if _state["debug"]:
             traceback.print_exc()

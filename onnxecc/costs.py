@@ -23,6 +23,7 @@ class Term:
     coef: float
     a: int | None = None  # group id, or None for a factor of 1
     b: int | None = None
+    upper_bound: bool = False  # a linear bound of a w² term (the cost is then an upper bound, not exact)
 
 
 @dataclass
@@ -34,6 +35,11 @@ class BilinearCost:
     full_widths: dict[int, int]
     terms: list[Term] = field(default_factory=list)
     constant: float = 0.0
+
+    @property
+    def exact(self) -> bool:
+        """False when some term is an upper bound (see `Term.upper_bound`): counted cost ≤ this model."""
+        return not any(t.upper_bound for t in self.terms)
 
     def __call__(self, widths: dict[int, float] | None = None) -> float:
         widths = widths or {}
@@ -165,7 +171,7 @@ def _axes_of(bound, name: str, node_index: int | None) -> dict[int, dict[int, fl
     return next(iter(per_node.values()), {})
 
 
-def _tensor_terms(shape: tuple[int, ...], axes: dict[int, dict[int, float]], scale: float, label: str,
+def _tensor_terms(shape: tuple[int, ...], axes: dict[int, dict[int, float]], scale: float, label: str, full,
                   ) -> tuple[list[Term], float]:
     """Terms of scale · Π dims, where bound axes are linear in group widths (at most two bound axes)."""
     rest = float(np.prod([d for i, d in enumerate(shape) if i not in axes], dtype=np.float64)) * scale
@@ -178,9 +184,11 @@ def _tensor_terms(shape: tuple[int, ...], axes: dict[int, dict[int, float]], sca
         terms = []
         for g, c in bound[0].items():
             for h, d in bound[1].items():
-                if g == h:
-                    raise ValueError(f"{label}: one channel group on two axes; the cost is not bilinear")
-                terms.append(Term(rest * c * d, g, h))
+                if g == h:  # e.g. a 1×1 conv inside a residual depthwise block: w², not bilinear.
+                    # Bound it by w·full (exact at full width, never below the true cost: budgets stay safe).
+                    terms.append(Term(rest * c * d * full[g], g, None, upper_bound=True))
+                else:
+                    terms.append(Term(rest * c * d, g, h))
         return terms, 0.0
     raise ValueError(f"{label}: channels bound on {len(bound)} axes; the cost is not bilinear")
 
@@ -198,7 +206,7 @@ def macs_cost(graph, layers, model, variables: Variables) -> BilinearCost:
         w_shape = consts.const(layer.weight).shape
         per_weight = layer.macs / float(np.prod(w_shape, dtype=np.float64))
         t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight,
-                             layer.name)
+                             layer.name, _full(variables))
         terms += t
         constant += c
     return BilinearCost("macs", "MACs", _full(variables), _merge(terms), constant)
@@ -212,7 +220,7 @@ def params_cost(graph, model, variables: Variables) -> BilinearCost:
     terms: list[Term] = []
     constant = 0.0
     for name, shape in used_float_constants(model).items():
-        t, c = _tensor_terms(shape, _axes_of(bound, name, None), 1.0, name)
+        t, c = _tensor_terms(shape, _axes_of(bound, name, None), 1.0, name, _full(variables))
         terms += t
         constant += c
     return BilinearCost("params", "params", _full(variables), _merge(terms), constant)
@@ -227,8 +235,9 @@ def _merge(terms: list[Term]) -> list[Term]:
     merged: dict[tuple, float] = {}
     for t in terms:
         key = (t.a, t.b) if t.b is None or (t.a is not None and t.a <= t.b) else (t.b, t.a)
+        key = (*key, t.upper_bound)
         merged[key] = merged.get(key, 0.0) + t.coef
-    return [Term(c, a, b) for (a, b), c in merged.items() if c != 0.0]
+    return [Term(c, a, b, bound) for (a, b, bound), c in merged.items() if c != 0.0]
 
 
 def layer_costs(graph, layers, model, variables: Variables) -> list[BilinearCost]:
@@ -242,6 +251,7 @@ def layer_costs(graph, layers, model, variables: Variables) -> list[BilinearCost
     for layer in layers:
         w_shape = consts.const(layer.weight).shape
         per_weight = layer.macs / float(np.prod(w_shape, dtype=np.float64))
-        t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight, layer.name)
+        t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight, layer.name,
+                             _full(variables))
         out.append(BilinearCost("macs", "MACs", _full(variables), _merge(t), c))
     return out

@@ -1,0 +1,31 @@
+"""onnxecc benchmark suite: `python -m bench [--quick] [--only AREA,...]` (see bench/README.md).
+
+Every area is one module of this package (names starting with `_` are helpers) that defines
+
+    run(quick: bool, **overrides) -> dict     # measures; the dict is JSON-serialisable
+    table(result: dict) -> rich.table.Table   # the printed table of that dict
+
+and optionally `ORDER` (int, where it appears in a full run; default 100) and `DESCRIPTION` (one line).
+`areas()` finds them, so adding an area is adding one file. Speed and memory goals are stated as ratios
+measured side by side in one run, never as timed unit tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+_SKIP = {"__main__"}
+
+
+def areas() -> dict[str, ModuleType]:
+    """Registry: area name → module (those with `run` and `table`), in run order."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name in _SKIP:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if callable(getattr(module, "run", None)) and callable(getattr(module, "table", None)):
+            found.append((getattr(module, "ORDER", 100), info.name, module))
+    return {name: module for _, name, module in sorted(found, key=lambda t: (t[0], t[1]))}

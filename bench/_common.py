@@ -1,0 +1,194 @@
+"""Shared helpers of the benchmark areas: paths, cached exports, counting, side-by-side latency, formatting.
+
+Nothing here imports torch at module level: an area that does not need it (groups, compress setup) starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+MODELS = REPO / "models"
+RESULTS_ENV = "ONNXECC_BENCH_RESULTS"
+CACHE_ENV = "ONNXECC_BENCH_CACHE"
+
+
+def results_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where `<area>.json` files go: the argument, else $ONNXECC_BENCH_RESULTS, else bench/results."""
+    return Path(override or os.environ.get(RESULTS_ENV) or REPO / "bench" / "results")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or REPO / "bench" / ".cache")
+
+
+# ---- architectures ------------------------------------------------------------------------------------------
+def zoo():
+    """The test suite's `tests/zoo.py` (ZOO list, `build`, cached 64×64 `export`)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    import zoo as zoo_module
+
+    return zoo_module
+
+
+def export(arch: str, size: int) -> Path:
+    """`arch` (torchvision, weights=None, the test zoo's constructor settings) exported at size×size with a
+    dynamic batch, cached under bench/.cache keyed by torch version."""
+    import torch
+
+    tag = f"{arch}-{size}-ts-torch{torch.__version__.split('+')[0]}"
+    path = cache_dir() / f"{tag}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = zoo().build(arch)
+    x = torch.randn(1, 3, size, size)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---- counting -----------------------------------------------------------------------------------------------
+def macs(model) -> int:
+    from onnxecc.layers import find_layers
+
+    return int(sum(layer.macs for layer in find_layers(model)))
+
+
+def params(model) -> int:
+    from onnxecc.layers import count_params
+
+    return int(count_params(model))
+
+
+# ---- latency ------------------------------------------------------------------------------------------------
+NOISY = 0.10  # relative IQR (across rounds) above which a latency is flagged as noisy
+
+
+def latency_pair(original, other, x: np.ndarray, rounds: int = 5, round_s: float = 0.2,
+                 min_repeats: int = 5, max_repeats: int = 200, retries: int = 2) -> dict:
+    """ORT CPU, 1 thread: `original` and `other` (protos or sessions) timed side by side with
+    `onnxecc.runtime.measure_pair` (interleaved rounds, median of per-round medians). Repeats per round are
+    chosen so one round of the original lasts about `round_s`. If either model's IQR across rounds exceeds
+    `NOISY` of its median (a burst of load from other processes), the pair is measured again, up to `retries`
+    times, and the least noisy attempt is kept. Returns medians, IQRs, the ratio and the noise."""
+    from onnxecc import runtime
+
+    a = original if hasattr(original, "run") else runtime.session(original, threads=1)
+    b = other if hasattr(other, "run") else runtime.session(other, threads=1)
+    probe = runtime.measure_latency(a, x, warmup=2, repeats=3).median_s
+    repeats = int(np.clip(round_s / max(probe, 1e-6), min_repeats, max_repeats))
+    best, attempts = None, 0
+    while attempts <= max(0, retries):
+        attempts += 1
+        ta, tb = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
+        noise = max(ta.iqr_s / ta.median_s, tb.iqr_s / tb.median_s)
+        if best is None or noise < best[2]:
+            best = (ta, tb, noise)
+        if noise <= NOISY:
+            break
+    ta, tb, noise = best
+    return {"original_ms": ta.median_s * 1e3, "original_iqr_ms": ta.iqr_s * 1e3,
+            "other_ms": tb.median_s * 1e3, "other_iqr_ms": tb.iqr_s * 1e3,
+            "ratio": tb.median_s / ta.median_s, "noise": noise, "noisy": noise > NOISY, "attempts": attempts,
+            "rounds": rounds, "repeats": repeats}
+
+
+# ---- timing and errors ----------------------------------------------------------------------------------------
+@contextmanager
+def timed(store: dict, key: str):
+    """Wall time of the block into store[key] (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = time.perf_counter() - start
+
+
+def error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def merge_config(defaults: dict, overrides: dict, area: str) -> dict:
+    """`defaults` updated by `overrides`; an unknown key is an error that names the known ones."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"area '{area}' has no setting {', '.join(unknown)} (settings: {', '.join(sorted(defaults))})")
+    return {**defaults, **overrides}
+
+
+# ---- run metadata -----------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "cores_available": available,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("onnxecc", "torch", "torchvision", "onnxruntime", "onnx", "onnx2torch", "numpy", "cvxpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---- formatting -------------------------------------------------------------------------------------------------
+def f2(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def pct(v, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def ms(v_s) -> str:
+    if v_s is None:
+        return "—"
+    return f"{v_s * 1e3:.1f} ms" if v_s < 10 else f"{v_s:.1f} s"
+
+
+def secs(v) -> str:
+    if v is None:
+        return "—"
+    if v < 0.01:
+        return f"{v * 1e3:.2f} ms"
+    return f"{v * 1e3:.0f} ms" if v < 1 else f"{v:.2f} s"

@@ -1,0 +1,100 @@
+"""Smoke test of the benchmark suite (`python -m bench`): one tiny area through the real code path.
+
+No timing is asserted anywhere: speed goals live in the benchmark tables (ratios measured side by side).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import areas  # noqa: E402
+from bench.__main__ import main  # noqa: E402
+
+EXPECTED_AREAS = {"groups", "latency", "projection", "roundtrip", "compress"}
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=160)
+
+
+def test_registry_has_the_areas():
+    registry = areas()
+    assert EXPECTED_AREAS <= set(registry)
+    for name, module in registry.items():
+        assert callable(module.run) and callable(module.table), name
+
+
+def test_groups_area_writes_json(tmp_path):
+    console = _quiet()
+    rc = main(["--quick", "--only", "groups", "--results", str(tmp_path), "--set", 'archs=["squeezenet1_1"]'],
+              console=console)
+    assert rc == 0, console.file.getvalue()
+    data = json.loads((tmp_path / "groups.json").read_text())
+    for key in ("area", "date", "machine", "versions", "command", "quick", "wall_s", "result"):
+        assert key in data, key
+    assert data["area"] == "groups" and data["quick"] is True
+    assert data["machine"]["cpu"] and data["machine"]["cores"] >= 1
+    assert {"torch", "onnxruntime"} <= set(data["versions"])
+    assert data["command"].startswith("python -m bench") and "--only groups" in data["command"]
+    rows = data["result"]["rows"]
+    assert [r["arch"] for r in rows] == ["squeezenet1_1"]
+    row = rows[0]
+    assert "error" not in row, row
+    assert row["conv_layers"] > 0 and 0 < row["prunable_fraction"] <= 1
+    assert row["groups"] >= row["prunable_groups"] > 0
+    assert row["frozen_groups"] >= 2  # graph input and output
+    assert "channel groups" in console.file.getvalue()  # the table was printed
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic write left nothing behind
+
+
+def test_results_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXECC_BENCH_RESULTS", str(tmp_path / "env"))
+    assert main(["--quick", "--only", "groups", "--set", 'archs=["squeezenet1_1"]'], console=_quiet()) == 0
+    assert (tmp_path / "env" / "groups.json").exists()
+
+
+def test_unknown_area_and_setting(tmp_path):
+    assert main(["--only", "nosuch", "--results", str(tmp_path)], console=_quiet()) == 2
+    console = _quiet()
+    assert main(["--quick", "--only", "groups", "--results", str(tmp_path), "--set", "nosuch=1"],
+                console=console) == 1
+    assert "no setting nosuch" in console.file.getvalue()
+    assert not (tmp_path / "groups.json").exists()
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_latency_kept_units_rule(multiple):
+    from bench.latency import kept_units
+
+    assert kept_units(64, 1, 0.5, multiple) == 32
+    assert kept_units(3, 1, 0.5, 1) == 2
+    if multiple == 8:
+        assert kept_units(96, 1, 0.7, 8) == 64  # 67.2 channels → nearest multiple of 8
+        assert kept_units(16, 4, 0.5, 8) * 4 % 8 == 0  # folded group: units × block a multiple of 8
+        assert kept_units(4, 1, 0.5, 8) == 4  # too small for a multiple of 8: kept whole
+
+
+def test_latency_table_renders_errors_and_noise():
+    from bench import latency
+
+    cfg = {**latency.config(True), "archs": ["a", "b"]}
+    ok = {"macs_ratio": 0.5, "latency_ratio": 1.2,
+          "latency": {"original_ms": 2.0, "other_ms": 2.4, "ratio": 1.2, "noisy": True}}
+    row = {"arch": "a", **{f"uniform_{f}_{label}": ok for f in cfg["keeps"]
+                           for label, _ in latency._uniform_variants(cfg)},
+           "compress_r1": {"error": "ValueError: not bilinear"}, "compress_r8": ok}
+    result = {"config": cfg, "rows": [row, {"arch": "b", "error": "RuntimeError: export failed"}]}
+    console = _quiet()
+    console.print(latency.table(result))
+    text = console.file.getvalue()
+    assert "1.20?" in text and "error" in text
