@@ -1,0 +1,48 @@
+"""Area `wsp`: the known-hardware path (weighted sparse projection, `onnxecc.wsp`).
+
+* Projection speed: the threshold search (weighted histogram of log-ratios, then a sort of one bin) against
+  the full sort of all V²/c ratios, on 1 M / 5 M / 25 M synthetic weights — same support required.
+* Accuracy (full run only): wsp against global magnitude pruning cut at the same *modelled* energy, same
+  training schedule, on the digits demos at budgets 0.2 / 0.4, mean ± std over seeds; file-size ratio of the
+  sparse ONNX vs dense; onnxruntime output of the sparse file equals the dense-with-zeros model.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from bench import _common
+
+ORDER = 60
+DESCRIPTION = "weighted sparse projection speed (1M/5M/25M) and wsp vs magnitude pruning accuracy"
+
+
+def config(quick: bool) -> dict:
+    return {"sizes": [1e6, 5e6] if quick else [1e6, 5e6, 25e6], "accuracy": not quick, "seeds": [0, 1, 2],
+            "budgets": [0.2, 0.4], "epochs": 15}
+
+
+def run(quick: bool, **overrides) -> dict:
+    from onnxecc.wsp import bench_wsp_accuracy, bench_wsp_projection, summarise_accuracy
+
+    cfg = _common.merge_config(config(quick), overrides, "wsp")
+    out: dict = {"config": cfg, "projection": bench_wsp_projection(tuple(cfg["sizes"]))}
+    if cfg["accuracy"]:
+        rows = bench_wsp_accuracy(tuple(cfg["seeds"]), tuple(cfg["budgets"]), epochs=cfg["epochs"])
+        out["accuracy"] = [{k: v for k, v in r.items() if k != "runs"} for r in summarise_accuracy(rows)]
+    return out
+
+
+def table(result: dict) -> Table:
+    t = Table(title="weighted sparse projection: threshold search vs full sort (same support)")
+    for name in ("weights", "threshold", "full sort", "speed-up", "same answer"):
+        t.add_column(name, justify="right")
+    for r in result["projection"]:
+        t.add_row(f"{r['weights'] / 1e6:.0f} M", _common.secs(r["threshold_s"]), _common.secs(r["sort_s"]),
+                  f"{r['speedup']:.1f}×", "yes" if r["same_answer"] else "[red]NO[/]")
+    for r in result.get("accuracy", []):
+        acc = (f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}" if r["accuracy_mean"] is not None
+               else f"— ({r['note']})")
+        ratio = f"{r['file_ratio']:.2f}" if r["file_ratio"] is not None else ""
+        t.add_row(f"{r['model']} @{r['budget']} {r['method']}", acc, f"file {ratio}", "", "")
+    return t
