@@ -121,6 +121,17 @@ def timed(store: dict, key: str):
         store[key] = time.perf_counter() - start
 
 
+def per_arch(archs, row, cfg: dict) -> list[dict]:
+    """`row(arch, cfg)` for each architecture; a failing one becomes an error row and the others still run."""
+    rows = []
+    for arch in archs:
+        try:
+            rows.append(row(arch, cfg))
+        except Exception as exc:
+            rows.append({"arch": arch, "error": error_text(exc)})
+    return rows
+
+
 def error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

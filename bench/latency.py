@@ -43,12 +43,7 @@ def config(quick: bool) -> dict:
 
 def run(quick: bool, **overrides) -> dict:
     cfg = _common.merge_config(config(quick), overrides, "latency")
-    rows = []
-    for arch in cfg["archs"]:
-        try:
-            rows.append(_row(arch, cfg))
-        except Exception as exc:
-            rows.append({"arch": arch, "error": _common.error_text(exc)})
+    rows = _common.per_arch(cfg["archs"], _row, cfg)
     notes = [f"ORT CPUExecutionProvider, 1 thread, input 1×3×{cfg['size']}×{cfg['size']}; ratio = pruned / original "
              f"median latency, {cfg['rounds']} interleaved rounds per pair (<1 is faster); '?' = still noisy after "
              f"retries (IQR across rounds > {_common.NOISY:.0%} of the median): treat with care."]

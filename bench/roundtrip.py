@@ -28,12 +28,7 @@ def run(quick: bool, **overrides) -> dict:
     import onnx2torch  # noqa: F401  (imports paid once, outside the first architecture's to_torch time)
     import torch  # noqa: F401
 
-    rows = []
-    for arch in cfg["archs"]:
-        try:
-            rows.append(_row(arch, cfg))
-        except Exception as exc:
-            rows.append({"arch": arch, "error": _common.error_text(exc)})
+    rows = _common.per_arch(cfg["archs"], _row, cfg)
     return {"config": cfg, "rows": rows}
 
 
