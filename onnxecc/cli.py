@@ -134,6 +134,8 @@ def compress(
     task = {}
 
     def on_event(kind: str, info: dict) -> None:
+        if not progress.live.is_started and err_console.is_terminal:  # no bar in logs and pipelines
+            progress.start()
         if kind == "stage" and info["name"] == "finetune":
             task["id"] = progress.add_task("fine-tuning", total=None, info="")
         elif kind == "stage":  # transient: shown while it runs, gone afterwards (and never on a non-terminal)
@@ -147,8 +149,11 @@ def compress(
             progress.update(task["id"], info=f"epoch {info['epoch']} loss {info['loss']:.4f}"
                             + (f" train acc {acc:.3f}" if acc is not None else ""))
 
-    with progress:
+    try:
         result = run_compress(model, budget, output, options, report=report, on_event=on_event)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
 
