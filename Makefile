@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch/torchvision pinned as a pair: torchvision from the registry needs this CUDA build of torch.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,bench]'
 	touch $(STAMP)
 
 demo: install
