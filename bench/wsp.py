@@ -23,13 +23,13 @@ def config(quick: bool) -> dict:
 
 
 def run(quick: bool, **overrides) -> dict:
-    from onnxecc.wsp import bench_wsp_accuracy, bench_wsp_projection, summarise_accuracy
+    from onnxecc.wsp import bench_wsp_accuracy, bench_wsp_projection
 
     cfg = _common.merge_config(config(quick), overrides, "wsp")
     out: dict = {"config": cfg, "projection": bench_wsp_projection(tuple(cfg["sizes"]))}
-    if cfg["accuracy"]:
-        rows = bench_wsp_accuracy(tuple(cfg["seeds"]), tuple(cfg["budgets"]), epochs=cfg["epochs"])
-        out["accuracy"] = [{k: v for k, v in r.items() if k != "runs"} for r in summarise_accuracy(rows)]
+    if cfg["accuracy"]:  # already one row per (model, budget, method): mean ± std over the seeds
+        summary = bench_wsp_accuracy(tuple(cfg["seeds"]), tuple(cfg["budgets"]), epochs=cfg["epochs"])
+        out["accuracy"] = [{k: v for k, v in r.items() if k != "runs"} for r in summary]
     return out
 
 
@@ -41,8 +41,10 @@ def table(result: dict) -> Table:
         t.add_row(f"{r['weights'] / 1e6:.0f} M", _common.secs(r["threshold_s"]), _common.secs(r["sort_s"]),
                   f"{r['speedup']:.1f}×", "yes" if r["same_answer"] else "[red]NO[/]")
     for r in result.get("accuracy", []):
-        acc = (f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}" if r["accuracy_mean"] is not None
+        acc = (f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} (n={r['n']})" if r["accuracy_mean"] is not None
                else f"— ({r['note']})")
-        ratio = f"{r['file_ratio']:.2f}" if r["file_ratio"] is not None else ""
-        t.add_row(f"{r['model']} @{r['budget']} {r['method']}", acc, f"file {ratio}", "", "")
+        ratio = f"file {r['file_ratio']:.2f}" if r["file_ratio"] is not None else ""
+        energy = f"energy ≤ {r['energy_fraction']:.4f}" if r["energy_fraction"] is not None else ""
+        same = "" if r["accuracy_mean"] is None else ("ort ok" if r["ort_sparse_equals_dense"] else "[red]ORT DIFF[/]")
+        t.add_row(f"{r['model']} @{r['budget']} {r['method']}", acc, ratio, energy, same)
     return t

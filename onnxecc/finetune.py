@@ -8,7 +8,7 @@ teacher, mixed with cross-entropy when labels exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +38,8 @@ class TrainConfig:
     distill_weight: float = 0.5  # share of the distillation term when labels exist (1.0 without labels)
     seed: int = 0
     device: str = "auto"
+    lr_schedule: str = "cosine"  # "cosine" (to zero over the run) or "constant"
+    shuffle_seed: int | None = None  # seed of the batch order (None: `seed`, which also seeds torch)
 
 
 @dataclass
@@ -84,16 +86,24 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
              config: TrainConfig, masks: list[Mask] = (),
              on_epoch: Callable[[EpochLog], None] | None = None,
              on_batch: Callable[[int, int], None] | None = None,
-             penalty: Callable[[], torch.Tensor] | None = None) -> TrainHistory:
+             penalty: Callable[[], torch.Tensor] | None = None,
+             param_groups: Sequence[dict] = (),
+             after_step: Callable[[int, int], None] | None = None) -> TrainHistory:
     """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed.
 
-    `penalty()` is added to every batch's loss (ADMM's proximal term ρ/2·‖W − Z + U‖²)."""
+    Adam on the distillation loss, learning rate per `config.lr_schedule`, batch order seeded. Hooks:
+    `penalty()` is added to every batch's loss (ADMM's proximal term ρ/2·‖W − Z + U‖², wsp's mask L1 term);
+    `param_groups` are extra Adam groups (dicts with "params" and e.g. their own "lr") whose parameters leave
+    the default group (every other trainable parameter, at `config.lr`); `after_step(step, total_steps)` runs
+    after every optimizer step and mask application (step counts from 1; wsp projects there). The masks are
+    applied before `after_step`, which may zero more entries but must not revive masked ones."""
 
     threads = torch.get_num_threads()
     if sum(p.numel() for p in module.parameters()) < _SMALL_MODEL:
         torch.set_num_threads(1)  # tiny layers: thread synchronisation costs more than it gives
     try:
-        return _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty)
+        return _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
+                         after_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -101,26 +111,32 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
 _SMALL_MODEL = 2_000_000  # parameters
 
 
-def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty) -> TrainHistory:
+def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups=(),
+              after_step=None) -> TrainHistory:
     import time
 
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed if config.shuffle_seed is None else config.shuffle_seed)
     module.to(device)
     for m in masks:
         m.mask = m.mask.to(device)
         m.apply()
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    grouped = {id(p) for g in param_groups for p in g["params"]}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in grouped]
+    optimizer = torch.optim.Adam([{"params": params}, *param_groups] if param_groups else params, lr=config.lr,
+                                 weight_decay=config.weight_decay)
     xs = torch.as_tensor(x, dtype=torch.float32)
     ts = torch.as_tensor(teacher_logits, dtype=torch.float32)
     ys = torch.as_tensor(y, dtype=torch.long) if y is not None else None
     n = len(xs)
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
     total_steps = steps_per_epoch * config.epochs
+    if config.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: 'cosine' or 'constant'")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))) \
+        if config.lr_schedule == "cosine" else None
     weight = config.distill_weight if ys is not None else 1.0
     history = TrainHistory()
     step = 0
@@ -144,13 +160,16 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
                 if m.param.grad is not None:
                     m.param.grad.mul_(m.mask)
             optimizer.step()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             for m in masks:  # Adam's moments could otherwise revive a pruned entry
                 m.apply()
             total_loss += float(loss.detach()) * len(idx)
             if yb is not None:
                 correct += int((out.argmax(1) == yb).sum())
             step += 1
+            if after_step:
+                after_step(step, total_steps)
             if on_batch:
                 on_batch(step, total_steps)
         log = EpochLog(epoch + 1, total_loss / n, correct / n if ys is not None else None,

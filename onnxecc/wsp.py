@@ -3,8 +3,9 @@
 Weighted sparse projection with layer input masking, on the systolic-array energy model of
 `onnxecc.hardware`:
 
-1. **weights** — SGD (Adam) on the distillation loss; every `--proj-interval` batches the weights are
-   projected onto {E(W, M) ≤ B_t} (`onnxecc.sparse_projection`: a knapsack over every weight of every layer,
+1. **weights** — Adam at a constant step on the distillation loss (`onnxecc.finetune`'s loop; its hooks
+   carry the projections and the masks' L1 term and step size); every `--proj-interval` batches the weights
+   are projected onto {E(W, M) ≤ B_t} (`onnxecc.sparse_projection`: a knapsack over every weight of every layer,
    profit V², cost = the energy the weight adds), B_t decaying geometrically from the current energy to the
    weights' share of the target;
 2. **input masks** (only when the budget needs them: see `_Trainer._mask_keep`) — a learnable mask on the
@@ -13,7 +14,11 @@ Weighted sparse projection with layer input masking, on the systolic-array energ
    elements (the largest |M·x|, x the element's RMS input; elements whose masked input is always zero go
    first), then the weights to B_t, which absorb the energy the masks free; at the end the masks are rounded
    to {0, 1} and the weights projected to the target B. (A global energy-weighted knapsack over mask elements
-   was tried first: with masks near 1 it ranks by cost alone and empties whole layers — accuracy collapsed);
+   was tried first: with masks near 1 it ranks by cost alone and empties whole layers — accuracy collapsed).
+   When the budget does not need masks, there is no mask phase (its epochs go to the fine-tuning: the same
+   schedule as without masks); only the conv inputs that are zero on every training sample (e.g. the blank
+   border of digit images) are masked, before step 1 — free energy for the weights
+   (`_Trainer.drop_dead_inputs`);
 3. **fine-tune** with both supports fixed (`onnxecc.finetune`, distillation from the original model).
 
 The trained weights go back into the *original* graph (`onnxecc.bridge.write_back`): pruned weights are exact
@@ -223,6 +228,27 @@ class _Trainer:
                     s.mask.copy_((s.mask != 0).to(s.mask.dtype))
                 s.mask.requires_grad_(False)
 
+    def drop_dead_inputs(self) -> None:
+        """Mask (frozen) every conv input element that is exactly zero on every training sample (e.g. the blank
+        border of digit images): it costs energy on the accelerator and changes no output on the training
+        data, so the weights get its energy. One pass over the training data, no gradients."""
+        torch = self.torch
+        self.install_masks()
+        module = self.tm.module
+        module.eval()  # the rest of the model as in inference; the masks' hooks record the inputs' power
+        for s in self.states:
+            if s.mask is not None:
+                s.module.training = True
+        xs = torch.as_tensor(self.data.x_train, dtype=torch.float32)
+        with torch.no_grad():
+            for i in range(0, len(xs), 256):
+                module(xs[i:i + 256])
+        for s in self.states:
+            if s.mask is not None:
+                s.module.training = False
+        self.project_masks(1.0)  # keeps every element whose input power is > 0
+        self.freeze_masks()
+
     # -- projections ------------------------------------------------------------------------------------
     def masks_now(self) -> dict[str, np.ndarray]:
         out = {}
@@ -308,8 +334,11 @@ class _Trainer:
             self.project_final()
             return self.outcome()
         epochs = opts.epochs
+        # masks not needed by the budget (see _mask_keep): no mask learning — its epochs go to the fine-tuning,
+        # the same schedule as without masks — only the inputs that are zero on every training sample go
+        dead_only = self.use_masks and self.mask_keep >= 1.0
         e_w = max(1, round(0.4 * epochs))
-        e_m = max(1, round(0.3 * epochs)) if self.use_masks and epochs >= 2 else 0
+        e_m = max(1, round(0.3 * epochs)) if self.use_masks and not dead_only and epochs >= 2 else 0
         e_f = max(0, epochs - e_w - e_m)
         if not self.use_masks or e_m == 0:
             self.use_masks, self.mask_keep = False, 1.0
@@ -320,6 +349,8 @@ class _Trainer:
         self.emit("stage", {"name": "finetune", "epochs": epochs})
         self._total_steps = epochs * max(1, math.ceil(len(self.data.x_train) / opts.batch_size))
         self._step = 0
+        if dead_only:
+            self.drop_dead_inputs()
         current = self.energy()["total"]
         self._loop("weights", e_w, teacher, lambda t: (_geometric(current, b_w, t), None))
         if e_m:
@@ -333,72 +364,46 @@ class _Trainer:
         return self.outcome()
 
     def _loop(self, phase: str, epochs: int, teacher: np.ndarray, schedule) -> None:
-        """Adam on the distillation loss; every proj_interval batches: masks (if any), then weights."""
-        torch = self.torch
-        from onnxecc.finetune import _freeze_batchnorm, distillation_loss, pick_device
+        """`onnxecc.finetune` at a constant learning rate (the masks, if any, in their own Adam group at a larger
+        step, pulled down by an energy-weighted L1 term); every proj_interval batches and after the last one:
+        masks (if any), then weights are projected to the budgets `schedule(t)` returns (t: 0 → 1 over the
+        first `_DECAY_SHARE` of the phase's projections)."""
+        from onnxecc.finetune import TrainConfig, finetune
 
         opts, data = self.opts, self.data
-        device = pick_device(opts.device)
-        torch.manual_seed(opts.seed + len(self.history))
-        generator = torch.Generator().manual_seed(opts.seed + 7 * len(self.history))
-        module = self.tm.module.to(device)
-        masks = [s.mask for s in self.states if s.mask is not None and s.mask.requires_grad]
-        mask_ids = {id(m) for m in masks}
-        weights = [p for p in module.parameters() if p.requires_grad and id(p) not in mask_ids]
-        groups = [{"params": weights, "lr": opts.lr}]
-        if masks:
-            groups.append({"params": masks, "lr": opts.lr * _MASK_LR_SCALE})
-        optimizer = torch.optim.Adam(groups)
-        xs = torch.as_tensor(data.x_train, dtype=torch.float32)
-        ts = torch.as_tensor(teacher, dtype=torch.float32)
-        ys = torch.as_tensor(data.y_train, dtype=torch.long) if data.y_train is not None else None
-        n = len(xs)
-        per_epoch = max(1, math.ceil(n / opts.batch_size))
+        masks = [s for s in self.states if s.mask is not None and s.mask.requires_grad]
+        numel = sum(s.mask.numel() for s in masks)
+        per_epoch = max(1, math.ceil(len(data.x_train) / opts.batch_size))
         interval = max(1, int(getattr(opts, "proj_interval", 10)))
-        projections = max(1, (per_epoch * epochs) // interval)
-        decay = max(1, int(_DECAY_SHARE * projections))
-        weight = opts.distill_weight if ys is not None else 1.0
-        done, batch = 0, 0
-        for epoch in range(epochs):
-            start = time.perf_counter()
-            module.train()
-            _freeze_batchnorm(module)
-            order = torch.randperm(n, generator=generator)
-            total_loss, correct = 0.0, 0
-            for i in range(0, n, opts.batch_size):
-                idx = order[i:i + opts.batch_size]
-                xb, tb = xs[idx].to(device), ts[idx].to(device)
-                yb = ys[idx].to(device) if ys is not None else None
-                out = module(xb)
-                loss = distillation_loss(out, tb, yb, opts.temperature, weight)
-                if masks:
-                    l1 = sum((s.l1.to(device) * s.mask).sum() for s in self.states
-                             if s.mask is not None and s.l1 is not None)
-                    loss = loss + _MASK_L1 * l1 / sum(m.numel() for m in masks)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * len(idx)
-                if yb is not None:
-                    correct += int((out.argmax(1) == yb).sum())
-                batch += 1
-                self._step += 1
-                last = epoch == epochs - 1 and i + opts.batch_size >= n
-                if batch % interval == 0 or last:
-                    done += 1
-                    budget, keep = schedule(min(1.0, done / decay))
-                    if keep is not None:
-                        self.project_masks(keep)
-                    info = self.project_weights(budget)
-                    self.history.append({"phase": phase, "step": self._step, "budget": budget * self.plan.jpu,
-                                         "energy": info["total"] * self.plan.jpu, "nnz": info["nnz"],
-                                         "mask_keep": keep})
-                self.emit("batch", {"step": self._step, "total": self._total_steps})
-            self.emit("epoch", {"epoch": epoch + 1, "loss": total_loss / n,
-                                "train_accuracy": correct / n if ys is not None else None,
-                                "seconds": time.perf_counter() - start, "phase": phase})
-        module.eval()
-        module.to("cpu")
+        decay = max(1, int(_DECAY_SHARE * max(1, (per_epoch * epochs) // interval)))
+        config = TrainConfig(epochs=epochs, lr=opts.lr, batch_size=opts.batch_size, temperature=opts.temperature,
+                             distill_weight=opts.distill_weight, device=opts.device, lr_schedule="constant",
+                             seed=opts.seed + len(self.history), shuffle_seed=opts.seed + 7 * len(self.history))
+        offset, done = self._step, 0
+
+        def mask_l1():
+            return _MASK_L1 * sum((s.l1.to(s.mask.device) * s.mask).sum() for s in masks if s.l1 is not None) / numel
+
+        def after_step(step: int, total: int) -> None:
+            nonlocal done
+            if step % interval and step < total:
+                return
+            done += 1
+            budget, keep = schedule(min(1.0, done / decay))
+            if keep is not None:
+                self.project_masks(keep)
+            info = self.project_weights(budget)
+            self.history.append({"phase": phase, "step": offset + step, "budget": budget * self.plan.jpu,
+                                 "energy": info["total"] * self.plan.jpu, "nnz": info["nnz"], "mask_keep": keep})
+
+        def on_batch(step: int, total: int) -> None:
+            self._step = offset + step
+            self.emit("batch", {"step": self._step, "total": self._total_steps})
+
+        finetune(self.tm.module, data.x_train, teacher, data.y_train, config,
+                 on_epoch=lambda log: self.emit("epoch", {**log.__dict__, "phase": phase}), on_batch=on_batch,
+                 penalty=mask_l1 if masks else None, after_step=after_step,
+                 param_groups=[{"params": [s.mask for s in masks], "lr": opts.lr * _MASK_LR_SCALE}] if masks else ())
 
     def project_final(self) -> None:
         """Round the masks, then project the weights to the target; shrink the masks first if the inputs

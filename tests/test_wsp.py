@@ -259,3 +259,151 @@ def test_cli_bad_hardware_json_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "hw.json" in lines[0] and "input_cache" in lines[0], proc.stderr
+
+
+# -------------------------------------------------------------------------- finetune hooks (wsp's training)
+def _tiny_problem(seed: int = 0):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    teacher = rng.standard_normal((50, 3)).astype(np.float32) * 2
+    y = rng.integers(0, 3, 50)
+    torch.manual_seed(seed)
+    return torch.nn.Linear(6, 3), x, teacher, y
+
+
+def _reference_training(module, x, teacher, y, *, epochs, lr, batch, t, mix, shuffle_seed, schedule, bias_lr,
+                        l1):
+    """The loop written out independently: own KL/CE formulas, torch's Adam, the same seeded batch order."""
+    import torch
+
+    opt = torch.optim.Adam([{"params": [module.weight]}, {"params": [module.bias], "lr": bias_lr}], lr=lr)
+    base = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(shuffle_seed)
+    n, total, step = len(x), epochs * math.ceil(len(x) / batch), 0
+    xs, ts, ys = torch.from_numpy(x), torch.from_numpy(teacher), torch.from_numpy(y)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            out = module(xs[idx])
+            p_t = torch.softmax(ts[idx] / t, 1)
+            kd = (p_t * (torch.log(p_t) - torch.log_softmax(out / t, 1))).sum(1).mean() * t * t
+            ce = -torch.log_softmax(out, 1)[torch.arange(len(idx)), ys[idx]].mean()
+            loss = mix * kd + (1 - mix) * ce + l1 * module.weight.abs().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            factor = 0.5 * (1 + math.cos(math.pi * step / total)) if schedule == "cosine" else 1.0
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * factor
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_finetune_with_param_groups_and_penalty_matches_an_independent_loop(schedule):
+    import torch
+
+    from onnxecc.finetune import TrainConfig, finetune
+
+    module, x, teacher, y = _tiny_problem()
+    reference = _tiny_problem()[0]
+    reference.load_state_dict(module.state_dict())
+    start = module.weight.detach().clone()
+    cfg = TrainConfig(epochs=3, lr=0.01, batch_size=16, temperature=2.0, distill_weight=0.7, seed=4,
+                      shuffle_seed=11, lr_schedule=schedule, device="cpu")
+    calls = []
+    finetune(module, x, teacher, y, cfg, penalty=lambda: 1e-3 * module.weight.abs().sum(),
+             param_groups=[{"params": [module.bias], "lr": 0.1}], after_step=lambda s, n: calls.append((s, n)))
+    _reference_training(reference, x, teacher, y, epochs=3, lr=0.01, batch=16, t=2.0, mix=0.7, shuffle_seed=11,
+                        schedule=schedule, bias_lr=0.1, l1=1e-3)
+    assert calls == [(s, 12) for s in range(1, 13)]  # ceil(50/16) = 4 batches × 3 epochs
+    assert not torch.allclose(module.weight, start, atol=1e-3)
+    torch.testing.assert_close(module.weight, reference.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.bias, reference.bias, rtol=1e-5, atol=1e-6)
+    other = _tiny_problem()[0]  # the batch order is the shuffle seed's: another one trains differently
+    finetune(other, x, teacher, y, TrainConfig(**{**cfg.__dict__, "shuffle_seed": 12}),
+             penalty=lambda: 1e-3 * other.weight.abs().sum(), param_groups=[{"params": [other.bias], "lr": 0.1}])
+    assert not torch.allclose(other.weight, module.weight, atol=1e-6)
+
+
+def test_finetune_after_step_sees_masked_entries_zero_and_its_zeros_last_until_the_next_step():
+    import torch
+
+    from onnxecc.finetune import Mask, TrainConfig, finetune
+
+    module, x, teacher, y = _tiny_problem(1)
+    mask = (torch.arange(18).reshape(3, 6) % 3 != 0).float()  # a third of the weights pruned
+    seen = []
+
+    def after_step(step, total):
+        w = module.weight.detach()
+        seen.append((step, total, bool((w[mask == 0] == 0).all())))
+        if step % 5 == 0 or step == total:  # like wsp's projection: zero the smallest surviving weight
+            alive = torch.where(w != 0, w.abs(), torch.full_like(w, float("inf")))
+            with torch.no_grad():
+                module.weight.view(-1)[int(alive.argmin())] = 0.0
+
+    finetune(module, x, teacher, y, TrainConfig(epochs=4, batch_size=20, seed=0, device="cpu"),
+             masks=[Mask(module.weight, mask)], after_step=after_step)
+    assert [(s, n) for s, n, _ in seen] == [(s, 12) for s in range(1, 13)]  # ceil(50/20) = 3 × 4 epochs
+    assert all(ok for _, _, ok in seen)  # the masks are applied before the hook
+    w = module.weight.detach()
+    assert (w[mask == 0] == 0).all() and int((w == 0).sum()) == 6 + 1  # the last step's zero is still there
+    with pytest.raises(ValueError, match="lr_schedule"):
+        finetune(module, x, teacher, y, TrainConfig(epochs=1, lr_schedule="linear", device="cpu"))
+
+
+def test_wsp_projects_every_interval_and_after_the_last_batch_of_each_phase(resdw_run):
+    """The fixture: 3 epochs → one epoch each of weights, masks and fine-tuning; proj_interval 5."""
+    from onnxecc.data import load_digits
+
+    result, _, _ = resdw_run
+    per_epoch = math.ceil(len(load_digits().x_train) / 64)
+    expected = sorted({*range(5, per_epoch + 1, 5), per_epoch})
+    phases = {p: [h for h in result.history if h.get("phase") == p] for p in ("weights", "masks", "finetune")}
+    assert [h["step"] for h in phases["weights"]] == expected
+    assert [h["step"] for h in phases["masks"]] == [per_epoch + s for s in expected]
+    assert len(phases["finetune"]) == 1
+    budgets = [h["budget"] for h in phases["weights"] + phases["masks"]]
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))  # the budget only decays
+    assert all(h["energy"] <= h["budget"] * (1 + 1e-12) for h in phases["weights"] + phases["masks"])
+    keeps = [h["mask_keep"] for h in phases["masks"]]
+    assert all(h["mask_keep"] is None for h in phases["weights"]) and keeps[-1] < 1 and keeps == sorted(keeps)[::-1]
+    assert budgets[-1] == pytest.approx(result.budget_abs, rel=1e-9)
+
+
+def test_a_budget_without_masks_learns_none_and_masks_only_the_inputs_zero_in_all_training_data(tmp_path):
+    """digits_cnn at 0.4 needs no input masks: no mask phase, and the only masked inputs are the image pixels
+    that are blank in every training image (deeper inputs are ReLU outputs; checked by the test's own pass)."""
+    from onnxecc.data import load_digits
+
+    out, report = tmp_path / "cnn.onnx", tmp_path / "cnn.json"
+    opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=3,
+                           proj_interval=5, measure_latency=False)
+    result = compress(CNN, "0.4", out, opts, report=report)
+    assert result.meets_budget and {h.get("phase") for h in result.history} == {"weights", "finetune"}
+    assert json.loads(report.read_text())["wsp"]["mask_keep_fraction"] == 1.0
+    written = onnx.load(out)
+    inits = _dense_initializers(written)
+    source = onnx.load(CNN)
+    original = {n.name for n in source.graph.node}
+    x = load_digits().x_train
+    muls = {n.output[0]: n for n in written.graph.node if n.name not in original}
+    masked = {}
+    for node in written.graph.node:
+        if node.op_type == "Conv" and node.input[0] in muls:
+            masked[node.name] = inits[muls[node.input[0]].input[1]][0] != 0
+    first = "/features/features.0/Conv"
+    assert np.array_equal(masked.pop(first), (x != 0).any(axis=0))  # (1, 8, 8): the blank pixels go
+    assert (x == 0).all(axis=0).any()
+    # deeper convs (masks decided before training): what is masked was zero on every training image in the
+    # original model
+    for name, support in masked.items():
+        node = next(n for n in source.graph.node if n.name == name)
+        probe = onnx.ModelProto()
+        probe.CopyFrom(source)
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+        acts = ort.InferenceSession(probe.SerializeToString()).run([node.input[0]], {"input": x})[0]
+        assert not acts[:, ~support].any()
