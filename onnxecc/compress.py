@@ -58,7 +58,8 @@ class CompressOptions:
     rho_growth: float = 2.0
     provider: str = "CPUExecutionProvider"  # where latency is measured (closed loop, report)
     threads: int = 1
-    closed_loop: bool = True  # measured metrics: re-measure the output and tighten if it misses
+    closed_loop: bool = True  # measured metrics: re-measure the output; tighten if it misses, loosen if far under
+    closed_loop_loosen: bool | None = None  # loosen when >10% under: None = only when rounds do not train
     verify_projection: bool = False  # debug: check every ADMM Z-step against the exact MILP (small models)
     max_rounds: int = 3
 
@@ -97,6 +98,9 @@ class CompressResult:
     def meets_budget(self) -> bool:
         if self.measured_miss:
             return False
+        measured = _selected_round(self.rounds)
+        if measured is not None and "meets" in measured:  # measured metrics: the measurement is the verdict
+            return bool(measured["meets"])
         return self.final_cost <= self.budget_abs * (1 + 1e-12)
 
     def as_dict(self) -> dict:
@@ -155,6 +159,13 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     """Compress `model` to meet `budget` (see `onnxecc.budget` for the grammar); write `output` if given.
 
     `on_event(kind, info)` receives progress ("stage", "epoch", "batch") for a front end to display.
+
+    Closed loop (latency): each output is measured side by side with the original on the target provider, in
+    up to `max_rounds` rounds. Over the budget → the internal budget is tightened; more than 10% under it
+    (over-pruned) → loosened, by default only when a round does not train (projection without data: a round
+    costs seconds; with training every round re-trains, so a meeting output is kept — see `_loosens` and
+    `closed_loop_loosen`). The returned output is the least over-pruned one that met the budget, never a miss
+    when a round met it; `result.rounds` records every round (`next`: why another followed; `selected`).
     """
     opts = copy.copy(options or CompressOptions())
     emit = on_event or (lambda kind, info: None)
@@ -219,6 +230,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
                             "recovered by fine-tuning; pass --data to fine-tune")
         internal = target
         t = time.perf_counter()
+        loosen = _loosens(opts, method, data)
+        outputs: dict[int, tuple] = {}  # round -> (keep, model, estimated cost, history) of measured rounds
         for round_ in range(1, opts.max_rounds + 1):
             keep, trained, history = _select(method, problem, internal, data, opts, emit)
             emit("stage", {"name": "prune"})
@@ -230,11 +243,21 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
             if check is None:
                 break
             record.update(check)
-            if check["meets"]:
+            outputs[round_] = (keep, out_model, estimated, history)
+            step = _next_internal(rounds, original, loosen)
+            if step is None or round_ == opts.max_rounds:
                 break
-            internal *= check["budget"] / check["measured"] * 0.98  # model error: tighten by what was observed
-            if internal < min_cost_or_zero(problem):
+            internal, reason = step
+            if reason == "over budget" and internal < min_cost_or_zero(problem):
                 break
+            record["next"] = reason
+        chosen = _choose_round(rounds)
+        if chosen["round"] in outputs:  # the best measured output: never a miss when a round met the budget
+            keep, out_model, estimated, history = outputs[chosen["round"]]
+            if chosen["meets"] and estimated > target:
+                warnings.append(f"the profile estimates the output at {fmt(estimated)}, above the budget "
+                                f"{fmt(target)}, but it measured {chosen['of_budget']:.0%} of the budget on "
+                                f"{opts.provider}: the measurement decides (the profile is pessimistic here)")
         timings["select"] = time.perf_counter() - t
         pruned = True
 
@@ -255,7 +278,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     t = time.perf_counter()
     _evaluate(result, proto, data, opts)
     timings["validate"] = time.perf_counter() - t
-    measured_fail = bool(rounds) and "meets" in rounds[-1] and not rounds[-1]["meets"]
+    measured_fail = (chosen := _selected_round(rounds)) is not None and chosen.get("meets") is False
     if not result.meets_budget and not measured_fail:
         raise RuntimeError(f"internal error: output cost {fmt(result.final_cost)} exceeds the budget {fmt(target)}")
 
@@ -354,16 +377,92 @@ def _masked_model(problem: Problem, data, opts: CompressOptions):
 def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compressed: onnx.ModelProto,
                        budget: Budget, target: float) -> dict | None:
     """Measure latency on the target provider, side by side with the original (fraction budgets compare
-    ratios, so a drift of the machine hits both). None when the metric is not measured here."""
+    ratios, so a drift of the machine hits both). None when the metric is not measured here.
+    `ratio` = compressed / original median; `of_budget` = compressed median / the allowed latency. Runs per
+    round: at least 20, more for a fast model (one round of the original lasts ≥ `CHECK_ROUND_S`, up to 200
+    runs), so that a sub-millisecond model's median is not a handful of milliseconds of a shared machine."""
     if opts.metric != "latency" or not opts.closed_loop:
         return None
     sess_o = runtime.session(original, opts.provider, opts.threads)
     sess_c = runtime.session(compressed, opts.provider, opts.threads)
     x = runtime.example_input(sess_o, batch=1, seed=opts.seed)
-    t_o, t_c = runtime.measure_pair(sess_o, sess_c, x)
+    probe = runtime.measure_latency(sess_o, x, warmup=2, repeats=3).median_s
+    repeats = int(np.clip(CHECK_ROUND_S / max(probe, 1e-9), 20, 200))
+    t_o, t_c = runtime.measure_pair(sess_o, sess_c, x, repeats=repeats)
     allowed = budget.fraction * t_o.median_s if budget.fraction is not None else target
     return {"measured": t_c.median_s, "measured_original": t_o.median_s, "budget": allowed,
-            "iqr": t_c.iqr_s, "meets": t_c.median_s <= allowed}
+            "iqr": t_c.iqr_s, "meets": t_c.median_s <= allowed, "ratio": t_c.median_s / t_o.median_s,
+            "of_budget": t_c.median_s / allowed}
+
+
+CHECK_ROUND_S = 0.03  # closed loop: shortest wall time of one measurement round of the original
+LOOSEN_BELOW = 0.9  # closed loop: an output measured under this share of the budget is over-pruned
+AIM = 0.98  # closed loop: the share of the budget a corrected internal budget aims at (2% margin for noise)
+
+
+def _loosens(opts: CompressOptions, method: str, data) -> bool:
+    """Whether the closed loop loosens an over-pruned output (`closed_loop_loosen`; None = automatic).
+
+    Automatic: only when a round does not train (projection / uniform without data or with 0 epochs), the
+    case `_select` handles without torch — a round is then a projection and a measurement (seconds). With
+    training every round re-trains from scratch, so an output that meets the budget is kept as it is; pass
+    `closed_loop_loosen=True` to trade that time for the accuracy the unused budget could buy."""
+    if opts.closed_loop_loosen is not None:
+        return bool(opts.closed_loop_loosen)
+    return method in ("project", "uniform") and (data is None or opts.epochs == 0)
+
+
+def _next_internal(rounds: list[dict], original: float, loosen: bool) -> tuple[float, str] | None:
+    """The internal budget of the next closed-loop round and why, or None when the last round is final.
+
+    The last round's measurement (median, side by side with the original, as `_closed_loop_check` returns it)
+    is over the budget → tighten; under `LOOSEN_BELOW` of it and `loosen` → loosen. Each measured round is a
+    point (estimated cost, measured share of the budget), and so is the original (its estimated cost, its
+    measured latency over the budget: always a miss). Once a round met the budget, the next internal budget is
+    the secant between the nearest point that met it (below) and the nearest that missed it (above — the
+    original if no round missed), aiming at `AIM` of the budget (regula falsi, Illinois variant: when two
+    rounds in a row land on the same side, the far end's weight is halved), so a loosening step is bracketed by the
+    original, which a proportional step is not (a profile whose fixed cost is too high over-prunes, and
+    scaling by measured/budget overshoots). With no round under the budget yet: proportional tightening,
+    internal × AIM / (measured / budget) — the model error observed. A loosened budget stays below the
+    original cost."""
+    last = rounds[-1]
+    share = last["of_budget"]
+    if last["meets"] and (share >= LOOSEN_BELOW or not loosen):
+        return None
+    met = [(r["estimated_cost"], r["of_budget"]) for r in rounds if r["meets"]]
+    if not met:
+        return last["internal_budget"] * AIM / share, "over budget"
+    missed = [(r["estimated_cost"], r["of_budget"]) for r in rounds if not r["meets"]]
+    missed.append((original, last["measured_original"] / last["budget"]))
+    (a, sa), (b, sb) = max(met), min(missed)
+    if a < b and sb > sa:
+        fa, fb = sa - AIM, sb - AIM
+        if len(rounds) >= 2 and rounds[-2]["meets"] == last["meets"]:  # Illinois: the far end stayed twice,
+            fa, fb = (fa, fb / 2) if last["meets"] else (fa / 2, fb)  # halve its weight to stop creeping
+        step = a + (b - a) * -fa / (fb - fa)
+        step = min(max(step, a + 0.05 * (b - a)), b - 0.05 * (b - a))
+    else:  # the measurements contradict the model's order (noise): proportional from the last round
+        step = min(last["internal_budget"] * AIM / share, original)
+    if not last["meets"]:
+        return step, "over budget"
+    if step <= last["estimated_cost"] * (1 + 1e-9):
+        return None  # no room left to loosen
+    return step, "more than 10% under"
+
+
+def _choose_round(rounds: list[dict]) -> dict:
+    """Mark and return the round whose output `compress` returns: of the measured rounds that met the budget,
+    the one with the highest measured latency (share of its budget) — the least over-pruned; else the last."""
+    met = [r for r in rounds if r.get("meets")]
+    chosen = max(met, key=lambda r: r["of_budget"]) if met else rounds[-1]
+    chosen["selected"] = True
+    return chosen
+
+
+def _selected_round(rounds: list[dict]) -> dict | None:
+    """The closed-loop round whose output was returned (the last one in reports written before the mark)."""
+    return next((r for r in rounds if r.get("selected")), rounds[-1] if rounds else None)
 
 
 def _widths(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> dict[int, tuple[int, int]]:

@@ -7,19 +7,29 @@ import json
 import pytest
 from conftest import DEMO_MODELS, REPO
 
-from onnxecc.compress import CompressOptions, compress
+from onnxecc.compress import CompressOptions, _loosens, _next_internal, _selected_round, compress
 
 PROFILE = REPO / "profiles" / "digits_cnn.cpu.json"
+
+
+def _wrong_profile(tmp_path, constant_scale: float, name: str):
+    data = json.loads(PROFILE.read_text())
+    data["fit"]["constant"] *= constant_scale
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
 
 
 def _optimistic_profile(tmp_path, constant_scale: float):
     """The shipped profile with its fixed cost shrunk: it then believes pruning saves more than it does —
     the kind of model error the measurement must catch."""
-    data = json.loads(PROFILE.read_text())
-    data["fit"]["constant"] *= constant_scale
-    path = tmp_path / "optimistic.json"
-    path.write_text(json.dumps(data))
-    return path
+    return _wrong_profile(tmp_path, constant_scale, "optimistic")
+
+
+def _pessimistic_profile(tmp_path, constant_scale: float):
+    """The shipped profile with its fixed cost inflated: it then believes pruning saves less than it does and
+    over-prunes — the measurement shows the output far under the budget."""
+    return _wrong_profile(tmp_path, constant_scale, "pessimistic")
 
 
 def test_latency_budget_is_met_by_measurement():
@@ -37,9 +47,46 @@ def test_model_error_tightens_the_budget_until_the_measurement_meets_it(tmp_path
     result = compress(DEMO_MODELS[0], "0.45", out, CompressOptions(metric="latency", profile=str(profile),
                                                                    max_rounds=5))
     assert len(result.rounds) >= 2, result.rounds  # the first round's measurement missed
-    assert not result.rounds[0]["meets"]
+    assert not result.rounds[0]["meets"] and result.rounds[0]["next"] == "over budget"
     assert result.rounds[1]["internal_budget"] < result.rounds[0]["internal_budget"]
-    assert result.rounds[-1]["meets"] and result.meets_budget and out.exists()
+    assert _selected_round(result.rounds)["meets"] and result.meets_budget and out.exists()
+
+
+def test_over_pruning_loosens_the_budget_and_keeps_the_best_output_that_meets_it(tmp_path):
+    profile = _pessimistic_profile(tmp_path, 3.0)
+    out = tmp_path / "m.onnx"
+    result = compress(DEMO_MODELS[0], "0.5", out, CompressOptions(metric="latency", profile=str(profile),
+                                                                  max_rounds=4))
+    first = result.rounds[0]
+    assert first["meets"] and first["of_budget"] < 0.9, result.rounds  # over-pruned by the pessimistic model
+    assert first["next"] == "more than 10% under"
+    assert result.rounds[1]["internal_budget"] > first["internal_budget"]
+    assert all(r["internal_budget"] <= result.original_cost for r in result.rounds)
+    chosen = _selected_round(result.rounds)
+    assert [r for r in result.rounds if r.get("selected")] == [chosen]
+    # the output meets the budget by measurement, closer to it than the first round's, under the requested name
+    assert chosen["meets"] and chosen["measured"] <= chosen["budget"]
+    assert chosen["of_budget"] > first["of_budget"]
+    assert chosen["of_budget"] == max(r["of_budget"] for r in result.rounds if r["meets"])
+    assert result.meets_budget and out.exists() and result.output == out
+    assert result.as_dict()["meets_budget"] is True
+
+
+def test_loosening_can_be_switched_off(tmp_path):
+    profile = _pessimistic_profile(tmp_path, 3.0)
+    result = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(metric="latency", profile=str(profile),
+                                                                   closed_loop_loosen=False))
+    assert len(result.rounds) == 1 and result.rounds[0]["meets"] and "next" not in result.rounds[0]
+    assert result.meets_budget
+
+
+def test_loosening_is_automatic_only_when_rounds_do_not_train():
+    auto = CompressOptions()
+    assert _loosens(auto, "project", None) and _loosens(auto, "uniform", None)
+    assert not _loosens(auto, "project", object()) and not _loosens(auto, "ecc", object())
+    assert _loosens(CompressOptions(epochs=0), "project", object())
+    assert _loosens(CompressOptions(closed_loop_loosen=True), "ecc", object())
+    assert not _loosens(CompressOptions(closed_loop_loosen=False), "project", None)
 
 
 def test_a_miss_after_every_round_is_never_returned_under_the_requested_name(tmp_path):
@@ -47,7 +94,7 @@ def test_a_miss_after_every_round_is_never_returned_under_the_requested_name(tmp
     out = tmp_path / "m.onnx"
     result = compress(DEMO_MODELS[0], "0.45", out, CompressOptions(metric="latency", profile=str(profile),
                                                                    max_rounds=1))
-    assert not result.rounds[-1]["meets"]
+    assert not result.rounds[-1]["meets"] and _selected_round(result.rounds) is result.rounds[-1]
     assert not result.meets_budget
     assert not out.exists()
     assert result.output == tmp_path / "m.over-budget.onnx" and result.output.exists()
@@ -57,3 +104,24 @@ def test_a_miss_after_every_round_is_never_returned_under_the_requested_name(tmp
 def test_counted_metrics_need_no_measurement_round(metric):
     result = compress(DEMO_MODELS[1], "0.5", None, CompressOptions(metric=metric, measure_latency=False))
     assert result.rounds and "measured" not in result.rounds[-1]
+
+
+def _round(estimated, of_budget, internal=None):
+    return {"internal_budget": internal or estimated, "estimated_cost": estimated, "of_budget": of_budget,
+            "meets": of_budget <= 1.0, "budget": 1.0, "measured_original": 2.0}
+
+
+def test_next_internal_budget_tightens_loosens_and_stays_inside_the_bracket():
+    # over budget, nothing met yet: proportional tightening by the observed error
+    step, why = _next_internal([_round(50.0, 1.25)], original=100.0, loosen=True)
+    assert why == "over budget" and step == pytest.approx(50.0 * 0.98 / 1.25)
+    # within 10% under the budget, or loosening off: final
+    assert _next_internal([_round(50.0, 0.95)], original=100.0, loosen=True) is None
+    assert _next_internal([_round(50.0, 0.6)], original=100.0, loosen=False) is None
+    # far under: the secant towards the original (estimated 100, measured 2× the budget), never past it
+    step, why = _next_internal([_round(50.0, 0.6)], original=100.0, loosen=True)
+    assert why == "more than 10% under" and step == pytest.approx(50.0 + 50.0 * (0.98 - 0.6) / (2.0 - 0.6))
+    # a miss above and a meet below: the next budget stays strictly between them
+    rounds = [_round(50.0, 0.6), _round(70.0, 1.2)]
+    step, why = _next_internal(rounds, original=100.0, loosen=True)
+    assert why == "over budget" and 50.0 < step < 70.0
