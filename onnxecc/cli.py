@@ -92,7 +92,8 @@ def compress(
                                help="0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k (params)."),
     output: str = typer.Option(..., "--output", "-o", help="Where to write the compressed .onnx file."),
     metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
-    method: str = typer.Option("auto", "--method", help="auto | project | ecc | uniform | greedy | wsp."),
+    method: str = typer.Option("auto", "--method", help="auto (ecc with --profile and --data, else project) | "
+                                                        "project | ecc | uniform | greedy | wsp."),
     profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
     hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
@@ -114,6 +115,12 @@ def compress(
     max_rounds: int = typer.Option(3, "--max-rounds", help="Closed loop: re-projections when a measurement misses."),
     verify_projection: bool = typer.Option(False, "--verify-projection",
                                            help="Debug: check each ADMM Z-step against the exact MILP (small models)."),
+    importance: str = typer.Option("auto", "--importance",
+                                   help="Channel importance (project/ecc): fisher (loss-aware, needs --data), "
+                                        "l2 (weight norms); auto: fisher with --data."),
+    loosen: bool = typer.Option(None, "--loosen/--no-loosen",
+                                help="Closed loop: re-project an output measured >10% under the budget "
+                                     "(default: only when no training)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
 ) -> None:
     """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning)."""
@@ -128,7 +135,7 @@ def compress(
                               admm_epochs=admm_epochs, rho=rho, provider=provider, threads=threads,
                               max_rounds=max_rounds, verify_projection=verify_projection,
                               round_to=round_to, min_width=min_width, device=device,
-                              proj_interval=proj_interval)
+                              proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}

@@ -3,6 +3,8 @@
     min loss(W)  s.t.  cost(widths(W)) ≤ B
     W-step: epochs of SGD/Adam on loss(W) + ρ/2·‖W − Z + U‖²       (only the constrained tensors)
     Z-step: Z = structured projection of W + U onto {cost ≤ B_k}    (the knapsack of onnxecc.projection)
+            in the metric of the diagonal Fisher F at W: a unit is worth Σ F·(W+U)², the loss its removal
+            costs to second order, so units of different layers are compared in the same currency
     U-step: U ← U + W − Z;  ρ ← ρ·growth
 with the budget B_k decaying geometrically from the original cost to the target over the first iterations,
 so the network is pulled towards the constraint gradually rather than cut at once. The caller then makes a
@@ -30,6 +32,7 @@ class AdmmConfig:
     decay_iterations: int = 3  # B_k reaches the target after this many iterations
     lr: float | None = None  # W-step learning rate (None: the fine-tuning rate)
     verify: bool = False  # debug: solve every Z-step exactly too (cvxpy MILP; small models only), log the gap
+    importance: str = "fisher"  # Z-step metric: "fisher" (Σ F·(W+U)², loss units) or "l2" (normalised ‖W+U‖²)
 
     @property
     def epochs(self) -> int:
@@ -60,7 +63,8 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
             v = {n: tensors[n] + u[n] for n in constrained}
         onnx_values = {n: mm.tm.layouts[n].to_onnx(v[n]) if n in mm.tm.layouts else v[n].detach().numpy()
                        for n in names if n in v}
-        importance = problem.importance(onnx_values)
+        fisher = mm.fisher(names) if config.importance == "fisher" else None
+        importance = problem.importance(onnx_values, fisher=fisher)
         proj = project(problem.cost, importance, budget, min_width=problem.min_width, round_to=problem.round_to,
                        fmt=problem.fmt)
         if config.verify:

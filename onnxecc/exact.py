@@ -88,7 +88,9 @@ def solve_exact(
         p = cp.Variable((len(ai), len(aj)), nonneg=True)
         cons += [cp.sum(p, axis=1) == ys[i], cp.sum(p, axis=0) == ys[j]]
         lin_expr = lin_expr + cp.sum(cp.multiply((c / scale) * np.outer(ai, aj).astype(float), p))
-    objective = cp.Maximize(sum(v @ y for v, y in zip(values, ys)) if ys else cp.Constant(0.0))
+    # and the objective to O(1): importances in loss units (Fisher) can be ~1e-6, below the solver's tolerances
+    vscale = max((float(np.max(np.abs(v))) for v in values if len(v)), default=1.0) or 1.0
+    objective = cp.Maximize(sum((v / vscale) @ y for v, y in zip(values, ys)) if ys else cp.Constant(0.0))
 
     # Re-solve with a slightly tighter row if the solver's tolerance let a hair-infeasible point through.
     slack = 0.0

@@ -17,7 +17,7 @@ from onnxecc.graph import Graph
 
 def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool = True,
                   diminishing: bool = True, values: Mapping[str, np.ndarray] | None = None,
-                  norm: str = "l2") -> dict[int, np.ndarray]:
+                  norm: str = "l2", fisher: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Squared L2 norm of every unit's producer weights, per prunable group.
 
     Raw squared norms are what a Euclidean projection (ADMM's Z-step) maximises. With `normalize`, each
@@ -29,6 +29,12 @@ def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool =
     fine-tuning); with it, widths are traded like a proportional-fair allocation (same budget: 98%).
     `values` overrides tensors by name (e.g. the current torch weights during training); `norm="l1"` sums
     absolute values instead of squares (the classic L1 filter criterion).
+
+    With `fisher` (per tensor, the diagonal empirical Fisher Σ(∂L/∂w)² of each weight: `MaskedModel.fisher`),
+    a unit is worth Σ F·w² — the second-order estimate of how much the loss grows when it is removed (Optimal
+    Brain Damage's saliency, summed over the unit). That is in units of loss, comparable across layers
+    whatever BatchNorm folding did to the weights' scale, so `normalize` is not applied; producer tensors
+    without a Fisher entry (untrained constants) count as zero.
     """
     consts = Graph(model)
     prunable = {g.id for g in graph.prunable_groups}
@@ -41,12 +47,15 @@ def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool =
             continue
         other = tuple(a for a in range(value.ndim) if a != bind.axis)
         magnitude = np.abs(value.astype(np.float64)) if norm == "l1" else np.square(value.astype(np.float64))
+        if fisher is not None:
+            weight = fisher.get(bind.name)
+            magnitude = magnitude * weight if weight is not None else np.zeros_like(magnitude)
         energy = magnitude.sum(axis=other)
         gid, unit, e = bind.pos.gid.ravel(), bind.pos.unit.ravel(), energy.ravel()
         for g in set(gid.tolist()) & prunable:
             sel = gid == g
             np.add.at(out[g], unit[sel], e[sel])
-    if normalize:
+    if normalize and fisher is None:
         for g, values in out.items():
             mean = values.mean()
             out[g] = values / mean if mean > 0 else np.ones_like(values)

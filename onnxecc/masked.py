@@ -78,6 +78,37 @@ class MaskedModel:
             correct += int((out.argmax(1).numpy() == y[i:i + batch]).sum())
         return correct / max(1, len(x))
 
+    def fisher(self, names, max_samples: int = 4096) -> dict[str, np.ndarray]:
+        """Diagonal empirical Fisher of the named trained tensors (ONNX layout): Σ over batches of (∂L/∂w)².
+
+        L is cross-entropy on the labels, or on the original model's own top-1 when there are none (the
+        distillation loss has zero gradient where the student equals the teacher). Masks in force stay in
+        force: a pruned weight's Fisher is measured like any other, its value is zero. `max_samples` bounds
+        the cost (one forward/backward pass over at most that many training samples)."""
+        tensors = {n: self.tensor(n) for n in names if n in self.tm.params}
+        trainable = {n: t for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)}
+        total = {n: torch.zeros_like(t) for n, t in trainable.items()}
+        x = self.data.x_train[:max_samples]
+        y = self.data.y_train[:max_samples] if self.data.y_train is not None else self.teacher[:max_samples].argmax(1)
+        module = self.tm.module
+        module.eval()  # deterministic: no dropout noise, BatchNorm statistics as trained
+        step = self.config.batch_size
+        for i in range(0, len(x), step):
+            out = module(torch.as_tensor(x[i:i + step]))
+            loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i:i + step], dtype=torch.long))
+            grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+            for (n, _), g in zip(trainable.items(), grads):
+                if g is not None:
+                    total[n] += g.detach().pow(2)
+        out = {}
+        for n, f in total.items():
+            layout = self.tm.layouts.get(n)
+            scale = layout.scale if layout is not None else 1.0  # torch = scale·ONNX, so ∂L/∂ONNX = scale·∂L/∂torch
+            transpose = layout.transpose if layout is not None else False
+            value = f.cpu().numpy()
+            out[n] = np.ascontiguousarray(value.T if transpose else value) * scale ** 2
+        return out
+
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.tm.module.state_dict().items()}
 

@@ -35,15 +35,16 @@ class Problem:
         return self.cost(None)
 
     def importance(self, values: Mapping[str, np.ndarray] | None = None, norm: str = "l2",
-                   diminishing: bool = True) -> dict[int, np.ndarray]:
+                   diminishing: bool = True, fisher: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Per prunable variable: importance of each of its units (see `onnxecc.importance`)."""
-        per_group = l2_importance(self.proto, self.graph, values=values, norm=norm, diminishing=diminishing)
+        per_group = l2_importance(self.proto, self.graph, values=values, norm=norm, diminishing=diminishing,
+                                  fisher=fisher)
         return {v: per_group[self.variables.group[v]][self.variables.units[v]] for v in self.prunable}
 
-    def project(self, target: float, values: Mapping[str, np.ndarray] | None = None
-                ) -> tuple[dict[int, np.ndarray], Projection]:
+    def project(self, target: float, values: Mapping[str, np.ndarray] | None = None,
+                fisher: Mapping[str, np.ndarray] | None = None) -> tuple[dict[int, np.ndarray], Projection]:
         """Kept units per *group* meeting `target`, and the projection (per variable) that chose them."""
-        proj = project(self.cost, self.importance(values), target, min_width=self.min_width,
+        proj = project(self.cost, self.importance(values, fisher=fisher), target, min_width=self.min_width,
                        round_to=self.round_to, fmt=self.fmt)
         return self.variables.group_keep(proj.keep), proj
 

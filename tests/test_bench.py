@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
 from bench import areas  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 
-EXPECTED_AREAS = {"groups", "latency", "projection", "roundtrip", "compress"}
+EXPECTED_AREAS = {"groups", "latency", "projection", "roundtrip", "compress", "guarantee", "methods", "wsp"}
 
 
 def _quiet() -> Console:
