@@ -385,6 +385,29 @@ def mask_costs(geom: LayerGeometry, hw: Hardware, weight: np.ndarray | None = No
     return cost
 
 
+def min_support_energy(geom: LayerGeometry, hw: Hardware, k_weights: int, k_inputs: int) -> tuple[float, float]:
+    """Upper bounds of what a layer's minimum support adds to its floor (every weight zero, every conv input
+    masked): (inputs: any `k_inputs` conv input elements kept — the bound keeps the k with the most im2col
+    uses; 0 for Gemm/MatMul, whose inputs are not masked), (weights: any `k_weights` weights at their relaxed
+    cost `weight_costs` under any input mask — the bound takes the k costliest with every input non-zero and
+    no weight-cache discount beyond the cache). The exact energy of any such support is at most their sum."""
+    inputs = 0.0
+    if geom.is_conv:
+        k = min(max(0, int(k_inputs)), geom.input_size)
+        uses = geom.element_uses(None)[0].reshape(-1)
+        mask = np.zeros(geom.input_size, dtype=bool)
+        mask[np.argsort(-uses, kind="stable")[:k]] = True
+        empty = np.zeros(geom.in_shape, dtype=bool)
+        inputs = inputs_energy(geom, hw, mask.reshape(geom.in_shape))[0] - inputs_energy(geom, hw, empty)[0]
+    t, _ = tiles(geom, hw)
+    dram = hw.e_dram * (1 if geom.weight_size <= hw.weight_cache else t)
+    cost = hw.e_mac * geom.weight_uses(None).astype(np.float64).reshape(-1) + hw.e_cache * t \
+        + hw.e_rf * geom.positions + dram
+    k = min(max(0, int(k_weights)), geom.weight_size)
+    weights = float(np.sort(cost)[::-1][:k].sum())
+    return float(inputs), weights
+
+
 def mask_fixed_energy(geom: LayerGeometry, hw: Hardware, weight: np.ndarray | None = None) -> float:
     """The part of a conv's energy that no input element changes: its weight accesses and output writes."""
     nnz = geom.weight_size if weight is None else int(np.count_nonzero(weight))

@@ -23,6 +23,9 @@ Two implementations of the same answer:
   2^53, as the energy model's are with integer unit energies); with arbitrary float costs the cut can
   differ from the sort's by rounding of the running sums at the boundary item.
 
+A *minimum support* (`reserved=`) is kept outside the knapsack: its items are paid from the capacity first
+and the greedy above fills the rest (wsp reserves a few weights of every layer so that no layer is emptied).
+
 Numpy only (the torch side passes `.numpy()` views of CPU tensors).
 """
 
@@ -137,8 +140,26 @@ def _mark(keep: np.ndarray | None, n: int, ids: np.ndarray | None, selector) -> 
     return keep
 
 
-def project(values, cost, capacity: float, *, exact_sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted sparse projection of `values` (any shape): (projected values, boolean keep-mask), profit V²."""
+def _reserve(reserved, c: np.ndarray, capacity: float) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """Take the reserved items out of the knapsack: (their mask, costs with theirs set to 0, the capacity left).
+    Zero-cost items do not move any cumulative cost sum, so the greedy cut of the other items is exactly the one
+    it would make without the reserved items at the reduced capacity."""
+    if reserved is None:
+        return None, c, capacity
+    res = np.asarray(reserved, dtype=bool).reshape(-1)
+    if res.size != c.size:
+        raise ValueError(f"reserved and costs must have the same size ({res.size} vs {c.size})")
+    if not res.any():
+        return None, c, capacity
+    return res, np.where(res, 0.0, c), float(capacity) - float(c[res].sum())
+
+
+def project(values, cost, capacity: float, *, exact_sort: bool = False,
+            reserved=None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sparse projection of `values` (any shape): (projected values, boolean keep-mask), profit V².
+
+    `reserved` (boolean, same size): items kept whatever their ratio — a minimum support — whose costs are
+    paid first; the knapsack fills what is left of the capacity (nothing more when they exceed it)."""
     v = np.asarray(values)
     flat = v.reshape(-1)
     c = np.asarray(cost, dtype=np.float64).reshape(-1)
@@ -147,6 +168,7 @@ def project(values, cost, capacity: float, *, exact_sort: bool = False) -> tuple
     if flat.size and not np.isfinite(flat.max() - flat.min()):
         raise ValueError("values must be finite")
     _check(c, "costs")
+    res, c, capacity = _reserve(reserved, c, capacity)
     if exact_sort:
         keep = greedy_sorted(np.square(flat.astype(np.float64)), c, capacity)
     elif flat.size == 0 or capacity < 0:
@@ -154,6 +176,8 @@ def project(values, cost, capacity: float, *, exact_sort: bool = False) -> tuple
     else:
         keep = _threshold(ratios(flat, c, square=True), c, float(capacity),
                           lambda ids: ratios(flat[ids], c[ids], square=True))
+    if res is not None:
+        keep = keep | res
     keep = keep.reshape(v.shape)
     return np.where(keep, v, np.zeros((), dtype=v.dtype)), keep
 
@@ -168,10 +192,14 @@ def greedy_value(profit, cost, capacity: float) -> tuple[float, float, float]:
     return float(p[keep].sum()), float(c[keep].sum()), critical
 
 
-def prefix_by_score(score, cost, capacity: float) -> np.ndarray:
+def prefix_by_score(score, cost, capacity: float, *, reserved=None) -> np.ndarray:
     """Keep the longest prefix of the items ordered by `score` (descending, ties by index) whose cost sum is
-    ≤ capacity — e.g. global magnitude pruning cut at an energy budget (order by |V|, pay c_j)."""
+    ≤ capacity — e.g. global magnitude pruning cut at an energy budget (order by |V|, pay c_j). `reserved`
+    items are kept first and paid from the capacity, as in `project`."""
     s, c = _as_arrays(score, cost)
+    res, c, capacity = _reserve(reserved, c, capacity)
     if s.size == 0 or capacity < 0:
-        return np.zeros(s.size, dtype=bool)
-    return _threshold(s.copy(), c, float(capacity), lambda ids: s[ids].copy())
+        keep = np.zeros(s.size, dtype=bool)
+    else:
+        keep = _threshold(s.copy(), c, float(capacity), lambda ids: s[ids].copy())
+    return keep if res is None else keep | res

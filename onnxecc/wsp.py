@@ -21,6 +21,16 @@ Weighted sparse projection with layer input masking, on the systolic-array energ
    (`_Trainer.drop_dead_inputs`);
 3. **fine-tune** with both supports fixed (`onnxecc.finetune`, distillation from the original model).
 
+**Minimum support.** Every projection keeps at least `_MIN_WEIGHTS` weights of every layer (its largest |W|
+among the weights that meet a kept input) and every mask at least `_MIN_INPUTS` input elements (the live ones:
+largest |M·x|, then input power), reserved before the knapsack and paid from its capacity
+(`sparse_projection.project(reserved=…)`): the global V²/c ranking otherwise empties whole layers near the
+floor (digits_resdw at 0.2: the stem conv and the blocks' first convs), which disconnects the network. Their
+energy is bounded in the plan (`hardware.min_support_energy`): a budget below floor + that bound
+(`Plan.reachable`) is a `UserError` naming it; a trained result at chance level gets a warning. Non-empty
+layers are necessary, not sufficient: digits_resdw at 0.2 still trains to chance (the weights phase collapses
+at ~0.56 of E0 with ~10k weights and every layer non-empty, and does not recover).
+
 The trained weights go back into the *original* graph (`onnxecc.bridge.write_back`): pruned weights are exact
 zeros, input masks become a `Mul` by a constant in front of their conv (new, unique node and tensor names;
 every original node keeps its name), and a weight is stored as an ONNX sparse initializer when that is
@@ -55,6 +65,8 @@ _MASK_L1 = 1e-3  # energy-weighted L1 pull on the input masks (per element, rela
 _MASK_LR_SCALE = 10.0  # masks move in [0, 1]: a larger step than the weights
 _WEIGHT_SHARE = 0.5  # with input masks: the weights' share of the budget above the floor
 _SMALL_MACS = 50_000_000  # below this many MACs per sample, train on one CPU thread
+_MIN_WEIGHTS = 8  # minimum support: every layer keeps at least this many weights …
+_MIN_INPUTS = 8  # … and every masked conv this many input elements (see `_Trainer._reserved_weights`)
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -71,6 +83,13 @@ class Plan:
     target: float  # B
     floor: float  # every weight zero and every conv input masked
     inputs_full: float  # Σ E_inputs with the starting masks (includes output writes)
+    reserve_inputs: float = 0.0  # ≥ what the minimum input supports add to the floor (_MIN_INPUTS per conv)
+    reserve_weights: float = 0.0  # ≥ the relaxed energy of the minimum weight supports (_MIN_WEIGHTS per layer)
+
+    @property
+    def reachable(self) -> float:
+        """The smallest energy the projection reaches: the floor plus every layer's minimum support."""
+        return self.floor + self.reserve_inputs + self.reserve_weights
 
     @property
     def jpu(self) -> float:
@@ -97,12 +116,27 @@ def make_plan(model: ingest.ModelSource, hardware: str | hwm.Hardware, budget: B
     energy = [hwm.layer_energy(geom, hw, g.const(geom.weight), masks.get(geom.name)) for geom in geoms]
     original = float(sum(e.total for e in energy))
     inputs_full = float(sum(e.inputs for e in energy))
-    floor = 0.0
+    floor = reserve_inputs = reserve_weights = 0.0
     for geom in geoms:
         zero_mask = np.zeros(geom.in_shape, dtype=bool) if geom.is_conv else None
         floor += hwm.inputs_energy(geom, hw, zero_mask)[0]
+        extra_inputs, extra_weights = hwm.min_support_energy(geom, hw, _MIN_WEIGHTS, _MIN_INPUTS)
+        reserve_inputs += extra_inputs
+        reserve_weights += extra_weights
     target_j = budget.resolve(original * hw.joules_per_unit)
-    return Plan(proto, shaped, hw, geoms, masks, original, target_j / hw.joules_per_unit, floor, inputs_full)
+    return Plan(proto, shaped, hw, geoms, masks, original, target_j / hw.joules_per_unit, floor, inputs_full,
+                reserve_inputs, reserve_weights)
+
+
+def check_reachable(plan: Plan) -> None:
+    """A one-line `UserError` when the budget is below the smallest reachable energy (`Plan.reachable`)."""
+    if plan.target < plan.original and plan.target < plan.reachable:
+        fmt = lambda units: format_cost(units * plan.jpu, "energy")  # noqa: E731
+        raise UserError(f"budget {fmt(plan.target)} is below the smallest reachable modelled energy "
+                        f"{fmt(plan.reachable)} ({plan.reachable / plan.original:.1%} of the original "
+                        f"{fmt(plan.original)}): every layer keeps at least {_MIN_WEIGHTS} weights and every conv "
+                        f"{_MIN_INPUTS} input elements so that no layer is disconnected, and output writes and "
+                        f"dense-layer inputs remain")
 
 
 def _check_options(budget: Budget, opts) -> None:
@@ -159,6 +193,7 @@ class _Trainer:
 
         from onnxecc.bridge import to_torch
 
+        check_reachable(plan)
         self.torch = torch
         self.plan, self.hw, self.data, self.opts, self.emit = plan, plan.hw, data, opts, emit
         self.order = order
@@ -175,11 +210,12 @@ class _Trainer:
         self.history: list[dict] = []
         self.use_masks = use_masks and data is not None and opts.epochs > 0
         self.mask_keep = self._mask_keep(mask_keep) if self.use_masks else 1.0
-        if not self.use_masks and plan.target - plan.inputs_full <= 0:
+        if not self.use_masks and plan.target < plan.inputs_full + plan.reserve_weights:
             need = "pass --data so input masks can be learned" if data is None or opts.epochs == 0 else \
                 "input masks are off"
-            raise UserError(f"the budget is below the modelled energy of the layer inputs alone "
-                            f"({format_cost(plan.inputs_full * plan.jpu, 'energy')}): {need}")
+            raise UserError(f"the budget is below the modelled energy of the layer inputs alone plus every layer's "
+                            f"minimum of {_MIN_WEIGHTS} weights "
+                            f"({format_cost((plan.inputs_full + plan.reserve_weights) * plan.jpu, 'energy')}): {need}")
 
     # -- structure --------------------------------------------------------------------------------------
     def _input_module(self, qualified: str):
@@ -264,18 +300,20 @@ class _Trainer:
         masks = self.masks_now()
         fixed = sum(hwm.inputs_energy(s.geom, self.hw, masks.get(s.geom.name))[0] for s in self.states)
         capacity = budget - fixed
-        values, costs, scores = [], [], []
+        values, costs, scores, reserved = [], [], [], []
         for s in self.states:
             w = s.onnx_weight()
-            cost = hwm.weight_costs(s.geom, self.hw, masks.get(s.geom.name), score=np.square(w))
+            mask = masks.get(s.geom.name)
+            cost = hwm.weight_costs(s.geom, self.hw, mask, score=np.square(w))
             values.append(w.reshape(-1))
             costs.append(cost.reshape(-1))
             scores.append(np.abs(w).reshape(-1))
-        v, c = np.concatenate(values), np.concatenate(costs)
+            reserved.append(self._reserved_weights(s, w, mask))
+        v, c, r = np.concatenate(values), np.concatenate(costs), np.concatenate(reserved)
         if self.order == "wsp":
-            keep = project(v, c, capacity)[1]
-        else:  # global magnitude pruning cut at the same energy
-            keep = prefix_by_score(np.concatenate(scores), c, capacity)
+            keep = project(v, c, capacity, reserved=r)[1]
+        else:  # global magnitude pruning cut at the same energy (same minimum support)
+            keep = prefix_by_score(np.concatenate(scores), c, capacity, reserved=r)
         offset = 0
         for s in self.states:
             n = s.geom.weight_size
@@ -284,6 +322,23 @@ class _Trainer:
             with torch.no_grad():
                 s.param.mul_(torch.from_numpy(k).to(s.param.device, s.param.dtype))
         return self.energy()
+
+    @staticmethod
+    def _reserved_weights(s: _LayerState, w: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """The layer's minimum support (flat, ONNX layout): its `_MIN_WEIGHTS` largest |W| among the weights that
+        meet a kept input element (then the others). The global knapsack ranks weights by V²/c across layers
+        and, at budgets near the floor, empties whole layers — the stem conv, the first conv of a block — which
+        disconnects the network (digits_resdw at 0.2 fell to chance). Reserved before the knapsack, this keeps
+        a path through every layer; with `_MIN_INPUTS` kept inputs per conv (`_top_inputs`) each layer passes a
+        signal. Its energy is bounded in the plan (`Plan.reachable`)."""
+        n = s.geom.weight_size
+        k = min(_MIN_WEIGHTS, n)
+        magnitude = np.abs(w.reshape(-1)).astype(np.float64)
+        live = s.geom.weight_uses(mask).reshape(-1) > 0
+        order = np.lexsort((-magnitude, ~live))  # live weights first, each part by |W| descending (stable)
+        keep = np.zeros(n, dtype=bool)
+        keep[order[:k]] = True
+        return keep
 
     def project_masks(self, keep_fraction: float) -> None:
         """Clamp the masks to [0, 1] and keep, in every masked layer, the `keep_fraction` of its input elements
@@ -295,12 +350,14 @@ class _Trainer:
                 continue
             with torch.no_grad():
                 s.mask.clamp_(0.0, 1.0)
-                keep = self._top_inputs(s, keep_fraction)
-                s.mask.mul_(torch.from_numpy(keep).reshape(s.mask.shape).to(s.mask.device, s.mask.dtype))
+                self._apply_inputs(s, self._top_inputs(s, keep_fraction))
                 cost = hwm.mask_costs(s.geom, self.hw, s.onnx_weight()).reshape(-1)
                 s.l1 = torch.from_numpy((cost / max(cost.mean(), 1e-30)).astype(np.float32)).reshape(s.mask.shape)
 
     def _top_inputs(self, s: _LayerState, keep_fraction: float) -> np.ndarray:
+        """The `keep_fraction` of the layer's input elements with the largest |M·x| (none whose score is 0), and
+        at least the minimum support of `_MIN_INPUTS`: filled, when the score leaves fewer, by input power
+        (live inputs first, even where the mask went to 0 — `_apply_inputs` revives those)."""
         m = s.mask.detach().cpu().numpy().reshape(-1).astype(np.float64)
         power = s.module.wsp_input_power.detach().cpu().numpy().reshape(-1) if s.module.wsp_input_seen else \
             np.ones_like(m)
@@ -309,7 +366,20 @@ class _Trainer:
         order = np.argsort(-score, kind="stable")[:k]
         keep = np.zeros(m.size, dtype=bool)
         keep[order] = True
-        return keep & (score > 0)
+        keep &= score > 0
+        short = min(_MIN_INPUTS, m.size) - int(keep.sum())
+        if short > 0:
+            rest = np.flatnonzero(~keep)
+            keep[rest[np.argsort(-power[rest], kind="stable")[:short]]] = True
+        return keep
+
+    def _apply_inputs(self, s: _LayerState, keep: np.ndarray) -> None:
+        """Zero the mask outside `keep`; kept elements whose mask value is 0 (minimum support) restart at 1."""
+        torch = self.torch
+        k = torch.from_numpy(keep).reshape(s.mask.shape).to(s.mask.device)
+        with torch.no_grad():
+            s.mask.mul_(k.to(s.mask.dtype))
+            s.mask.masked_fill_(k & (s.mask == 0), 1.0)
 
     def energy(self) -> dict:
         layers = self.plan.exact({s.geom.weight: s.onnx_weight() for s in self.states}, self.masks_now())
@@ -406,15 +476,17 @@ class _Trainer:
                  param_groups=[{"params": [s.mask for s in masks], "lr": opts.lr * _MASK_LR_SCALE}] if masks else ())
 
     def project_final(self) -> None:
-        """Round the masks, then project the weights to the target; shrink the masks first if the inputs
-        alone would leave the weights less than a tenth of what the budget leaves above the floor."""
+        """Round the masks, then project the weights to the target; shrink the masks first if the inputs and
+        the minimum weight supports would leave the other weights less than a tenth of what the budget leaves
+        above the smallest reachable energy (`Plan.reachable`)."""
         plan = self.plan
         masks = self.masks_now()
         inputs = sum(hwm.inputs_energy(s.geom, self.hw, masks.get(s.geom.name))[0] for s in self.states)
-        if plan.target - inputs < 0.1 * (plan.target - plan.floor):
+        slack = plan.target - plan.reachable
+        if plan.target - inputs - plan.reserve_weights < 0.1 * slack:
             if not any(s.mask is not None for s in self.states):
                 self.install_masks()
-            self._repair_masks(plan.floor + 0.5 * (plan.target - plan.floor))
+            self._repair_masks(plan.floor + plan.reserve_inputs + 0.5 * slack)
             self.freeze_masks()
         for shrink in (1.0, 1 - 1e-9, 1 - 1e-6, 1 - 1e-3):
             info = self.project_weights(plan.target * shrink)
@@ -433,8 +505,7 @@ class _Trainer:
             for s in states:
                 with torch.no_grad():
                     s.mask.copy_(start[id(s)])
-                    keep = self._top_inputs(s, fraction * float((start[id(s)] != 0).float().mean()))
-                    s.mask.mul_(torch.from_numpy(keep).reshape(s.mask.shape).to(s.mask.dtype))
+                self._apply_inputs(s, self._top_inputs(s, fraction * float((start[id(s)] != 0).float().mean())))
             masks = self.masks_now()
             return sum(hwm.inputs_energy(s.geom, self.hw, masks.get(s.geom.name))[0] for s in self.states)
 
@@ -614,10 +685,7 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
     plan = make_plan(model, opts.hardware, budget)
     hw, jpu = plan.hw, plan.jpu
     fmt = lambda units: format_cost(units * jpu, "energy")  # noqa: E731
-    if plan.target < plan.original and plan.target <= plan.floor:
-        raise UserError(f"budget {fmt(plan.target)} is at or below the smallest reachable modelled energy "
-                        f"{fmt(plan.floor)} (every weight and conv input zero: output writes and dense-layer "
-                        f"inputs remain); the original is {fmt(plan.original)}")
+    check_reachable(plan)
     data = None
     if opts.data:
         from onnxecc.data import load_data
@@ -673,6 +741,13 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
     timings["validate"] = time.perf_counter() - t
     if not result.meets_budget:
         raise RuntimeError(f"internal error: modelled energy {fmt(counted)} exceeds the budget {fmt(plan.target)}")
+    chance = 1.0 / max(2, plan.geoms[-1].out_channels)
+    if pruned and result.accuracy_after is not None and result.accuracy_before is not None \
+            and result.accuracy_after < 1.5 * chance < result.accuracy_before:
+        warnings.append(f"accuracy {result.accuracy_after:.3f} is near chance ({chance:.3f}; original "
+                        f"{result.accuracy_before:.3f}): training collapsed at this budget, {fmt(plan.target)} is only "
+                        f"{(plan.target - plan.reachable) / plan.original:.1%} of the original above the smallest "
+                        f"reachable {fmt(plan.reachable)} — give a larger budget")
     warnings.append(DENSE_NOTE)
     parts = counted_model.as_dict()
     top = max(counted_model.layers, key=lambda e: e.total)
@@ -697,7 +772,9 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
         doc["wsp"] = {
             "hardware": hw.as_dict(), "energy_unit": hw.energy_unit, "joules_per_unit": jpu,
             "original_units": plan.original, "budget_units": plan.target, "counted_units": counted,
-            "floor_units": plan.floor, "mask_keep_fraction": mask_keep, "mask_nodes": new_nodes,
+            "floor_units": plan.floor, "reachable_units": plan.reachable,
+            "min_support": {"weights_per_layer": _MIN_WEIGHTS, "inputs_per_conv": _MIN_INPUTS},
+            "mask_keep_fraction": mask_keep, "mask_nodes": new_nodes,
             "energy": counted_model.as_dict(), "storage": storage, "note": DENSE_NOTE,
             "proj_interval": getattr(opts, "proj_interval", 10),
             "sparsity": {e.name: {"nnz": e.nnz_weights, "size": e.weight_size,

@@ -155,6 +155,36 @@ def test_weight_costs_bound_the_exact_energy(weight_cache):
     assert cost[top].sum() + hwm.inputs_energy(geom, hw, mask)[0] == pytest.approx(exact.total)
 
 
+@pytest.mark.parametrize("weight_cache", [1000, 7])
+def test_min_support_energy_bounds_every_support_of_that_size(weight_cache):
+    """Any k weights (relaxed cost, any input mask) and any k input elements add at most the bound to the floor;
+    the bound is attained by some choice (the k costliest with every input kept)."""
+    rng = np.random.default_rng(3)
+    hw = tiny_hw(weight_cache=weight_cache)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    geom = _conv_geom(conv_model(w, (5, 5), pads=[1, 1, 1, 1], strides=[2, 2]))
+    k = 5
+    b_inputs, b_weights = hwm.min_support_energy(geom, hw, k, k)
+    floor = hwm.inputs_energy(geom, hw, np.zeros(geom.in_shape, bool))[0]
+    worst_in, worst_w = 0.0, 0.0
+    for trial in range(300):
+        mask = np.zeros(geom.input_size, bool)
+        mask[rng.choice(geom.input_size, k, replace=False)] = True
+        mask = mask.reshape(geom.in_shape)
+        worst_in = max(worst_in, hwm.inputs_energy(geom, hw, mask)[0] - floor)
+        support = np.zeros(w.size, bool)
+        support[rng.choice(w.size, k, replace=False)] = True
+        cost = hwm.weight_costs(geom, hw, mask if trial % 2 else None, score=rng.random(w.shape))
+        worst_w = max(worst_w, float(cost.reshape(-1)[support].sum()))
+    assert 0 < worst_in <= b_inputs + 1e-9 and 0 < worst_w <= b_weights + 1e-9
+    everything = hwm.weight_costs(geom, hw, None, score=np.zeros(w.shape))  # no weight scored into the cache
+    if weight_cache >= w.size:
+        assert b_weights == pytest.approx(np.sort(everything.reshape(-1))[-k:].sum())
+    fc = hwm.geometries(gemm_model(rng.standard_normal((6, 4)).astype(np.float32)))[0]
+    assert hwm.min_support_energy(fc, hw, 100, 100)[0] == 0.0  # dense-layer inputs are not masked
+    assert hwm.min_support_energy(fc, hw, 100, 100)[1] == pytest.approx(hwm.weight_costs(fc, hw).sum())
+
+
 def test_mask_costs_add_up_to_the_exact_energy():
     rng = np.random.default_rng(2)
     hw = tiny_hw(input_cache=10_000)

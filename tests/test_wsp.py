@@ -69,6 +69,31 @@ def test_projection_of_values_matches_and_zeroes_exactly():
         greedy_knapsack(np.ones(2), np.array([1.0, -1.0]), 1.0)
 
 
+def test_reserved_items_are_kept_paid_first_and_the_rest_is_the_greedy_at_the_remaining_capacity():
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(100_000).astype(np.float32)
+    cost = rng.integers(1, 40, v.size).astype(float)
+    reserved = np.zeros(v.size, bool)
+    reserved[rng.choice(v.size, 500, replace=False)] = True
+    v[np.flatnonzero(reserved)[:10]] = 0  # a reserved weight may be zero: still reserved, costs nothing extra
+    rest = ~reserved
+    for capacity in (0.0, float(cost[reserved].sum()) - 1, 0.2 * cost.sum(), cost.sum()):
+        for exact in (False, True):
+            projected, keep = project(v, cost, capacity, reserved=reserved, exact_sort=exact)
+            assert keep[reserved].all()
+            left = capacity - cost[reserved].sum()
+            expected = greedy_sorted(np.square(v[rest].astype(np.float64)), cost[rest], left)
+            assert np.array_equal(keep[rest], expected), (capacity, exact)
+            assert np.array_equal(projected, np.where(keep, v, 0))
+        magnitude = prefix_by_score(np.abs(v), cost, capacity, reserved=reserved)
+        assert magnitude[reserved].all()
+        assert np.array_equal(magnitude[rest], prefix_by_score(np.abs(v[rest]), cost[rest],
+                                                                capacity - cost[reserved].sum()))
+    assert np.array_equal(project(v, cost, 1e6, reserved=np.zeros(v.size, bool))[1], project(v, cost, 1e6)[1])
+    with pytest.raises(ValueError, match="reserved"):
+        project(v, cost, 1.0, reserved=np.ones(3, bool))
+
+
 def test_prefix_by_score_cuts_the_score_order_at_the_budget():
     rng = np.random.default_rng(2)
     score = np.round(rng.random(100_000), 3)  # ties
@@ -259,6 +284,72 @@ def test_cli_bad_hardware_json_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "hw.json" in lines[0] and "input_cache" in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def resdw_near_floor(tmp_path_factory):
+    """digits_resdw at 0.2: 2.3% of the original energy above the floor (every weight and input zero). The
+    global knapsack used to empty the stem conv and the blocks' first convs here (a chance-level model)."""
+    out = tmp_path_factory.mktemp("wsp_floor") / "resdw_02.onnx"
+    opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=15,
+                           measure_latency=False)
+    return compress(RESDW, "0.2", out, opts, report=out.with_suffix(".json")), out
+
+
+def test_near_the_floor_every_layer_keeps_its_minimum_support(resdw_near_floor):
+    from onnxecc import wsp
+
+    result, out = resdw_near_floor
+    assert result.meets_budget and result.pruned
+    written = onnx.load(out)
+    inits = _dense_initializers(written)
+    muls = {n.output[0]: n for n in written.graph.node if n.op_type == "Mul"}
+    convs = [n for n in written.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 12
+    for node in convs:  # read from the file: weight supports, and the input masks in front of the convs
+        assert np.count_nonzero(inits[node.input[1]]) >= wsp._MIN_WEIGHTS, node.name
+        if node.op_type == "Conv" and node.input[0] in muls:
+            assert np.count_nonzero(inits[muls[node.input[0]].input[1]]) >= wsp._MIN_INPUTS, node.name
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["wsp"]["floor_units"] < doc["wsp"]["reachable_units"] <= doc["wsp"]["budget_units"]
+    assert _independent_energy(written) <= doc["wsp"]["budget_units"] * (1 + 1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="known: at 0.2 digits_resdw still trains to chance — the weights phase "
+                   "collapses (budget ~0.56, ~10k weights, no layer empty) and does not recover; see the wsp "
+                   "bench. The output carries a near-chance warning instead.")
+def test_near_the_floor_accuracy_is_far_above_chance(resdw_near_floor):
+    result, _ = resdw_near_floor
+    assert result.accuracy_after > 0.5
+
+
+def test_near_the_floor_a_chance_level_result_is_not_silent(resdw_near_floor):
+    result, _ = resdw_near_floor
+    if result.accuracy_after < 0.15:
+        assert any("near chance" in w and "smallest reachable" in w for w in result.warnings)
+    else:
+        assert not any("near chance" in w for w in result.warnings)
+
+
+def test_budget_between_the_floor_and_the_minimum_supports_is_a_one_line_error(tmp_path):
+    """0.178 of the original is above the floor (0.177) but below floor + minimum supports (0.179)."""
+    from onnxecc.budget import Budget
+    from onnxecc.wsp import make_plan
+
+    plan = make_plan(RESDW, str(EYERISS), Budget(text="0.178", metric="energy", fraction=0.178))
+    assert plan.floor < plan.target < plan.reachable
+    proc = subprocess.run([sys.executable, "-m", "onnxecc", "compress", str(RESDW), "--budget", "0.178", "--metric",
+                           "energy", "--method", "wsp", "--hardware", str(EYERISS), "--data", "digits",
+                           "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "smallest reachable" in lines[0], proc.stderr
+    assert f"{plan.reachable * plan.jpu * 1e6:.3g} uJ" in lines[0] and not (tmp_path / "o.onnx").exists()
+    # the trainer itself refuses it too (the bench drives it directly: a reason in its row, no internal error)
+    from onnxecc.wsp import _Trainer
+
+    with pytest.raises(UserError, match="smallest reachable"):
+        _Trainer(plan, None, CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS)), print)
 
 
 # -------------------------------------------------------------------------- finetune hooks (wsp's training)
