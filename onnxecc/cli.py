@@ -122,11 +122,18 @@ def compress(
                                 help="Closed loop: re-project an output measured >10% under the budget "
                                      "(default: only when no training)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
+    checkpoint: str = typer.Option(None, "--checkpoint",
+                                   help="Where Ctrl-C saves the training state (default: OUTPUT.ckpt)."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run interrupted into this checkpoint."),
 ) -> None:
-    """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning)."""
+    """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning).
+
+    Ctrl-C while it trains saves a checkpoint and prints the command that resumes it (a second Ctrl-C stops
+    at once)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from onnxecc.budget import format_cost
+    from onnxecc.checkpoint import Interrupted, default_path
     from onnxecc.compress import CompressOptions
     from onnxecc.compress import compress as run_compress
 
@@ -139,8 +146,13 @@ def compress(
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
+    checkpoint = checkpoint or resume or str(default_path(model, output))
 
     def on_event(kind: str, info: dict) -> None:
+        if kind == "batch" and "told" not in task and method not in ("wsp", "greedy", "netadapt"):
+            task["told"] = True  # one line, also in logs: from here on Ctrl-C keeps the work done
+            err_console.print(f"training: Ctrl-C stops and saves a checkpoint to {checkpoint}", highlight=False,
+                              soft_wrap=True, markup=False)
         if not progress.live.is_started and err_console.is_terminal:  # no bar in logs and pipelines
             progress.start()
         if kind == "stage" and info["name"] == "finetune":
@@ -157,7 +169,24 @@ def compress(
                             + (f" train acc {acc:.3f}" if acc is not None else ""))
 
     try:
-        result = run_compress(model, budget, output, options, report=report, on_event=on_event)
+        result = run_compress(model, budget, output, options, report=report, on_event=on_event,
+                              checkpoint=checkpoint, resume=resume)
+    except Interrupted as exc:  # exit here: typer turns a KeyboardInterrupt into a silent exit 130
+        if progress.live.is_started:
+            progress.stop()
+        if exc.path is None:
+            err_console.print(f"interrupted: {exc.reason}", highlight=False, soft_wrap=True)
+        else:
+            err_console.print(f"interrupted: checkpoint saved to {exc.path}; resume with: "
+                              f"{_resume_command(exc.path)}", highlight=False, soft_wrap=True, markup=False)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # outside training, or a second Ctrl-C: nothing new was saved
+        if progress.live.is_started:
+            progress.stop()
+        err_console.print("interrupted: no checkpoint written (not training, or Ctrl-C twice); no output written"
+                          + (f"; {resume} still resumes the earlier state" if resume else ""), highlight=False,
+                          soft_wrap=True, markup=False)
+        raise SystemExit(130) from None
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -359,6 +388,21 @@ def sweep(
     console.print(table)
     console.print(f"{result.computed} point(s) computed, {len(result.points) - result.computed} reused or skipped; "
                   f"summary {result.outdir / 'sweep.json'}" + (f", plot {result.plot}" if result.plot else ""))
+
+
+def _resume_command(path) -> str:
+    """This process's command line with `--resume PATH` (an earlier --resume replaced), for the user to copy."""
+    import shlex
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            args.append(arg)
+    return shlex.join(["onnxecc", *args, "--resume", str(path)])
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from onnxecc import atomic, ingest, runtime
+from onnxecc import checkpoint as checkpoints
 from onnxecc.analysis import analyse
 from onnxecc.budget import Budget, format_cost, parse_budget
 from onnxecc.channels import ChannelGraph
@@ -156,7 +157,8 @@ def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers,
 
 def compress(model: ingest.ModelSource, budget: str | float, output: str | Path | None = None,
              options: CompressOptions | None = None, report: str | Path | None = None,
-             on_event: Callable[[str, dict], None] | None = None) -> CompressResult:
+             on_event: Callable[[str, dict], None] | None = None, checkpoint: str | Path | None = None,
+             resume: str | Path | None = None) -> CompressResult:
     """Compress `model` to meet `budget` (see `onnxecc.budget` for the grammar); write `output` if given.
 
     `on_event(kind, info)` receives progress ("stage", "epoch", "batch") for a front end to display.
@@ -167,21 +169,42 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     costs seconds; with training every round re-trains, so a meeting output is kept — see `_loosens` and
     `closed_loop_loosen`). The returned output is the least over-pruned one that met the budget, never a miss
     when a round met it; `result.rounds` records every round (`next`: why another followed; `selected`).
+
+    Interrupt and resume (`onnxecc.checkpoint`): with `checkpoint=PATH`, while it trains the first SIGINT (or
+    `onnxecc.checkpoint.request()`) stops after the current optimizer step, saves the training state to PATH and
+    raises `onnxecc.checkpoint.Interrupted` (nothing else is written). `resume=PATH` continues such a run (same
+    model, budget and options, else UserError) and ends with the weights of an uninterrupted run; the checkpoint
+    is then removed. Without `checkpoint` (and `resume`), SIGINT is left alone. --method wsp cannot be resumed:
+    it stops with `Interrupted(path=None, reason)`; greedy only in its final fine-tuning.
     """
     opts = copy.copy(options or CompressOptions())
     emit = on_event or (lambda kind, info: None)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    for path in (output, report):
+    checkpoint = checkpoint if checkpoint is not None else resume
+    for path in (output, report, checkpoint):
         if path is not None:
             atomic.check_output_path(path)
     _check_options(opts)
     parsed = parse_budget(str(budget), opts.metric)
+    if opts.method == "wsp" and resume is not None:
+        raise UserError("--method wsp cannot be resumed: rerun the command without --resume")
+    resumed = checkpoints.load(resume) if resume is not None else None
     if opts.method == "wsp":
         from onnxecc.wsp import compress_wsp
 
-        return compress_wsp(model, parsed, output, opts, report, emit)
+        ck = checkpoints.Checkpointer(checkpoint, {}) if checkpoint is not None else None
+        if ck is not None:
+            ck.not_resumable = "--method wsp cannot be resumed (no checkpoint written): rerun the command"
+        with checkpoints.active(ck):
+            return compress_wsp(model, parsed, output, opts, report, emit)
     proto = ingest.load(model)
+    ck = None
+    if checkpoint is not None:
+        fingerprint = checkpoints.fingerprint(proto.SerializeToString(), str(budget), opts)
+        if resumed is not None:
+            checkpoints.check_fingerprint(Path(resume), resumed["fingerprint"], fingerprint)
+        ck = checkpoints.Checkpointer(checkpoint, fingerprint, resumed)
 
     emit("stage", {"name": "analyse"})
     analysis = analyse(proto, "compress")
@@ -233,8 +256,17 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         t = time.perf_counter()
         loosen = _loosens(opts, method, data)
         outputs: dict[int, tuple] = {}  # round -> (keep, model, estimated cost, history) of measured rounds
-        for round_ in range(1, opts.max_rounds + 1):
-            keep, trained, history = _select(method, problem, internal, data, opts, emit)
+        first_round = 1
+        if ck is not None and (saved := ck.take("compress")) is not None:  # resume: the closed-loop round
+            first_round, internal, rounds[:] = saved["round"], saved["internal"], saved["rounds"]
+            outputs = {int(r): _unpack_output(o) for r, o in saved["outputs"].items()}
+        for round_ in range(first_round, opts.max_rounds + 1):
+            round_state = lambda r=round_, b=internal: {  # noqa: E731
+                "round": r, "internal": b, "rounds": rounds,
+                "outputs": {k: _pack_output(o) for k, o in outputs.items()}}
+            trains = data is not None and not (method in ("project", "uniform") and opts.epochs == 0)
+            with checkpoints.active(ck if trains else None), checkpoints.frame("compress", round_state):
+                keep, trained, history = _select(method, problem, internal, data, opts, emit)
             emit("stage", {"name": "prune"})
             out_model = prune_channels(trained, keep, graph)
             estimated = cost(variables_widths(variables, keep))
@@ -300,7 +332,22 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         ingest.save(out_model, output)
     if report is not None:
         atomic.write_json(report, result.as_dict())
+    if resume is not None:  # the run the checkpoint was for is complete
+        Path(resume).unlink(missing_ok=True)
     return result
+
+
+def _pack_output(output: tuple) -> dict:
+    """A measured closed-loop round's output as checkpoint data (see `onnxecc.checkpoint.plain`)."""
+    keep, model, estimated, history = output
+    return {"keep": checkpoints.keep_to_plain(keep), "model": model.SerializeToString(), "estimated": estimated,
+            "history": history}
+
+
+def _unpack_output(saved: dict) -> tuple:
+    model = onnx.ModelProto()
+    model.ParseFromString(saved["model"])
+    return checkpoints.keep_from_plain(saved["keep"]), model, saved["estimated"], saved["history"]
 
 
 def _check_options(opts: CompressOptions) -> None:
@@ -343,32 +390,47 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
     mm = _masked_model(problem, data, opts)
     history: list[dict] = []
     fisher = _uses_fisher(opts, data)
-    if method == "project":
-        keep = problem.project(target, fisher=mm.fisher(problem.producer_tensors()) if fisher else None)[0]
-    elif method == "uniform":
-        keep = uniform_keep(problem, target)
-    elif method == "greedy":
-        from onnxecc.baselines import greedy
+    ck = checkpoints.current()  # interrupt and resume: the phase, the keep sets in force, the history
+    saved = ck.take("select") if ck is not None else None
+    now = {"phase": "admm" if method == "ecc" else method, "keep": None}
+    state = lambda: {"phase": now["phase"], "keep": checkpoints.keep_to_plain(now["keep"]),  # noqa: E731
+                     "history": history, "total_epochs": total_epochs}
+    with checkpoints.frame("select", state):
+        if saved is not None and saved["phase"] == "finetune":  # resumed in the final fine-tuning
+            keep, total_epochs = checkpoints.keep_from_plain(saved["keep"]), saved["total_epochs"]
+            history += saved["history"]
+        elif method == "project":
+            keep = problem.project(target, fisher=mm.fisher(problem.producer_tensors()) if fisher else None)[0]
+        elif method == "uniform":
+            keep = uniform_keep(problem, target)
+        elif method == "greedy":
+            from onnxecc.baselines import greedy
 
-        keep, log = greedy(problem, mm, target, emit=emit)
-        history += [{"phase": "greedy", **e} for e in log]
-        total_epochs -= len(log)
-    elif method == "ecc":
-        from onnxecc.ecc import AdmmConfig, admm
+            if ck is not None:
+                ck.not_resumable = "--method greedy cannot be resumed during its pruning steps (no checkpoint " \
+                                   "written): rerun the command"
+            keep, log = greedy(problem, mm, target, emit=emit)
+            if ck is not None:
+                ck.not_resumable = None  # its final fine-tuning can be resumed
+            history += [{"phase": "greedy", **e} for e in log]
+            total_epochs -= len(log)
+        elif method == "ecc":
+            from onnxecc.ecc import AdmmConfig, admm
 
-        config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth,
-                            verify=opts.verify_projection, importance="fisher" if fisher else "l2")
-        log = admm(problem, mm, target, config, emit)
-        history += [{"phase": "admm", **e} for e in log]
-        names = problem.producer_tensors()
-        # hard projection of the trained W, in the Z-steps' metric
-        keep = problem.project(target, mm.onnx_values(names), fisher=mm.fisher(names) if fisher else None)[0]
-        total_epochs = opts.epochs
-    else:
-        raise UserError(f"unknown method '{method}'")
-    mm.set_keep(keep)
-    emit("stage", {"name": "finetune", "epochs": total_epochs})
-    history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit)]
+            config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth,
+                                verify=opts.verify_projection, importance="fisher" if fisher else "l2")
+            log = admm(problem, mm, target, config, emit)
+            history += [{"phase": "admm", **e} for e in log]
+            names = problem.producer_tensors()
+            # hard projection of the trained W, in the Z-steps' metric
+            keep = problem.project(target, mm.onnx_values(names), fisher=mm.fisher(names) if fisher else None)[0]
+            total_epochs = opts.epochs
+        else:
+            raise UserError(f"unknown method '{method}'")
+        now.update(phase="finetune", keep=keep)
+        mm.set_keep(keep)
+        emit("stage", {"name": "finetune", "epochs": total_epochs})
+        history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit)]
     return keep, mm.write_back(), history
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from onnxecc import checkpoint
 from onnxecc.masked import MaskedModel
 from onnxecc.problem import Problem
 from onnxecc.projection import project
@@ -87,24 +88,41 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
         return 0.5 * rho["value"] * total
 
     original = problem.original_cost
-    for k in range(config.iterations):
-        budget = budget_schedule(original, target, k, config.decay_iterations)
-        keep = z_step(budget)
-        emit("stage", {"name": f"admm {k + 1}/{config.iterations}"})
-        history = mm.train(config.epochs_per_iteration, emit, penalty=penalty, lr=config.lr)
-        with torch.no_grad():
-            gap, outside, total = 0.0, 0.0, 0.0
-            for n in constrained:
-                u[n] += tensors[n] - z[n]
-                gap += float((tensors[n] - z[n]).pow(2).sum())
-                outside += float(tensors[n].pow(2)[z[n] == 0].sum())
-                total += float(tensors[n].pow(2).sum())
-        log.append({"iteration": k + 1, "budget": budget, "rho": rho["value"], "primal_gap": gap,
-                    "pruned_energy": outside / max(total, 1e-30),  # share of ‖W‖² outside Z's support
-                    "widths": {int(g): int(len(idx)) for g, idx in keep.items()},
-                    "loss": history[-1]["loss"] if history else None,
-                    **({"zstep_check": checks[-1]} if checks else {})})
-        rho["value"] *= config.rho_growth
+    ck = checkpoint.current()  # interrupt and resume (issue 9): the W-step in progress, with U, Z and ρ
+    saved = ck.take("admm") if ck is not None else None
+    first = 0
+    if saved is not None:
+        first = saved["k"]
+        for n in constrained:
+            u[n], z[n] = saved["u"][n].to(u[n].dtype), saved["z"][n].to(z[n].dtype)
+        rho["value"] = saved["rho"]
+        log[:], checks[:] = saved["log"], saved["checks"]
+    now = {"k": first, "keep": None}
+    state = lambda: {"k": now["k"], "keep": checkpoint.keep_to_plain(now["keep"]), "u": u, "z": z,  # noqa: E731
+                     "rho": rho["value"], "log": log, "checks": checks}
+    with checkpoint.frame("admm", state):
+        for k in range(first, config.iterations):
+            budget = budget_schedule(original, target, k, config.decay_iterations)
+            if saved is not None and k == first:  # resumed inside this iteration's W-step: Z is restored
+                keep = checkpoint.keep_from_plain(saved["keep"])
+            else:
+                keep = z_step(budget)
+            now.update(k=k, keep=keep)
+            emit("stage", {"name": f"admm {k + 1}/{config.iterations}"})
+            history = mm.train(config.epochs_per_iteration, emit, penalty=penalty, lr=config.lr)
+            with torch.no_grad():
+                gap, outside, total = 0.0, 0.0, 0.0
+                for n in constrained:
+                    u[n] += tensors[n] - z[n]
+                    gap += float((tensors[n] - z[n]).pow(2).sum())
+                    outside += float(tensors[n].pow(2)[z[n] == 0].sum())
+                    total += float(tensors[n].pow(2).sum())
+            log.append({"iteration": k + 1, "budget": budget, "rho": rho["value"], "primal_gap": gap,
+                        "pruned_energy": outside / max(total, 1e-30),  # share of ‖W‖² outside Z's support
+                        "widths": {int(g): int(len(idx)) for g, idx in keep.items()},
+                        "loss": history[-1]["loss"] if history else None,
+                        **({"zstep_check": checks[-1]} if checks else {})})
+            rho["value"] *= config.rho_growth
     return log
 
 

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onnxecc import checkpoint
+from onnxecc.errors import UserError
+
 
 @dataclass
 class Mask:
@@ -139,14 +142,34 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
         if config.lr_schedule == "cosine" else None
     weight = config.distill_weight if ys is not None else 1.0
     history = TrainHistory()
-    step = 0
-    for epoch in range(config.epochs):
+    step, first_epoch = 0, 0
+    ck = checkpoint.current()  # interrupt and resume (issue 9): see onnxecc.checkpoint
+    resumed = ck.take("train") if ck is not None else None
+    if resumed is not None:  # continue exactly where an interrupted run stopped
+        if resumed["total_steps"] != total_steps or resumed["n"] != n:
+            raise UserError("the checkpoint's training run does not match this one (steps or samples differ): "
+                            "start over without --resume")
+        module.load_state_dict(resumed["module"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        generator.set_state(resumed["generator"])
+        torch.set_rng_state(resumed["torch_rng"])
+        history.epochs = [EpochLog(**e) for e in resumed["history"]]
+        step, first_epoch = resumed["step"], resumed["epoch"]
+    for epoch in range(first_epoch, config.epochs):
         start = time.perf_counter()
         module.train()
         _freeze_batchnorm(module)
-        order = torch.randperm(n, generator=generator)
-        total_loss, correct = 0.0, 0
-        for i in range(0, n, config.batch_size):
+        if resumed is not None:  # the interrupted epoch: same order, from the next batch, same running sums
+            order, first = resumed["order"], resumed["position"]
+            total_loss, correct = resumed["total_loss"], resumed["correct"]
+            start -= resumed["epoch_seconds"]
+            resumed = None
+        else:
+            order, first = torch.randperm(n, generator=generator), 0
+            total_loss, correct = 0.0, 0
+        for i in range(first, n, config.batch_size):
             idx = order[i:i + config.batch_size]
             xb, tb = xs[idx].to(device), ts[idx].to(device)
             yb = ys[idx].to(device) if ys is not None else None
@@ -172,6 +195,14 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
                 after_step(step, total_steps)
             if on_batch:
                 on_batch(step, total_steps)
+            if ck is not None and ck.requested:
+                ck.stop({  # raises checkpoint.Interrupted
+                    "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "step": step, "total_steps": total_steps, "n": n, "epoch": epoch, "order": order,
+                    "position": i + config.batch_size, "total_loss": total_loss, "correct": correct,
+                    "epoch_seconds": time.perf_counter() - start, "history": history.as_dict()})
         log = EpochLog(epoch + 1, total_loss / n, correct / n if ys is not None else None,
                        time.perf_counter() - start)
         history.epochs.append(log)
