@@ -31,7 +31,7 @@ WITHIN = 0.9  # a met run whose measured ratio is under WITHIN × budget is over
 
 
 def config(quick: bool) -> dict:
-    common = {"samples": 100, "warmup": 5, "repeats": 20, "seed": 0, "max_rounds": 3, "rounds": 7, "round_s": 0.15}
+    common = {"samples": 100, "warmup": 5, "repeats": 20, "seed": 0, "max_rounds": None, "rounds": 7, "round_s": 0.15}
     if quick:
         return {**common, "archs": ["mobilenet_v3_small", "squeezenet1_1"], "budgets": [0.3, 0.7], "samples": 40,
                 "rounds": 5, "round_s": 0.1}
@@ -45,7 +45,7 @@ def run(quick: bool, **overrides) -> dict:
     notes = [
         f"ORT CPUExecutionProvider, 1 thread, batch 1, 64×64 input; profiles of {cfg['samples']} samples "
         f"(warm-up {cfg['warmup']}, {cfg['repeats']} repeats); compress --method project, no data, "
-        f"max_rounds {cfg['max_rounds']}.",
+        f"max_rounds {cfg['max_rounds'] or 'default (6 without data)'}.",
         "ratio = compressed / original median latency measured side by side by the closed loop (the verdict); "
         f"fresh = the returned model timed again ({cfg['rounds']} interleaved rounds; '?' = noisy). "
         "internal = the budget the projection was given, as a fraction of the original's estimated cost.",
@@ -189,7 +189,7 @@ def _summary_line(s: dict) -> str:
 def table(result: dict) -> Table:
     cfg = result["config"]
     t = Table(title=f"Latency guarantee after the closed loop (zoo at 64×64, ORT CPU 1 thread; compress --method "
-                    f"project, no data, max_rounds {cfg['max_rounds']}; summary under the table)")
+                    f"project, no data, max_rounds {cfg['max_rounds'] or 'default'}; summary under the table)")
     for col in ("arch", "profile (err, time)", "budget", "rounds", "internal budgets", "measured / budget",
                 "ratio", "fresh", "met", "≥90% of budget", "time"):
         t.add_column(col, justify="left" if col in ("arch", "internal budgets", "measured / budget") else "right")

@@ -63,7 +63,7 @@ class CompressOptions:
     closed_loop_loosen: bool | None = None  # loosen when >10% under: None = only when rounds do not train
     verify_projection: bool = False  # debug: check every ADMM Z-step against the exact MILP (small models)
     importance: str = "auto"  # channel importance for project/ecc: fisher (needs --data) | l2; auto: fisher with data
-    max_rounds: int = 3
+    max_rounds: int | None = None  # closed-loop rounds; None: 6 when a round only projects (seconds), else 3
 
 
 @dataclass
@@ -255,16 +255,17 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         internal = target
         t = time.perf_counter()
         loosen = _loosens(opts, method, data)
+        max_rounds = opts.max_rounds or (6 if _projection_only(method, data, opts) else 3)
         outputs: dict[int, tuple] = {}  # round -> (keep, model, estimated cost, history) of measured rounds
         first_round = 1
         if ck is not None and (saved := ck.take("compress")) is not None:  # resume: the closed-loop round
             first_round, internal, rounds[:] = saved["round"], saved["internal"], saved["rounds"]
             outputs = {int(r): _unpack_output(o) for r, o in saved["outputs"].items()}
-        for round_ in range(first_round, opts.max_rounds + 1):
+        for round_ in range(first_round, max_rounds + 1):
             round_state = lambda r=round_, b=internal: {  # noqa: E731
                 "round": r, "internal": b, "rounds": rounds,
                 "outputs": {k: _pack_output(o) for k, o in outputs.items()}}
-            trains = data is not None and not (method in ("project", "uniform") and opts.epochs == 0)
+            trains = not _projection_only(method, data, opts)
             with checkpoints.active(ck if trains else None), checkpoints.frame("compress", round_state):
                 keep, trained, history = _select(method, problem, internal, data, opts, emit)
             emit("stage", {"name": "prune"})
@@ -278,7 +279,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
             record.update(check)
             outputs[round_] = (keep, out_model, estimated, history)
             step = _next_internal(rounds, original, loosen)
-            if step is None or round_ == opts.max_rounds:
+            if step is None or round_ == max_rounds:
                 break
             internal, reason = step
             if reason == "over budget" and internal < min_cost_or_zero(problem):
@@ -352,7 +353,7 @@ def _unpack_output(saved: dict) -> tuple:
 
 def _check_options(opts: CompressOptions) -> None:
     bad_round = opts.round_to is not None and opts.round_to < 1
-    if opts.epochs < 0 or bad_round or opts.min_width < 1 or opts.max_rounds < 1:
+    if opts.epochs < 0 or bad_round or opts.min_width < 1 or (opts.max_rounds or 1) < 1:
         raise UserError("--epochs must be ≥ 0; --round-to, --min-width and --max-rounds ≥ 1")
     if opts.importance not in ("auto", "fisher", "l2"):
         raise UserError(f"unknown importance '{opts.importance}': choose auto, fisher or l2")
@@ -383,7 +384,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
 
     admm_epochs = opts.admm_iterations * opts.admm_epochs
     total_epochs = opts.epochs + admm_epochs  # every method gets the same training budget as ecc
-    if method in ("project", "uniform") and (data is None or opts.epochs == 0):
+    if _projection_only(method, data, opts):
         emit("stage", {"name": "project"})
         keep = problem.project(target)[0] if method == "project" else uniform_keep(problem, target)
         return keep, problem.proto, []
@@ -492,6 +493,11 @@ def _loosens(opts: CompressOptions, method: str, data) -> bool:
     `closed_loop_loosen=True` to trade that time for the accuracy the unused budget could buy."""
     if opts.closed_loop_loosen is not None:
         return bool(opts.closed_loop_loosen)
+    return _projection_only(method, data, opts)
+
+
+def _projection_only(method: str, data, opts: CompressOptions) -> bool:
+    """A round that only projects and measures (no torch): cheap enough for more closed-loop rounds."""
     return method in ("project", "uniform") and (data is None or opts.epochs == 0)
 
 
