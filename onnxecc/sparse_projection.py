@@ -182,6 +182,19 @@ def project(values, cost, capacity: float, *, exact_sort: bool = False,
     return np.where(keep, v, np.zeros((), dtype=v.dtype)), keep
 
 
+def knapsack(profit, cost, capacity: float, *, reserved=None) -> np.ndarray:
+    """The canonical greedy (threshold search) for arbitrary non-negative profits: a boolean keep-mask.
+    `reserved` items are kept first and paid from the capacity, as in `project` (which is this with
+    profit = V²)."""
+    p, c = _as_arrays(profit, cost)
+    res, c, capacity = _reserve(reserved, c, capacity)
+    if p.size == 0 or capacity < 0:
+        keep = np.zeros(p.size, dtype=bool)
+    else:
+        keep = _threshold(ratios(p, c), c, float(capacity), lambda ids: ratios(p[ids], c[ids]))
+    return keep if res is None else keep | res
+
+
 def greedy_value(profit, cost, capacity: float) -> tuple[float, float, float]:
     """(greedy profit, greedy cost, profit of the critical item — the first one the greedy leaves out)."""
     p, c = _as_arrays(profit, cost)

@@ -3,39 +3,47 @@
 Weighted sparse projection with layer input masking, on the systolic-array energy model of
 `onnxecc.hardware`:
 
-1. **weights** — Adam at a constant step on the distillation loss (`onnxecc.finetune`'s loop; its hooks
-   carry the projections and the masks' L1 term and step size); every `--proj-interval` batches the weights
-   are projected onto {E(W, M) ≤ B_t} (`onnxecc.sparse_projection`: a knapsack over every weight of every layer,
-   profit V², cost = the energy the weight adds), B_t decaying geometrically from the current energy to the
-   weights' share of the target;
-2. **input masks** (only when the budget needs them: see `_Trainer._mask_keep`) — a learnable mask on the
-   input of every conv (clamped to [0, 1], pulled down by an L1 term weighted by each element's energy) joins
-   the training; at every projection each layer's mask is projected to a decaying kept fraction of its
-   elements (the largest |M·x|, x the element's RMS input; elements whose masked input is always zero go
-   first), then the weights to B_t, which absorb the energy the masks free; at the end the masks are rounded
-   to {0, 1} and the weights projected to the target B. (A global energy-weighted knapsack over mask elements
-   was tried first: with masks near 1 it ranks by cost alone and empties whole layers — accuracy collapsed).
-   When the budget does not need masks, there is no mask phase (its epochs go to the fine-tuning: the same
-   schedule as without masks); only the conv inputs that are zero on every training sample (e.g. the blank
-   border of digit images) are masked, before step 1 — free energy for the weights
-   (`_Trainer.drop_dead_inputs`);
-3. **fine-tune** with both supports fixed (`onnxecc.finetune`, distillation from the original model).
+1. **projected training** — Adam at a constant step on the distillation loss (`onnxecc.finetune`'s loop; its
+   hooks carry the projections and the masks' parameter group); every `--proj-interval` batches the model is
+   projected onto {E(W, M) ≤ B_t}, B_t decaying geometrically from the current energy to the target B:
+   * when the budget does not need input masks (`_Trainer._mask_keep`) — the **weights** only
+     (`onnxecc.sparse_projection`: a knapsack over every weight of every layer, profit V², cost = the energy
+     the weight adds); only the conv inputs that are zero on every training sample (e.g. the blank border of
+     digit images) are masked, before training — free energy for the weights (`_Trainer.drop_dead_inputs`);
+   * when it does — **weights and input masks jointly** (`_Trainer.project_joint`): a learnable mask on the
+     input of every conv trains with the weights, and every weight and every mask element is an item of one
+     knapsack, cost the energy it adds, profit its saliency ½·F·θ² (F: running mean of the squared loss
+     gradient, the empirical Fisher diagonal — the loss increase of zeroing θ, in the same units for a weight
+     and an input element), so each projection takes the energy from wherever it costs the least accuracy
+     and each layer's kept input fraction follows from it; the weights are then re-projected on their exact
+     costs under the new masks. The masks keep their learned values (positive gains, most > 1, zero outside
+     the support): rounding them to {0, 1} cost digits_resdw at 0.2 about 0.11 of test accuracy, clamping
+     them to [0, 1] 0.15. At the end the weights are projected to the target B;
+2. **fine-tune** with both supports (and the mask values) fixed (`onnxecc.finetune`, distillation from the
+   original model).
+
+Why joint: the former schedule (weights alone to the target plus the masks' expected saving, V² profit, then
+a masks phase at a uniform kept fraction per layer) squeezed digits_resdw at 0.2 to ~1k weights while its
+inputs were still dense — the V²/c ranking emptied features.5 and the fc down to their minimum supports —
+and the network never recovered (test accuracy 0.10 on every seed; now ~0.94). V² is not comparable with a
+mask value (a global knapsack over mask elements with profit M², tried earlier, ranked by cost alone and
+emptied whole layers); the saliency is comparable across layers and between weights and inputs.
 
 **Minimum support.** Every projection keeps at least `_MIN_WEIGHTS` weights of every layer (its largest |W|
 among the weights that meet a kept input) and every mask at least `_MIN_INPUTS` input elements (the live ones:
 largest |M·x|, then input power), reserved before the knapsack and paid from its capacity
-(`sparse_projection.project(reserved=…)`): the global V²/c ranking otherwise empties whole layers near the
-floor (digits_resdw at 0.2: the stem conv and the blocks' first convs), which disconnects the network. Their
+(`sparse_projection.knapsack(reserved=…)`): a global ranking otherwise empties whole layers near the floor
+(digits_resdw at 0.2: the stem conv and the blocks' first convs), which disconnects the network. Their
 energy is bounded in the plan (`hardware.min_support_energy`): a budget below floor + that bound
-(`Plan.reachable`) is a `UserError` naming it; a trained result at chance level gets a warning. Non-empty
-layers are necessary, not sufficient: digits_resdw at 0.2 still trains to chance (the weights phase collapses
-at ~0.56 of E0 with ~10k weights and every layer non-empty, and does not recover).
+(`Plan.reachable`) is a `UserError` naming it; a trained result at chance level gets a warning.
 
 The trained weights go back into the *original* graph (`onnxecc.bridge.write_back`): pruned weights are exact
 zeros, input masks become a `Mul` by a constant in front of their conv (new, unique node and tensor names;
-every original node keeps its name), and a weight is stored as an ONNX sparse initializer when that is
-smaller. The energy is then counted again on the written file (`hardware.model_energy`). ORT executes such a
-model densely: no speed-up on CPU/GPU — the energy is the modelled accelerator's, and the file is smaller.
+every original node keeps its name; the constant is the learned mask — the energy model counts its zeros,
+not the one multiply per kept element a non-binary mask adds), and a weight is stored as an ONNX sparse
+initializer when that is smaller. The energy is then counted again on the written file
+(`hardware.model_energy`). ORT executes such a model densely: no speed-up on CPU/GPU — the energy is the
+modelled accelerator's, and the file is smaller.
 
 Torch side: imports torch (through the bridge); the ONNX side never imports this module.
 """
@@ -56,15 +64,15 @@ from onnxecc import hardware as hwm
 from onnxecc.budget import Budget, format_cost
 from onnxecc.errors import UnsupportedModelError, UserError
 from onnxecc.layers import with_static_shapes
-from onnxecc.sparse_projection import prefix_by_score, project
+from onnxecc.sparse_projection import knapsack, prefix_by_score, project
 
 DENSE_NOTE = ("onnxruntime executes this model densely (zeros are multiplied like any value): no speed-up on "
               "CPU/GPU; the energy is the modelled accelerator's (hardware file), and the gain on ORT is file size")
 _DECAY_SHARE = 0.75  # budgets reach their target after this share of a phase's projections
-_MASK_L1 = 1e-3  # energy-weighted L1 pull on the input masks (per element, relative to the mean cost)
-_MASK_LR_SCALE = 10.0  # masks move in [0, 1]: a larger step than the weights
-_WEIGHT_SHARE = 0.5  # with input masks: the weights' share of the budget above the floor
+_MASK_LR_SCALE = 10.0  # masks (values ~1, one per input element): a larger step than the weights
+_WEIGHT_SHARE = 0.5  # masks are used when the weights would get less than this share of the budget above the floor
 _SMALL_MACS = 50_000_000  # below this many MACs per sample, train on one CPU thread
+_FISHER_DECAY = 0.95  # saliency: running mean of g² over about the last 20 batches (joint phase)
 _MIN_WEIGHTS = 8  # minimum support: every layer keeps at least this many weights …
 _MIN_INPUTS = 8  # … and every masked conv this many input elements (see `_Trainer._reserved_weights`)
 
@@ -158,8 +166,9 @@ class _LayerState:
     transpose: bool  # torch = ONNXᵀ
     module: object | None = None  # the module whose input the mask multiplies
     mask: object | None = None  # torch.nn.Parameter (1, c, h, w) / (1, c, w)
-    l1: object | None = None  # torch tensor: energy weights of the mask elements
     hook: object | None = None
+    fisher_w: object | None = None  # torch tensors: running mean of the squared loss gradient (weight, mask)
+    fisher_m: object | None = None
 
     def onnx_weight(self) -> np.ndarray:
         w = self.param.detach().cpu().numpy()
@@ -177,7 +186,8 @@ class _LayerState:
 @dataclass
 class TrainOutcome:
     weights: dict[str, np.ndarray]  # ONNX layout, pruned entries exact zeros
-    masks: dict[str, np.ndarray]  # layer name → boolean (c, h, w) support, only where not full
+    masks: dict[str, np.ndarray]  # layer name → (c, h, w) mask, only where not full: boolean, or the learned
+    # values (zero outside the support) after a joint phase
     model: onnx.ModelProto  # trained weights in the original graph (no masks yet)
     energy: list[hwm.LayerEnergy]
     history: list[dict] = field(default_factory=list)
@@ -197,6 +207,7 @@ class _Trainer:
         self.torch = torch
         self.plan, self.hw, self.data, self.opts, self.emit = plan, plan.hw, data, opts, emit
         self.order = order
+        self.joint = False  # weights and input masks projected together (`project_joint`)
         self.tm = to_torch(plan.proto)
         self.states: list[_LayerState] = []
         for geom in plan.geoms:
@@ -230,10 +241,11 @@ class _Trainer:
         return owner
 
     def _mask_keep(self, mask_keep: float | None) -> float:
-        """The kept fraction of each conv's input elements. Masks cost accuracy, so they are used only as far as
-        the budget needs them: by default they keep as much as lets the weights have `_WEIGHT_SHARE` of what
-        the budget leaves above the floor (1.0 — no masking — when the weights have that anyway). On
-        digits_resdw at 0.4, shares 0.3 / 0.5 / 0.7 gave 0.86 / 0.95 / 0.89 test accuracy (15 epochs, seed 0)."""
+        """Below 1 when the budget needs input masks: the kept fraction of the conv inputs that would leave the
+        weights `_WEIGHT_SHARE` of what the budget leaves above the floor (1.0 — no masks, only the dead inputs
+        — when dense inputs leave them that anyway). It decides whether there is a joint phase; the joint
+        projection then sets each layer's kept fraction itself (after training: the kept fraction of all conv
+        input elements). digits_cnn needs no masks at 0.2 or 0.4, digits_resdw needs them at both."""
         plan = self.plan
         maskable = plan.inputs_full - plan.floor
         if maskable <= 0:
@@ -260,8 +272,9 @@ class _Trainer:
     def freeze_masks(self) -> None:
         for s in self.states:
             if s.mask is not None:
-                with self.torch.no_grad():
-                    s.mask.copy_((s.mask != 0).to(s.mask.dtype))
+                if not self.joint:
+                    with self.torch.no_grad():
+                        s.mask.copy_((s.mask != 0).to(s.mask.dtype))
                 s.mask.requires_grad_(False)
 
     def drop_dead_inputs(self) -> None:
@@ -305,13 +318,13 @@ class _Trainer:
             w = s.onnx_weight()
             mask = masks.get(s.geom.name)
             cost = hwm.weight_costs(s.geom, self.hw, mask, score=np.square(w))
-            values.append(w.reshape(-1))
+            values.append(self._weight_profit(s, w).reshape(-1))
             costs.append(cost.reshape(-1))
             scores.append(np.abs(w).reshape(-1))
             reserved.append(self._reserved_weights(s, w, mask))
         v, c, r = np.concatenate(values), np.concatenate(costs), np.concatenate(reserved)
         if self.order == "wsp":
-            keep = project(v, c, capacity, reserved=r)[1]
+            keep = knapsack(v, c, capacity, reserved=r)
         else:  # global magnitude pruning cut at the same energy (same minimum support)
             keep = prefix_by_score(np.concatenate(scores), c, capacity, reserved=r)
         offset = 0
@@ -322,6 +335,51 @@ class _Trainer:
             with torch.no_grad():
                 s.param.mul_(torch.from_numpy(k).to(s.param.device, s.param.dtype))
         return self.energy()
+
+    def _weight_profit(self, s: _LayerState, w: np.ndarray) -> np.ndarray:
+        """A weight's profit in the knapsack (ONNX layout, float64): W² — the projection's ‖W − V‖² — or, in the
+        joint projection, its saliency F·W² (`_saliency_step`)."""
+        w2 = np.square(w.astype(np.float64))
+        if not self.joint or s.fisher_w is None:
+            return w2
+        return w2 * s.to_torch_layout(s.fisher_w.detach().cpu().numpy().astype(np.float64))
+
+    def project_joint(self, budget: float) -> dict:
+        """Weights and input elements in one knapsack under {E ≤ budget}: profit the saliency F·θ² of each
+        (`_saliency_step`), cost the relaxed energy it adds (the MACs of a weight–input pair split half to each, so
+        the sum bounds the exact energy from above); each layer keeps its minimum supports. The masks are set
+        from its answer, then the weights are projected again on the exact costs under the new masks
+        (`project_weights`), which fills what the relaxation left."""
+        masks = self.masks_now()
+        profits, costs, reserved, spans = [], [], [], []
+        fixed = 0.0
+        for s in self.states:
+            w = s.onnx_weight()
+            mask = masks.get(s.geom.name)
+            half_macs = 0.5 * self.hw.e_mac * s.geom.weight_uses(mask).astype(np.float64)
+            cost = hwm.weight_costs(s.geom, self.hw, mask, score=np.square(w)) - half_macs
+            profits.append(self._weight_profit(s, w).reshape(-1))
+            costs.append(cost.reshape(-1))
+            reserved.append(self._reserved_weights(s, w, mask))
+            if s.mask is None:
+                fixed += hwm.inputs_energy(s.geom, self.hw, mask)[0]
+                continue
+            m = s.mask.detach().cpu().numpy().reshape(-1).astype(np.float64)
+            f = np.ones_like(m) if s.fisher_m is None else \
+                s.fisher_m.detach().cpu().numpy().reshape(-1).astype(np.float64)
+            _, macs = s.geom.element_uses(w)
+            cost = hwm.mask_costs(s.geom, self.hw, w, score=m * m * f).reshape(-1) \
+                - 0.5 * self.hw.e_mac * macs.reshape(-1)
+            spans.append((s, sum(p.size for p in profits), m.size))
+            profits.append(f * m * m)
+            costs.append(cost)
+            reserved.append(self._top_inputs(s, _MIN_INPUTS / m.size))
+            fixed += hwm.inputs_energy(s.geom, self.hw, np.zeros(s.geom.in_shape, dtype=bool))[0]
+        keep = knapsack(np.concatenate(profits), np.maximum(np.concatenate(costs), 0.0), budget - fixed,
+                        reserved=np.concatenate(reserved))
+        for s, start, n in spans:
+            self._apply_inputs(s, keep[start:start + n])
+        return self.project_weights(budget)
 
     @staticmethod
     def _reserved_weights(s: _LayerState, w: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -351,8 +409,6 @@ class _Trainer:
             with torch.no_grad():
                 s.mask.clamp_(0.0, 1.0)
                 self._apply_inputs(s, self._top_inputs(s, keep_fraction))
-                cost = hwm.mask_costs(s.geom, self.hw, s.onnx_weight()).reshape(-1)
-                s.l1 = torch.from_numpy((cost / max(cost.mean(), 1e-30)).astype(np.float32)).reshape(s.mask.shape)
 
     def _top_inputs(self, s: _LayerState, keep_fraction: float) -> np.ndarray:
         """The `keep_fraction` of the layer's input elements with the largest |M·x| (none whose score is 0), and
@@ -404,17 +460,14 @@ class _Trainer:
             self.project_final()
             return self.outcome()
         epochs = opts.epochs
-        # masks not needed by the budget (see _mask_keep): no mask learning — its epochs go to the fine-tuning,
-        # the same schedule as without masks — only the inputs that are zero on every training sample go
+        # masks not needed by the budget (see _mask_keep): no mask learning — weights only, then fine-tuning —
+        # and only the inputs that are zero on every training sample are masked
         dead_only = self.use_masks and self.mask_keep >= 1.0
         e_w = max(1, round(0.4 * epochs))
         e_m = max(1, round(0.3 * epochs)) if self.use_masks and not dead_only and epochs >= 2 else 0
         e_f = max(0, epochs - e_w - e_m)
         if not self.use_masks or e_m == 0:
             self.use_masks, self.mask_keep = False, 1.0
-        # the weights' share: the target plus what the masks are expected to save
-        saving = (1.0 - self.mask_keep) * (plan.inputs_full - plan.floor) if self.use_masks else 0.0
-        b_w = min(plan.original, plan.target + saving)
         teacher = runtime.run_batched(runtime.session(plan.proto), self.data.x_train)
         self.emit("stage", {"name": "finetune", "epochs": epochs})
         self._total_steps = epochs * max(1, math.ceil(len(self.data.x_train) / opts.batch_size))
@@ -422,27 +475,49 @@ class _Trainer:
         if dead_only:
             self.drop_dead_inputs()
         current = self.energy()["total"]
-        self._loop("weights", e_w, teacher, lambda t: (_geometric(current, b_w, t), None))
-        if e_m:
+        if e_m:  # weights and input masks together, one decaying budget (see the module docstring)
+            self.joint = True
             self.install_masks()
-            self._loop("masks", e_m, teacher,
-                       lambda t: (_geometric(b_w, plan.target, t), 1.0 - (1.0 - self.mask_keep) * min(1.0, t)))
+            self._loop("joint", e_w + e_m, teacher, lambda t: _geometric(current, plan.target, t))
             self.freeze_masks()
+            self.mask_keep = self._kept_fraction()
+        else:
+            self._loop("weights", e_w, teacher, lambda t: _geometric(current, plan.target, t))
         self.project_final()
         if e_f:
             self._finetune(e_f, teacher)
         return self.outcome()
 
+    def _kept_fraction(self) -> float:
+        masked = [s for s in self.states if s.mask is not None]
+        total = sum(s.geom.input_size for s in masked)
+        return float(sum(int(s.mask_support().sum()) for s in masked) / total) if total else 1.0
+
+    def _saliency_step(self) -> None:
+        """After every optimizer step of the joint phase: the running mean (EMA) of g² per weight and mask element,
+        the diagonal of the empirical Fisher; ½·F·θ² estimates the loss increase of setting θ to zero."""
+        torch = self.torch
+        with torch.no_grad():
+            for s in self.states:
+                for attr, param in (("fisher_w", s.param), ("fisher_m", s.mask)):
+                    if param is None or param.grad is None:
+                        continue
+                    acc = getattr(s, attr)
+                    g2 = param.grad.detach().square()
+                    if acc is None:
+                        setattr(s, attr, g2.clone())
+                    else:
+                        acc.mul_(_FISHER_DECAY).add_(g2, alpha=1.0 - _FISHER_DECAY)
+
     def _loop(self, phase: str, epochs: int, teacher: np.ndarray, schedule) -> None:
         """`onnxecc.finetune` at a constant learning rate (the masks, if any, in their own Adam group at a larger
-        step, pulled down by an energy-weighted L1 term); every proj_interval batches and after the last one:
-        masks (if any), then weights are projected to the budgets `schedule(t)` returns (t: 0 → 1 over the
+        step); every proj_interval batches and after the last one the weights — in the joint phase the weights
+        and the masks (`project_joint`) — are projected to the budget `schedule(t)` returns (t: 0 → 1 over the
         first `_DECAY_SHARE` of the phase's projections)."""
         from onnxecc.finetune import TrainConfig, finetune
 
         opts, data = self.opts, self.data
         masks = [s for s in self.states if s.mask is not None and s.mask.requires_grad]
-        numel = sum(s.mask.numel() for s in masks)
         per_epoch = max(1, math.ceil(len(data.x_train) / opts.batch_size))
         interval = max(1, int(getattr(opts, "proj_interval", 10)))
         decay = max(1, int(_DECAY_SHARE * max(1, (per_epoch * epochs) // interval)))
@@ -451,20 +526,18 @@ class _Trainer:
                              seed=opts.seed + len(self.history), shuffle_seed=opts.seed + 7 * len(self.history))
         offset, done = self._step, 0
 
-        def mask_l1():
-            return _MASK_L1 * sum((s.l1.to(s.mask.device) * s.mask).sum() for s in masks if s.l1 is not None) / numel
-
         def after_step(step: int, total: int) -> None:
             nonlocal done
+            if self.joint:
+                self._saliency_step()
             if step % interval and step < total:
                 return
             done += 1
-            budget, keep = schedule(min(1.0, done / decay))
-            if keep is not None:
-                self.project_masks(keep)
-            info = self.project_weights(budget)
+            budget = schedule(min(1.0, done / decay))
+            info = self.project_joint(budget) if self.joint else self.project_weights(budget)
             self.history.append({"phase": phase, "step": offset + step, "budget": budget * self.plan.jpu,
-                                 "energy": info["total"] * self.plan.jpu, "nnz": info["nnz"], "mask_keep": keep})
+                                 "energy": info["total"] * self.plan.jpu, "nnz": info["nnz"],
+                                 "mask_keep": self._kept_fraction() if self.joint else None})
 
         def on_batch(step: int, total: int) -> None:
             self._step = offset + step
@@ -472,11 +545,11 @@ class _Trainer:
 
         finetune(self.tm.module, data.x_train, teacher, data.y_train, config,
                  on_epoch=lambda log: self.emit("epoch", {**log.__dict__, "phase": phase}), on_batch=on_batch,
-                 penalty=mask_l1 if masks else None, after_step=after_step,
+                 after_step=after_step,
                  param_groups=[{"params": [s.mask for s in masks], "lr": opts.lr * _MASK_LR_SCALE}] if masks else ())
 
     def project_final(self) -> None:
-        """Round the masks, then project the weights to the target; shrink the masks first if the inputs and
+        """Project the weights to the target (the masks are fixed by now); shrink the masks first if the inputs and
         the minimum weight supports would leave the other weights less than a tenth of what the budget leaves
         above the smallest reachable energy (`Plan.reachable`)."""
         plan = self.plan
@@ -546,6 +619,10 @@ class _Trainer:
 
         weights = {s.geom.weight: s.onnx_weight() for s in self.states}
         masks = self.masks_now()
+        if self.joint:  # the learned values (zero outside the support)
+            for s in self.states:
+                if s.geom.name in masks and s.mask is not None:
+                    masks[s.geom.name] = s.mask.detach().cpu().numpy().reshape(s.geom.in_shape).copy()
         for s in self.states:  # write_back reads parameters: take the hooks and masks away first
             if s.hook is not None:
                 s.hook.remove()
