@@ -110,6 +110,8 @@ def compress(
     admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
     admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
     rho: float = typer.Option(5e-3, "--rho", help="ECC: initial ADMM penalty ρ (doubles every iteration)."),
+    admm_w_step: str = typer.Option("prox", "--admm-w-step",
+                                    help="ECC: prox (proximal step after each Adam step) | penalty (in the loss)."),
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="Where latency is measured."),
     threads: int = typer.Option(1, "--threads", help="onnxruntime threads for latency measurements."),
     max_rounds: int = typer.Option(None, "--max-rounds",
@@ -140,7 +142,8 @@ def compress(
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
                               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, admm_iterations=admm_iterations,
-                              admm_epochs=admm_epochs, rho=rho, provider=provider, threads=threads,
+                              admm_epochs=admm_epochs, rho=rho, admm_w_step=admm_w_step, provider=provider,
+                              threads=threads,
                               max_rounds=max_rounds, verify_projection=verify_projection,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen)

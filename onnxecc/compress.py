@@ -57,6 +57,7 @@ class CompressOptions:
     admm_epochs: int = 2  # epochs per ADMM iteration (W-step)
     rho: float = 5e-3
     rho_growth: float = 2.0
+    admm_w_step: str = "prox"  # ECC W-step: prox (exact proximal step after each Adam step) | penalty (in the loss)
     provider: str = "CPUExecutionProvider"  # where latency is measured (closed loop, report)
     threads: int = 1
     closed_loop: bool = True  # measured metrics: re-measure the output; tighten if it misses, loosen if far under
@@ -355,6 +356,8 @@ def _check_options(opts: CompressOptions) -> None:
     bad_round = opts.round_to is not None and opts.round_to < 1
     if opts.epochs < 0 or bad_round or opts.min_width < 1 or (opts.max_rounds or 1) < 1:
         raise UserError("--epochs must be ≥ 0; --round-to, --min-width and --max-rounds ≥ 1")
+    if opts.admm_w_step not in ("prox", "penalty"):
+        raise UserError(f"unknown --admm-w-step '{opts.admm_w_step}': choose prox or penalty")
     if opts.importance not in ("auto", "fisher", "l2"):
         raise UserError(f"unknown importance '{opts.importance}': choose auto, fisher or l2")
     if opts.importance == "fisher" and not opts.data:
@@ -419,7 +422,8 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             from onnxecc.ecc import AdmmConfig, admm
 
             config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth,
-                                verify=opts.verify_projection, importance="fisher" if fisher else "l2")
+                                verify=opts.verify_projection, importance="fisher" if fisher else "l2",
+                            w_step=opts.admm_w_step)
             log = admm(problem, mm, target, config, emit)
             history += [{"phase": "admm", **e} for e in log]
             names = problem.producer_tensors()
