@@ -92,7 +92,7 @@ def compress(
                                help="0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k (params)."),
     output: str = typer.Option(..., "--output", "-o", help="Where to write the compressed .onnx file."),
     metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
-    method: str = typer.Option("auto", "--method", help="auto (ecc with --profile and --data, else project) | "
+    method: str = typer.Option("auto", "--method", help="auto (ecc with --data, else project) | "
                                                         "project | ecc | uniform | greedy | wsp."),
     profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
     hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
