@@ -124,15 +124,29 @@ def compress(
     loosen: bool = typer.Option(None, "--loosen/--no-loosen",
                                 help="Closed loop: re-project an output measured >10% under the budget "
                                      "(default: only when no training)."),
+    knobs: str = typer.Option("width", "--knobs",
+                              help="What compress may change: width (channels), or width,precision (also int8 QDQ "
+                                   "layers where measured faster; needs --data and --metric latency)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
     checkpoint: str = typer.Option(None, "--checkpoint",
                                    help="Where Ctrl-C saves the training state (default: OUTPUT.ckpt)."),
     resume: str = typer.Option(None, "--resume", help="Continue the run interrupted into this checkpoint."),
+    nproc: int = typer.Option(1, "--nproc",
+                              help="Train in N local processes (DistributedDataParallel; gloo on CPU, nccl on "
+                                   "CUDA), as `torchrun --nproc_per_node N -m onnxecc compress ...` does."),
 ) -> None:
     """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning).
 
     Ctrl-C while it trains saves a checkpoint and prints the command that resumes it (a second Ctrl-C stops
     at once)."""
+    from onnxecc import distributed
+
+    if nproc != 1:  # the same command in N processes (onnxecc.distributed.launch); this one only waits
+        if nproc < 1:
+            raise UserError(f"--nproc {nproc}: give at least 1 process")
+        raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_nproc(sys.argv[1:])]))
+    if distributed.env_rank() > 0:  # under torchrun / --nproc rank 0 alone prints (and writes)
+        console.quiet = err_console.quiet = True
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from onnxecc.budget import format_cost
@@ -146,7 +160,8 @@ def compress(
                               threads=threads,
                               max_rounds=max_rounds, verify_projection=verify_projection,
                               round_to=round_to, min_width=min_width, device=device,
-                              proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen)
+                              proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
+                              knobs=tuple(k.strip() for k in knobs.split(",")))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
@@ -196,6 +211,8 @@ def compress(
             progress.stop()
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
+    for name, layer in ((result.precision or {}).get("measured", {}).get("layers", {})).items():
+        err_console.print(f"  {layer['precision']:4s} {name}: {layer['reason']}", highlight=False, markup=False)
 
     def fmt(v):
         return format_cost(v, metric) if v is not None else "-"
@@ -392,6 +409,18 @@ def sweep(
     console.print(table)
     console.print(f"{result.computed} point(s) computed, {len(result.points) - result.computed} reused or skipped; "
                   f"summary {result.outdir / 'sweep.json'}" + (f", plot {result.plot}" if result.plot else ""))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _resume_command(path) -> str:

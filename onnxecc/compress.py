@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxecc import atomic, ingest, runtime
+from onnxecc import atomic, distributed, ingest, runtime
 from onnxecc import checkpoint as checkpoints
 from onnxecc.analysis import analyse
 from onnxecc.budget import Budget, format_cost, parse_budget
@@ -65,6 +65,7 @@ class CompressOptions:
     verify_projection: bool = False  # debug: check every ADMM Z-step against the exact MILP (small models)
     importance: str = "auto"  # channel importance for project/ecc: fisher (needs --data) | l2; auto: fisher with data
     max_rounds: int | None = None  # closed-loop rounds; None: 6 when a round only projects (seconds), else 3
+    knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.quantize)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class CompressResult:
     method: str = "none"
     rounds: list[dict] = field(default_factory=list)  # closed-loop rounds: internal budget, measurement
     measured_miss: bool = False  # the measurement missed the budget after every round
+    precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.quantize)
 
     @property
     def final_cost(self) -> float:
@@ -126,6 +128,7 @@ class CompressResult:
             "latency_ratio": (self.latency_after.median_s / self.latency_before.median_s
                               if self.latency_after and self.latency_before else None),
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
+            "precision": self.precision,
         }
 
 
@@ -188,6 +191,11 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
             atomic.check_output_path(path)
     _check_options(opts)
     parsed = parse_budget(str(budget), opts.metric)
+    _check_devices(opts)
+    if distributed.launched():  # torchrun / --nproc: DDP training, rank 0 projects, measures and writes
+        if opts.method == "wsp":
+            raise UserError("--method wsp trains in one process: run it without torchrun / --nproc")
+        distributed.init(opts.device)
     if opts.method == "wsp" and resume is not None:
         raise UserError("--method wsp cannot be resumed: rerun the command without --resume")
     resumed = checkpoints.load(resume) if resume is not None else None
@@ -219,6 +227,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         opts.round_to = opts.round_to or int(profile.settings.get("step", 1))
         opts.provider = profile.provider
         opts.threads = int(profile.settings.get("threads", opts.threads))
+    _check_devices(opts)  # again: a profile names its provider
     if not opts.round_to:  # channel counts the target's kernels like (MLAS on AVX-512: 16; measured in DESIGN)
         from onnxecc.profiler.sampling import auto_step
 
@@ -233,6 +242,12 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         raise UserError(f"--method {method} trains the network and needs --data (digits or FILE.npz); "
                         "without data use --method project or uniform")
     data = _load_data(opts.data, shaped, layers) if opts.data else None
+    precision = None
+    if "precision" in opts.knobs and target < original:  # int8 layers by measurement; their terms scaled down
+        from onnxecc.quantize import plan_precision
+
+        precision = plan_precision(proto, analysis, cost, profile, data, opts, emit)
+        cost = precision.cost
     prunable_groups = {g.id for g in graph.prunable_groups}
     problem = Problem(proto, graph, variables, cost, [v for v, g in enumerate(variables.group) if g in prunable_groups],
                       opts.min_width, opts.round_to, fmt)
@@ -271,10 +286,13 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
                 keep, trained, history = _select(method, problem, internal, data, opts, emit)
             emit("stage", {"name": "prune"})
             out_model = prune_channels(trained, keep, graph)
+            if precision is not None:  # the closed loop measures the QDQ model that is written
+                out_model = precision.apply(out_model)
             estimated = cost(variables_widths(variables, keep))
             record = {"round": round_, "internal_budget": internal, "estimated_cost": estimated}
             rounds.append(record)
-            check = _closed_loop_check(opts, proto, out_model, parsed, target)
+            check = distributed.on_main(  # rank 0 measures, every rank follows its verdict
+                lambda m=out_model: _closed_loop_check(opts, proto, m, parsed, target))
             if check is None:
                 break
             record.update(check)
@@ -309,9 +327,14 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     )
     result.method = method if pruned else "none"
     result.rounds = rounds
+    if precision is not None:
+        result.precision = precision.as_dict(out_model)
+        warnings.append(f"precision: {len(result.precision['int8_layers'])} layer(s) in int8 (QDQ); fine-tuning "
+                        "ran in fp32 (no quantization-aware training)")
     emit("stage", {"name": "validate"})
     t = time.perf_counter()
-    _evaluate(result, proto, data, opts)
+    if distributed.is_main():  # the other ranks hold the same model: rank 0 alone evaluates and writes
+        _evaluate(result, proto, data, opts)
     timings["validate"] = time.perf_counter() - t
     measured_fail = (chosen := _selected_round(rounds)) is not None and chosen.get("meets") is False
     if not result.meets_budget and not measured_fail:
@@ -324,6 +347,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     })
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
+    if not distributed.is_main():
+        return result
     if measured_fail:
         result.measured_miss = True
         if output is not None:  # never hand an over-budget model over under the requested name
@@ -364,6 +389,11 @@ def _check_options(opts: CompressOptions) -> None:
         raise UserError("--importance fisher needs --data (loss gradients define it): pass --data or use l2")
     if opts.method not in METHODS and opts.method != "netadapt":
         raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
+    if tuple(opts.knobs) != ("width",):
+        from onnxecc.quantize import check_knobs, parse_knobs
+
+        check_knobs(opts)
+        opts.knobs = parse_knobs(opts.knobs)
 
 
 def variables_widths(variables: Variables, keep: dict[int, np.ndarray]) -> dict[int, int]:
@@ -389,7 +419,9 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
     total_epochs = opts.epochs + admm_epochs  # every method gets the same training budget as ecc
     if _projection_only(method, data, opts):
         emit("stage", {"name": "project"})
-        keep = problem.project(target)[0] if method == "project" else uniform_keep(problem, target)
+        keep = distributed.on_main(
+            lambda: problem.project(target)[0] if method == "project" else uniform_keep(problem, target))
+        distributed.check_same(keep, "channel keep sets")
         return keep, problem.proto, []
     mm = _masked_model(problem, data, opts)
     history: list[dict] = []
@@ -404,7 +436,8 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             keep, total_epochs = checkpoints.keep_from_plain(saved["keep"]), saved["total_epochs"]
             history += saved["history"]
         elif method == "project":
-            keep = problem.project(target, fisher=mm.fisher(problem.producer_tensors()) if fisher else None)[0]
+            keep = distributed.on_main(lambda: problem.project(
+                target, fisher=mm.fisher(problem.producer_tensors()) if fisher else None)[0])
         elif method == "uniform":
             keep = uniform_keep(problem, target)
         elif method == "greedy":
@@ -428,15 +461,30 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             history += [{"phase": "admm", **e} for e in log]
             names = problem.producer_tensors()
             # hard projection of the trained W, in the Z-steps' metric
-            keep = problem.project(target, mm.onnx_values(names), fisher=mm.fisher(names) if fisher else None)[0]
+            keep = distributed.on_main(lambda: problem.project(
+                target, mm.onnx_values(names), fisher=mm.fisher(names) if fisher else None)[0])
             total_epochs = opts.epochs
         else:
             raise UserError(f"unknown method '{method}'")
+        distributed.check_same(keep, "channel keep sets")  # several processes: every rank masks the same channels
         now.update(phase="finetune", keep=keep)
         mm.set_keep(keep)
         emit("stage", {"name": "finetune", "epochs": total_epochs})
         history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit)]
     return keep, mm.write_back(), history
+
+
+def _check_devices(opts: CompressOptions) -> None:
+    """Fail in one line, before any work, when --device cuda or a latency provider is not available here."""
+    if opts.device.startswith("cuda"):
+        distributed.check_device(opts.device)
+    if opts.metric == "latency" and opts.closed_loop:  # the provider the closed loop measures on
+        import onnxruntime as ort
+
+        if opts.provider not in ort.get_available_providers():
+            raise UserError(f"execution provider {opts.provider} is not available here (available: "
+                            f"{', '.join(ort.get_available_providers())}): install the onnxruntime build that has "
+                            "it, or measure on CPUExecutionProvider")
 
 
 def _auto_method(opts: CompressOptions) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onnxecc import checkpoint
+from onnxecc import checkpoint, distributed
 from onnxecc.masked import MaskedModel
 from onnxecc.problem import Problem
 from onnxecc.projection import project
@@ -73,6 +73,15 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
     def z_step(budget: float) -> dict[int, np.ndarray]:
         with torch.no_grad():
             v = {n: tensors[n] + u[n] for n in constrained}
+        # several processes (onnxecc.distributed): rank 0 projects, every rank gets its keep sets and checks them
+        keep = distributed.on_main(lambda: z_keep(v, budget))
+        distributed.check_same(keep, "ADMM Z-step keep sets")
+        masks = mm.torch_masks(keep)
+        for n in constrained:
+            z[n] = v[n].detach() * masks[n] if n in masks else v[n].detach().clone()
+        return keep
+
+    def z_keep(v: dict[str, torch.Tensor], budget: float) -> dict[int, np.ndarray]:
         onnx_values = {n: mm.tm.layouts[n].to_onnx(v[n]) if n in mm.tm.layouts else v[n].detach().numpy()
                        for n in names if n in v}
         fisher = mm.fisher(names) if config.importance == "fisher" else None
@@ -86,11 +95,7 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
             checks.append({"greedy": proj.kept_importance, "exact": exact.kept_importance,
                            "gap": (exact.kept_importance - proj.kept_importance) / max(exact.kept_importance, 1e-30),
                            "greedy_feasible": proj.cost <= budget * (1 + 1e-12)})
-        keep = problem.variables.group_keep(proj.keep)
-        masks = mm.torch_masks(keep)
-        for n in constrained:
-            z[n] = v[n].detach() * masks[n] if n in masks else v[n].detach().clone()
-        return keep
+        return problem.variables.group_keep(proj.keep)
 
     def penalty() -> torch.Tensor:
         total = 0.0

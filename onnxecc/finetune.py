@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onnxecc import checkpoint
+from onnxecc import checkpoint, distributed
 from onnxecc.errors import UserError
 
 
@@ -62,6 +62,11 @@ class TrainHistory:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The training device; under DDP on CUDA this rank's GPU. UserError (one line) when CUDA is asked for and
+    absent."""
+    distributed.check_device(name)
+    if distributed.device() is not None and name in ("auto", "cuda"):
+        return torch.device(distributed.device())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -116,15 +121,30 @@ _SMALL_MODEL = 2_000_000  # parameters
 
 def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups=(),
               after_step=None) -> TrainHistory:
-    import time
-
     device = pick_device(config.device)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed if config.shuffle_seed is None else config.shuffle_seed)
     module.to(device)
     for m in masks:
         m.mask = m.mask.to(device)
         m.apply()
+    ddp = distributed.current()  # several processes (onnxecc.distributed): DDP, each rank a shard of every batch
+    net = distributed.wrap(module) if ddp is not None else module
+    try:
+        return _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty,
+                     param_groups, after_step)
+    finally:
+        del net  # DDP's gradient hooks must not outlive this run (rank 0 alone computes Fisher importances)
+        if ddp is not None:
+            import gc
+
+            gc.collect()
+
+
+def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
+          after_step) -> TrainHistory:
+    import time
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed if config.shuffle_seed is None else config.shuffle_seed)
     grouped = {id(p) for g in param_groups for p in g["params"]}
     params = [p for p in module.parameters() if p.requires_grad and id(p) not in grouped]
     optimizer = torch.optim.Adam([{"params": params}, *param_groups] if param_groups else params, lr=config.lr,
@@ -164,6 +184,8 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
         if resumed is not None:  # the interrupted epoch: same order, from the next batch, same running sums
             order, first = resumed["order"], resumed["position"]
             total_loss, correct = resumed["total_loss"], resumed["correct"]
+            if not distributed.is_main():  # the saved sums are global: rank 0 carries them, the others add to 0
+                total_loss, correct = 0.0, 0
             start -= resumed["epoch_seconds"]
             resumed = None
         else:
@@ -171,12 +193,17 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
             total_loss, correct = 0.0, 0
         for i in range(first, n, config.batch_size):
             idx = order[i:i + config.batch_size]
+            idx, scale, count = distributed.shard(idx)  # the whole batch in one process (scale 1)
             xb, tb = xs[idx].to(device), ts[idx].to(device)
             yb = ys[idx].to(device) if ys is not None else None
-            out = module(xb)
+            out = net(xb)
             loss = distillation_loss(out, tb, yb, config.temperature, weight)
+            logged = loss
+            if scale != 1.0:  # DDP averages over the ranks: Σ_ranks scale·mean_rank / W = the global batch mean
+                loss = loss * scale
             if penalty is not None:
-                loss = loss + penalty()
+                term = penalty()
+                loss, logged = loss + term, logged + term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for m in masks:
@@ -187,15 +214,20 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
                 scheduler.step()
             for m in masks:  # Adam's moments could otherwise revive a pruned entry
                 m.apply()
-            total_loss += float(loss.detach()) * len(idx)
-            if yb is not None:
+            total_loss += float(logged.detach()) * count
+            if yb is not None and count:
                 correct += int((out.argmax(1) == yb).sum())
             step += 1
             if after_step:
                 after_step(step, total_steps)
             if on_batch:
                 on_batch(step, total_steps)
-            if ck is not None and ck.requested:
+            if ck is not None and (ck.requested if ddp is None else distributed.any_rank(ck.requested)):
+                sums = distributed.all_reduce_sum([total_loss, correct]) if ddp is not None else None
+                if ddp is not None and not ddp.is_main:  # every rank stops here; rank 0 alone writes the file
+                    raise checkpoint.Interrupted(None if ck.not_resumable else ck.path, ck.not_resumable)
+                if sums is not None:
+                    total_loss, correct = sums[0], int(round(sums[1]))
                 ck.stop({  # raises checkpoint.Interrupted
                     "module": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -203,6 +235,9 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
                     "step": step, "total_steps": total_steps, "n": n, "epoch": epoch, "order": order,
                     "position": i + config.batch_size, "total_loss": total_loss, "correct": correct,
                     "epoch_seconds": time.perf_counter() - start, "history": history.as_dict()})
+        if ddp is not None:  # every rank logs the global sums
+            total_loss, correct = distributed.all_reduce_sum([total_loss, correct])
+            correct = int(round(correct))
         log = EpochLog(epoch + 1, total_loss / n, correct / n if ys is not None else None,
                        time.perf_counter() - start)
         history.epochs.append(log)
@@ -210,4 +245,6 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
             on_epoch(log)
     module.eval()
     module.to("cpu")
+    if ddp is not None:  # DDP keeps the replicas equal; a rank that diverged would write a different model
+        distributed.check_same(module.state_dict(), "weights after training")
     return history

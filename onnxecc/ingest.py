@@ -7,6 +7,7 @@ is wrong, rather than surface later as a KeyError deep inside a converter.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,8 @@ def _check_sizes(model: onnx.ModelProto, path: Path | None) -> None:
         if not _uses_external_data(t) and not _data_fits(t):
             raise UserError(f"{where}: tensor '{t.name}' holds a different amount of data than its shape "
                             f"{tuple(t.dims)} needs: the file is corrupt, re-export it")
-    try:  # a model over 2 GB cannot be serialised for inference: the checker ran on its path instead
-        inferred = model if model.ByteSize() >= _TWO_GB else onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    try:  # on the skeleton: the weights' values play no part (and a model over 2 GB cannot be serialised)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{where} has inconsistent shapes: {first} — re-export the model") from exc
@@ -140,12 +141,17 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
 
 
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
+    """The ONNX checker on the model's skeleton (see `skeleton`): the same verdict as on the whole model, whose
+    weights are never copied (`check_model(model)` would serialise it once and parse it again in C++: three
+    times its size in memory, and impossible over 2 GB)."""
     where = path or "model"
     try:
-        if model.ByteSize() >= _TWO_GB and path is not None:
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
+        with tempfile.TemporaryDirectory(prefix="onnxecc-check-") as tmp:
+            open(os.path.join(tmp, _STUB_LOCATION), "wb").close()  # the checker wants external data to exist
+            skeleton_path = os.path.join(tmp, "model.onnx")
+            with open(skeleton_path, "wb") as f:
+                f.write(skeleton(model).SerializeToString())
+            onnx.checker.check_model(skeleton_path)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{where} fails the ONNX checker: {first}") from exc
@@ -163,7 +169,7 @@ def _data_fits(t: onnx.TensorProto) -> bool:
     if t.data_type in _SUB_BYTE or t.data_type == onnx.TensorProto.STRING:
         return True
     if t.HasField("raw_data"):
-        return len(t.raw_data) == n * itemsize
+        return len(t.raw_data) == n * itemsize  # a copy of one tensor at a time
     try:
         return onnx.numpy_helper.to_array(t).size == n
     except Exception:
@@ -192,15 +198,180 @@ def _uses_external_data(tensor: onnx.TensorProto) -> bool:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically (never a half-written model); models over 2 GB keep their weights in `NAME.data`."""
-    if model.ByteSize() < _TWO_GB:
-        return atomic.write_bytes(path, model.SerializeToString())
+    """Write atomically (never a half-written model). A model whose file would pass protobuf's 2 GB limit keeps
+    its weights in `NAME.data` next to it (ONNX external data; written first, both renamed into place).
+
+    `model` is not modified, and never serialised whole: tensors are written one at a time, so the memory
+    needed is the model plus its largest tensor (`SerializeToString` would need the model twice, and fails over
+    2 GB). The bytes of an inline model are exactly `model.SerializeToString()`'s."""
     path = atomic.check_output_path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if _model_size(model) < _TWO_GB:
+        return atomic.write_with(path, lambda f: _write_model(f, model, {}))
+    data = path.with_name(path.name + ".data")
+    tmp_data = data.with_name(f".{data.name}.tmp-{os.getpid()}")
     try:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        stubs = _write_external(model, tmp_data, data.name)
+        atomic.write_with(path, lambda f: (os.replace(tmp_data, data), _write_model(f, model, stubs)))
+    finally:
+        tmp_data.unlink(missing_ok=True)
     return path
+
+
+# ---- the skeleton and streamed serialisation (models of any size) ----------------------------------------
+
+_STUB_BYTES = 1024  # tensors from this size on are left out of skeletons and go to external data over 2 GB
+_STUB_LOCATION = "onnxecc-skeleton.data"
+_ALIGN = 4096  # external data offsets (page-aligned: runtimes may memory-map them)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose initializers of `_STUB_BYTES` or more carry their name, type and dims but no
+    data (marked as external data in `_STUB_LOCATION`): what the checker and shape inference need, at the cost
+    of the graph's structure rather than its weights. Small tensors (shapes, axes) keep their values."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    if model.HasField("graph"):
+        _copy_fields(model.graph, out.graph, skip=("initializer",))
+        out.graph.initializer.extend(_stub(t, _STUB_LOCATION) if _nbytes(t) >= _STUB_BYTES else t
+                                     for t in model.graph.initializer)
+    return out
+
+
+def _copy_fields(src, dst, skip=()) -> None:
+    """Copy every set field of `src` into `dst` except `skip` (no copy of the skipped fields is ever made)."""
+    for fd in src.DESCRIPTOR.fields:
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(getattr(src, fd.name))
+        elif src.HasField(fd.name):
+            if fd.message_type is not None:
+                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
+            else:
+                setattr(dst, fd.name, getattr(src, fd.name))
+
+
+def _stub(t: onnx.TensorProto, location: str, offset: int | None = None, length: int | None = None
+          ) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    _copy_fields(t, out, skip=("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                               "uint64_data", "external_data", "data_location"))
+    out.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        if value is not None:
+            entry = out.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return out
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """The size of the tensor's data from its dims and type (upb's `ByteSize()` encodes a tensor to count it,
+    and reading `raw_data` copies it: either one holds the tensor twice in memory)."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:  # undefined or exotic element type: count it as large
+        return _STUB_BYTES
+
+
+def _tensor_size(t: onnx.TensorProto) -> int:
+    """The encoded size of `t` without encoding its data (raw data of a fixed-size type fills its dims: checked
+    on load; `_write_model` verifies the total it wrote)."""
+    if not t.HasField("raw_data") or t.data_type in _SUB_BYTE or t.data_type == onnx.TensorProto.STRING:
+        return t.ByteSize()
+    out = onnx.TensorProto()
+    _copy_fields(t, out, skip=("raw_data",))
+    length = _nbytes(t)
+    return out.ByteSize() + len(_field(_RAW_DATA, length)) + length
+
+
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _plan(model: onnx.ModelProto, stubs: dict[int, onnx.TensorProto]):
+    """The parts of `model`'s encoding in field-number order: model fields before/after the graph, graph fields
+    before/after the initializers, and (tensor or its stub, encoded size) per initializer; and the total size."""
+    m_head, m_tail = _split(model, _GRAPH)
+    g_head, g_tail = _split(model.graph, _INITIALIZER)
+    inits = [(stubs.get(i, t), _tensor_size(stubs.get(i, t))) for i, t in enumerate(model.graph.initializer)]
+    graph = len(g_head) + len(g_tail) + sum(len(_field(_INITIALIZER, n)) + n for _, n in inits)
+    total = len(m_head) + len(m_tail) + (len(_field(_GRAPH, graph)) + graph if model.HasField("graph") else 0)
+    return m_head, m_tail, g_head, g_tail, inits, graph, total
+
+
+def _model_size(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()` without encoding the weights (upb's ByteSize encodes the whole model to count it)."""
+    return _plan(model, {})[-1]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload_size: int) -> bytes:
+    """The tag and length prefix of a length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(payload_size)
+
+
+def _write_external(model: onnx.ModelProto, data_path: Path, location: str) -> dict[int, onnx.TensorProto]:
+    """Write the data of every initializer of `_STUB_BYTES` or more to `data_path` (one tensor in memory at a
+    time); returns index → the stub that refers to it."""
+    from onnx import numpy_helper
+
+    stubs: dict[int, onnx.TensorProto] = {}
+    with open(data_path, "wb") as f:
+        for i, t in enumerate(model.graph.initializer):
+            if _nbytes(t) < _STUB_BYTES or _uses_external_data(t) or t.data_type == onnx.TensorProto.STRING:
+                continue
+            if t.HasField("raw_data"):
+                data = t.raw_data
+            else:  # typed fields: ONNX raw data is little-endian
+                value = numpy_helper.to_array(t)
+                data = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+            offset = -(-f.tell() // _ALIGN) * _ALIGN
+            f.seek(offset)
+            f.write(data)
+            stubs[i] = _stub(t, location, offset, len(data))
+            del data
+        f.flush()
+        os.fsync(f.fileno())
+    return stubs
+
+
+def _write_model(f, model: onnx.ModelProto, stubs: dict[int, onnx.TensorProto]) -> None:
+    """`model`'s protobuf encoding, written field by field in field-number order (so the bytes equal
+    `SerializeToString()`'s), each initializer encoded on its own, or replaced by its stub."""
+    m_head, m_tail, g_head, g_tail, inits, graph, total = _plan(model, stubs)
+    start = f.tell()
+    f.write(m_head)
+    if model.HasField("graph"):
+        f.write(_field(_GRAPH, graph))
+        f.write(g_head)
+        for t, n in inits:
+            data = t.SerializeToString()
+            if len(data) != n:
+                raise RuntimeError(f"tensor '{t.name}' encodes to {len(data)} bytes, not the {n} planned")
+            f.write(_field(_INITIALIZER, n))
+            f.write(data)
+            del data
+        f.write(g_tail)
+    f.write(m_tail)
+    if f.tell() - start != total:
+        raise RuntimeError(f"wrote {f.tell() - start} bytes of the model, not the {total} planned")
+
+
+def _split(msg, number: int) -> tuple[bytes, bytes]:
+    """The encodings of `msg`'s fields numbered below and above `number` (that field left out)."""
+    head, tail = type(msg)(), type(msg)()
+    _copy_fields(msg, head, skip=tuple(fd.name for fd in msg.DESCRIPTOR.fields if fd.number >= number))
+    _copy_fields(msg, tail, skip=tuple(fd.name for fd in msg.DESCRIPTOR.fields if fd.number <= number))
+    return head.SerializeToString(), tail.SerializeToString()

@@ -1,0 +1,185 @@
+"""Area `quantize`: precision as a second knob (issue #11) — width alone vs width + int8 at one latency budget.
+
+Per model and latency budget, `onnxecc.compress(..., metric="latency", method="project", knobs=K)` with
+K = ("width",) and ("width", "precision"), the same data, epochs and seed. Demo models (digits_cnn, digits_resdw):
+the shipped CPU latency profiles, `--data digits` (fine-tuning, held-out accuracy). Torchvision archs (resnet18,
+mobilenet_v2; weights=None, the test zoo's 64×64 exports): the `guarantee` area's cached latency profiles and an
+npz of random inputs as data (calibration; no labels, no fine-tuning: projection only) — their column is top-1
+agreement with the original on those inputs, not accuracy. Every output is timed again side by side with the
+original (`_common.latency_pair`): the `measured` column. The precision runs' per-layer measured int8 savings
+(marginal, in context, at full width) are kept in the JSON; layers measured *slower* in int8 are listed in the
+notes — the profile detected them and they stayed fp32.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from rich.table import Table
+
+from bench import _common
+
+ORDER = 58
+DESCRIPTION = "width vs width+int8 (QDQ) at latency budgets 0.3/0.5: accuracy at equal measured latency"
+KNOBS = {"width": ("width",), "width+precision": ("width", "precision")}
+
+
+def config(quick: bool) -> dict:
+    if quick:
+        return {"models": ["digits_cnn"], "archs": [], "budgets": [0.5], "epochs": 5, "seed": 0, "rounds": 5,
+                "round_s": 0.1, "torch_threads": 1, "npz_samples": 64}
+    return {"models": ["digits_cnn", "digits_resdw"], "archs": ["resnet18", "mobilenet_v2"], "budgets": [0.3, 0.5],
+            "epochs": None, "seed": 0, "rounds": 7, "round_s": 0.15, "torch_threads": 1, "npz_samples": 64}
+
+
+def run(quick: bool, **overrides) -> dict:
+    cfg = _common.merge_config(config(quick), overrides, "quantize")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg["torch_threads"]))
+    rows = []
+    try:
+        for name in cfg["models"]:
+            path = _common.MODELS / f"{name}.onnx"
+            prof = _common.MODELS.parent / "profiles" / f"{name}.cpu.json"
+            for budget in cfg["budgets"]:
+                rows.append(_pair_row(name, path, str(prof), "digits", budget, cfg, labels=True))
+        for arch in cfg["archs"]:
+            try:
+                path, prof, data = _arch_setup(arch, cfg)
+            except Exception as exc:
+                rows.append({"model": arch, "error": _common.error_text(exc)})
+                continue
+            for budget in cfg["budgets"]:
+                rows.append(_pair_row(arch, path, str(prof), str(data), budget, {**cfg, "epochs": 0}, labels=False))
+    finally:
+        torch.set_num_threads(threads)
+    notes = [
+        "ORT CPUExecutionProvider, 1 thread, batch 1. method project; fine-tuning in fp32 (no QAT: the int8 layers "
+        "are post-training static QDQ quantization, per-channel int8 weights, uint8 activations, MinMax "
+        "calibration on 128 samples of the data).",
+        "closed = closed-loop measured latency ratio of the returned output (the verdict); fresh = timed again side "
+        f"by side ({cfg['rounds']} rounds). Torchvision rows: agreement with the original on random inputs, no "
+        "training (weights=None, no data of their shape).",
+    ]
+    for r in rows:
+        if "error" in r:
+            notes.append(f"error: {r['model']}: {r['error']}")
+            continue
+        p = r.get("width+precision", {})
+        if "unreachable" in p or "unreachable" in r.get("width", {}):
+            notes.append(f"unreachable: {r['model']}@{r['budget']}: "
+                         f"{(p.get('unreachable') or r['width'].get('unreachable'))[:150]}")
+        slower = p.get("slower_in_int8") or []
+        if slower and not any(n.startswith(f"{r['model']}:") for n in notes):
+            notes.append(f"{r['model']}: int8 measured slower than fp32 (kept fp32): "
+                         + ", ".join(f"{n} {s * 1e6:+.1f} µs" for n, s in slower))
+    return {"config": cfg, "rows": rows, "notes": notes}
+
+
+def _arch_setup(arch: str, cfg: dict):
+    """The test zoo's 64×64 export, its cached latency profile (area `guarantee`), an npz of random inputs."""
+    from bench import guarantee
+
+    path = _common.zoo().export(arch)
+    gcfg = guarantee.config(False)
+    prof, _ = guarantee._profile(arch, path, gcfg, {})
+    data = _common.cache_dir() / f"random-{arch}-{cfg['npz_samples']}.npz"
+    if not data.exists():
+        import onnx
+
+        dims = [d.dim_value or 1 for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+        x = np.random.default_rng(cfg["seed"]).standard_normal([cfg["npz_samples"], *dims[1:]]).astype(np.float32)
+        data.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(data, x=x)
+    return path, prof, data
+
+
+def _pair_row(name: str, path, profile: str, data: str, budget: float, cfg: dict, labels: bool) -> dict:
+    row = {"model": name, "budget": budget}
+    for label, knobs in KNOBS.items():
+        row[label] = _run(path, profile, data, budget, knobs, cfg, labels)
+    return row
+
+
+def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, labels: bool) -> dict:
+    from onnxecc import ingest
+    from onnxecc.compress import CompressOptions, compress
+    from onnxecc.errors import UserError
+
+    opts = CompressOptions(metric="latency", profile=profile, data=data, method="project", seed=cfg["seed"],
+                           measure_latency=False, knobs=knobs)
+    if cfg["epochs"] is not None:
+        opts.epochs = int(cfg["epochs"])
+    t = time.perf_counter()
+    try:
+        res = compress(str(path), str(budget), None, opts)
+    except UserError as exc:
+        return {"unreachable": str(exc)}
+    wall = time.perf_counter() - t
+    x = _input(data, path)
+    fresh = _common.latency_pair(ingest.load(path), res.model, x, rounds=cfg["rounds"], round_s=cfg["round_s"])
+    chosen = next((r for r in res.rounds if r.get("selected")), res.rounds[-1] if res.rounds else {})
+    out = {"accuracy": res.accuracy_after if labels else None, "accuracy_before": res.accuracy_before,
+           "agreement": res.agreement, "closed_ratio": chosen.get("ratio"), "fresh_ratio": fresh["ratio"],
+           "noisy": fresh["noisy"], "meets": res.meets_budget, "rounds": len(res.rounds), "wall_s": wall,
+           "estimated_fraction": res.estimated_cost / res.original_cost,
+           "widths": {str(g): k for g, (k, _) in res.widths.items()}}
+    if res.precision:
+        layers = res.precision["measured"]["layers"]
+        out["int8_layers"] = res.precision["int8_layers"]
+        out["candidates"] = len(layers)
+        out["ratio_all_int8"] = res.precision["measured"]["ratio_all_int8"]
+        out["ratio_chosen_full_width"] = res.precision["measured"]["ratio_chosen"]
+        out["per_layer"] = {n: {"saving_us": v["saving_ms"] * 1e3, "saving_fraction": v["saving_fraction"],
+                                "precision": v["precision"], "cost_factor": v["cost_factor"]}
+                            for n, v in layers.items()}
+        out["slower_in_int8"] = [(n, v["saving_ms"] / 1e3) for n, v in layers.items()
+                                 if v["saving_ms"] < 0 and "SLOWER" in v["reason"]]
+        out["at_output_widths"] = [{"ratio_chosen": r["ratio_chosen"], "int8": len(r["int8_layers"])}
+                                   for r in res.precision["at_output_widths"]]
+    return out
+
+
+def _input(data: str, path) -> np.ndarray:
+    if data == "digits":
+        from onnxecc.data import load_digits
+
+        return load_digits(0).x_test[:1]
+    return np.load(data, allow_pickle=False)["x"][:1]
+
+
+def table(result: dict) -> Table:
+    t = Table(title="width vs width+precision (int8 QDQ) at latency budgets — ORT CPU, 1 thread; accuracy "
+                    "(torchvision: agreement) at the measured latency ratio")
+    for col in ("model", "budget", "width: acc / closed / fresh", "width+precision: acc / closed / fresh",
+                "int8 layers", "≥ width?", "meets"):
+        t.add_column(col, justify="left" if col in ("model", "budget") else "right")
+    for r in result["rows"]:
+        if "error" in r:
+            t.add_row(r["model"], "", f"[red]error[/] {r['error'][:60]}", "", "", "", "")
+            continue
+        w, p = r["width"], r["width+precision"]
+        if "unreachable" in w or "unreachable" in p:
+            t.add_row(r["model"], str(r["budget"]), "[yellow]unreachable[/]" if "unreachable" in w else _cell(w),
+                      "[yellow]unreachable[/]" if "unreachable" in p else _cell(p), "", "", "")
+            continue
+        better = _score(p) >= _score(w) - 1e-12
+        verdict = "n/a (no labels)" if p["accuracy"] is None else ("yes" if better else "[red]no[/]")
+        t.add_row(r["model"], str(r["budget"]), _cell(w), _cell(p),
+                  f"{len(p.get('int8_layers', []))}/{p.get('candidates', 0)}",
+                  verdict,
+                  ("yes" if w["meets"] else "[red]no[/]") + " / " + ("yes" if p["meets"] else "[red]no[/]"))
+    return t
+
+
+def _score(d: dict) -> float:
+    return d["accuracy"] if d["accuracy"] is not None else d["agreement"]
+
+
+def _cell(d: dict) -> str:
+    acc = f"{100 * d['accuracy']:.2f}%" if d["accuracy"] is not None else f"agree {d['agreement']:.2f}"
+    noisy = "?" if d.get("noisy") else ""
+    return f"{acc} / {_common.f2(d['closed_ratio'], 3)} / {d['fresh_ratio']:.3f}{noisy}"
