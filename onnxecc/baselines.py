@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxecc import checkpoint
 from onnxecc.errors import UserError
 from onnxecc.problem import Problem
 
@@ -55,35 +56,59 @@ def greedy(problem: Problem, mm, target: float, steps: int = 5, short_epochs: in
     per_step = (original - target) / steps
     log = []
     step = 0
-    while problem.cost(widths) > target * (1 + 1e-12):
-        step += 1
-        current = problem.cost(widths)
-        goal = max(target, current - per_step)
-        best = None
-        state = mm.state()  # masking zeroes weights: every candidate starts from the same weights
-        for v in problem.prunable:
-            candidate = _width_for(problem, widths, v, goal)
-            if candidate is None or candidate == widths[v]:
-                continue
-            trial = {**widths, v: candidate}
-            saved = current - problem.cost(trial)
-            mm.load_state(state)
-            mm.set_keep(problem.keep_from_widths(trial, importance))
-            acc = mm.accuracy(x_val, y_val)
-            reaches = problem.cost(trial) <= goal * (1 + 1e-12)
-            score = (reaches, acc / max(saved, 1e-30) if not reaches else acc)
-            if best is None or score > best[0]:
-                best = (score, v, candidate, acc)
-        if best is None:
-            raise UserError(f"greedy pruning cannot reach {problem.fmt(target)}: raise the budget")
-        widths[best[1]] = best[2]
-        mm.load_state(state)
-        mm.set_keep(problem.keep_from_widths(widths, importance))
-        emit("stage", {"name": f"greedy step {step}"})
-        mm.train(short_epochs, emit)
-        log.append({"step": step, "variable": best[1], "width": best[2], "val_accuracy": best[3],
-                    "cost": problem.cost(widths)})
+    # interrupt and resume (issue 9): the step being fine-tuned, the widths chosen so far (its own included),
+    # its choice and the log; the weights, optimizer and batch position come back from the training loop
+    ck = checkpoint.current()
+    saved = ck.take("greedy") if ck is not None else None
+    now = {"choice": None}
+    state = lambda: {"step": step, "widths": dict(widths), "choice": now["choice"], "log": log}  # noqa: E731
+    if saved is not None:
+        step, log = int(saved["step"]), list(saved["log"])
+        widths = {int(v): int(w) for v, w in saved["widths"].items()}
+    with checkpoint.frame("greedy", state):
+        while saved is not None or problem.cost(widths) > target * (1 + 1e-12):
+            if saved is not None:  # resumed inside this step's fine-tuning: its choice is already made
+                v, w, acc = saved["choice"]["variable"], saved["choice"]["width"], saved["choice"]["val_accuracy"]
+                saved = None
+                mm.set_keep(problem.keep_from_widths(widths, importance))  # the loop restores the weights
+            else:
+                step += 1
+                v, w, acc = _choose(problem, mm, widths, importance, max(target, problem.cost(widths) - per_step),
+                                    target, x_val, y_val)
+                widths[v] = w
+            now["choice"] = {"variable": v, "width": w, "val_accuracy": acc}
+            emit("stage", {"name": f"greedy step {step}"})
+            mm.train(short_epochs, emit)
+            log.append({"step": step, "variable": v, "width": w, "val_accuracy": acc, "cost": problem.cost(widths)})
+            now["choice"] = None
     return problem.keep_from_widths(widths, importance), log
+
+
+def _choose(problem: Problem, mm, widths: dict[int, int], importance, goal: float, target: float, x_val, y_val
+            ) -> tuple[int, int, float]:
+    """The variable to shrink this step, its new width and the masked model's validation accuracy with it; the
+    model is left masked with that choice, from the weights it had."""
+    current = problem.cost(widths)
+    best = None
+    state = mm.state()  # masking zeroes weights: every candidate starts from the same weights
+    for v in problem.prunable:
+        candidate = _width_for(problem, widths, v, goal)
+        if candidate is None or candidate == widths[v]:
+            continue
+        trial = {**widths, v: candidate}
+        saved = current - problem.cost(trial)
+        mm.load_state(state)
+        mm.set_keep(problem.keep_from_widths(trial, importance))
+        acc = mm.accuracy(x_val, y_val)
+        reaches = problem.cost(trial) <= goal * (1 + 1e-12)
+        score = (reaches, acc / max(saved, 1e-30) if not reaches else acc)
+        if best is None or score > best[0]:
+            best = (score, v, candidate, acc)
+    if best is None:
+        raise UserError(f"greedy pruning cannot reach {problem.fmt(target)}: raise the budget")
+    mm.load_state(state)
+    mm.set_keep(problem.keep_from_widths({**widths, best[1]: best[2]}, importance))
+    return best[1], best[2], best[3]
 
 
 def _width_for(problem: Problem, widths: dict[int, int], v: int, goal: float) -> int | None:

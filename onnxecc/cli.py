@@ -168,7 +168,7 @@ def compress(
     checkpoint = checkpoint or resume or str(default_path(model, output))
 
     def on_event(kind: str, info: dict) -> None:
-        if kind == "batch" and "told" not in task and method not in ("wsp", "greedy", "netadapt"):
+        if kind == "batch" and "told" not in task:  # every training method resumes (wsp and greedy too)
             task["told"] = True  # one line, also in logs: from here on Ctrl-C keeps the work done
             err_console.print(f"training: Ctrl-C stops and saves a checkpoint to {checkpoint}", highlight=False,
                               soft_wrap=True, markup=False)

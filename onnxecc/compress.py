@@ -178,8 +178,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     `onnxecc.checkpoint.request()`) stops after the current optimizer step, saves the training state to PATH and
     raises `onnxecc.checkpoint.Interrupted` (nothing else is written). `resume=PATH` continues such a run (same
     model, budget and options, else UserError) and ends with the weights of an uninterrupted run; the checkpoint
-    is then removed. Without `checkpoint` (and `resume`), SIGINT is left alone. --method wsp cannot be resumed:
-    it stops with `Interrupted(path=None, reason)`; greedy only in its final fine-tuning.
+    is then removed. Without `checkpoint` (and `resume`), SIGINT is left alone. Every training method resumes
+    (wsp and greedy included).
     """
     opts = copy.copy(options or CompressOptions())
     emit = on_event or (lambda kind, info: None)
@@ -196,17 +196,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         if opts.method == "wsp":
             raise UserError("--method wsp trains in one process: run it without torchrun / --nproc")
         distributed.init(opts.device)
-    if opts.method == "wsp" and resume is not None:
-        raise UserError("--method wsp cannot be resumed: rerun the command without --resume")
     resumed = checkpoints.load(resume) if resume is not None else None
-    if opts.method == "wsp":
-        from onnxecc.wsp import compress_wsp
-
-        ck = checkpoints.Checkpointer(checkpoint, {}) if checkpoint is not None else None
-        if ck is not None:
-            ck.not_resumable = "--method wsp cannot be resumed (no checkpoint written): rerun the command"
-        with checkpoints.active(ck):
-            return compress_wsp(model, parsed, output, opts, report, emit)
     proto = ingest.load(model)
     ck = None
     if checkpoint is not None:
@@ -214,6 +204,14 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         if resumed is not None:
             checkpoints.check_fingerprint(Path(resume), resumed["fingerprint"], fingerprint)
         ck = checkpoints.Checkpointer(checkpoint, fingerprint, resumed)
+    if opts.method == "wsp":  # its trainer saves and restores its own state (`onnxecc.wsp._Trainer`, frame "wsp")
+        from onnxecc.wsp import compress_wsp
+
+        with checkpoints.active(ck):
+            result = compress_wsp(model, parsed, output, opts, report, emit)
+        if resume is not None:  # the run the checkpoint was for is complete
+            Path(resume).unlink(missing_ok=True)
+        return result
 
     emit("stage", {"name": "analyse"})
     analysis = analyse(proto, "compress")
@@ -443,12 +441,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
         elif method == "greedy":
             from onnxecc.baselines import greedy
 
-            if ck is not None:
-                ck.not_resumable = "--method greedy cannot be resumed during its pruning steps (no checkpoint " \
-                                   "written): rerun the command"
-            keep, log = greedy(problem, mm, target, emit=emit)
-            if ck is not None:
-                ck.not_resumable = None  # its final fine-tuning can be resumed
+            keep, log = greedy(problem, mm, target, emit=emit)  # resumable: see its "greedy" frame
             history += [{"phase": "greedy", **e} for e in log]
             total_epochs -= len(log)
         elif method == "ecc":

@@ -59,7 +59,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxecc import atomic, ingest, runtime
+from onnxecc import atomic, checkpoint, ingest, runtime
 from onnxecc import hardware as hwm
 from onnxecc.budget import Budget, format_cost
 from onnxecc.errors import UnsupportedModelError, UserError
@@ -472,21 +472,61 @@ class _Trainer:
         self.emit("stage", {"name": "finetune", "epochs": epochs})
         self._total_steps = epochs * max(1, math.ceil(len(self.data.x_train) / opts.batch_size))
         self._step = 0
-        if dead_only:
-            self.drop_dead_inputs()
-        current = self.energy()["total"]
-        if e_m:  # weights and input masks together, one decaying budget (see the module docstring)
-            self.joint = True
-            self.install_masks()
-            self._loop("joint", e_w + e_m, teacher, lambda t: _geometric(current, plan.target, t))
-            self.freeze_masks()
-            self.mask_keep = self._kept_fraction()
-        else:
-            self._loop("weights", e_w, teacher, lambda t: _geometric(current, plan.target, t))
-        self.project_final()
-        if e_f:
-            self._finetune(e_f, teacher)
+        # interrupt and resume (issue 9): the phase and the trainer's state (`_state`); the weights, the mask
+        # parameters and the input power (module state), Adam and the batch position come back from the loop
+        ck = checkpoint.current()
+        saved = ck.take("wsp") if ck is not None else None
+        self._phase, self._current, self._loop_start, self._done, self._weight_masks = None, None, None, 0, None
+        with checkpoint.frame("wsp", self._state):
+            if saved is not None:
+                self._restore(saved)
+            else:
+                if dead_only:
+                    self.drop_dead_inputs()
+                self._current = self.energy()["total"]
+            current = self._current
+            if saved is None or saved["phase"] in ("joint", "weights"):
+                if e_m:  # weights and input masks together, one decaying budget (see the module docstring)
+                    if saved is None:
+                        self.joint = True
+                        self.install_masks()
+                    self._loop("joint", e_w + e_m, teacher, lambda t: _geometric(current, plan.target, t))
+                    self.freeze_masks()
+                    self.mask_keep = self._kept_fraction()
+                else:
+                    self._loop("weights", e_w, teacher, lambda t: _geometric(current, plan.target, t))
+                self.project_final()
+            if e_f:
+                self._finetune(e_f, teacher)
         return self.outcome()
+
+    def _state(self) -> dict:
+        """What an interrupted `_run` needs besides the training loop's own state (see `_restore`)."""
+        return {"phase": self._phase, "current": self._current, "step": self._step, "history": self.history,
+                "joint": self.joint, "use_masks": self.use_masks, "mask_keep": self.mask_keep,
+                "loop_start": self._loop_start, "done": self._done, "weight_masks": self._weight_masks,
+                "layers": [{"mask": s.mask is not None,
+                            "mask_trained": bool(s.mask is not None and s.mask.requires_grad),
+                            "seen": int(getattr(s.module, "wsp_input_seen", 0)) if s.mask is not None else 0,
+                            "fisher_w": s.fisher_w, "fisher_m": s.fisher_m} for s in self.states]}
+
+    def _restore(self, saved: dict) -> None:
+        """Back to the state `_state` saved: masks installed (their values and input power come back with the
+        module's state in the loop), flags, counters, running Fisher averages and history."""
+        if any(layer["mask"] for layer in saved["layers"]):
+            self.install_masks()
+        for s, layer in zip(self.states, saved["layers"], strict=True):
+            if s.mask is not None:
+                if not layer["mask"]:
+                    raise UserError("the checkpoint does not match this --method wsp run: start over without --resume")
+                s.mask.requires_grad_(layer["mask_trained"])
+                s.module.wsp_input_seen = layer["seen"]
+            s.fisher_w, s.fisher_m = layer["fisher_w"], layer["fisher_m"]
+        self.history[:] = saved["history"]
+        self._phase, self._current, self._step = saved["phase"], saved["current"], saved["step"]
+        self.joint, self.use_masks, self.mask_keep = saved["joint"], saved["use_masks"], saved["mask_keep"]
+        self._loop_start = tuple(saved["loop_start"]) if saved["loop_start"] is not None else None
+        self._done, self._weight_masks = saved["done"], saved["weight_masks"]
 
     def _kept_fraction(self) -> float:
         masked = [s for s in self.states if s.mask is not None]
@@ -521,19 +561,22 @@ class _Trainer:
         per_epoch = max(1, math.ceil(len(data.x_train) / opts.batch_size))
         interval = max(1, int(getattr(opts, "proj_interval", 10)))
         decay = max(1, int(_DECAY_SHARE * max(1, (per_epoch * epochs) // interval)))
+        if self._phase == phase:  # resumed inside this loop (`_restore`): its start and projections so far
+            offset, start = self._loop_start
+        else:
+            offset, start = self._step, len(self.history)
+            self._phase, self._loop_start, self._done = phase, (offset, start), 0
         config = TrainConfig(epochs=epochs, lr=opts.lr, batch_size=opts.batch_size, temperature=opts.temperature,
                              distill_weight=opts.distill_weight, device=opts.device, lr_schedule="constant",
-                             seed=opts.seed + len(self.history), shuffle_seed=opts.seed + 7 * len(self.history))
-        offset, done = self._step, 0
+                             seed=opts.seed + start, shuffle_seed=opts.seed + 7 * start)
 
         def after_step(step: int, total: int) -> None:
-            nonlocal done
             if self.joint:
                 self._saliency_step()
             if step % interval and step < total:
                 return
-            done += 1
-            budget = schedule(min(1.0, done / decay))
+            self._done += 1
+            budget = schedule(min(1.0, self._done / decay))
             info = self.project_joint(budget) if self.joint else self.project_weights(budget)
             self.history.append({"phase": phase, "step": offset + step, "budget": budget * self.plan.jpu,
                                  "energy": info["total"] * self.plan.jpu, "nnz": info["nnz"],
@@ -596,10 +639,14 @@ class _Trainer:
         from onnxecc.finetune import Mask, TrainConfig, finetune
 
         opts = self.opts
-        weight_masks = [Mask(s.param, (s.param.detach() != 0).to(s.param.dtype)) for s in self.states]
+        if self._phase != "finetune":  # else resumed in it (`_restore`): the supports and start step saved then
+            self._phase, self._loop_start = "finetune", (self._step, len(self.history))
+            self._weight_masks = [(s.param.detach() != 0).cpu() for s in self.states]
+        weight_masks = [Mask(s.param, m.to(s.param.device, s.param.dtype)) for s, m in
+                        zip(self.states, self._weight_masks, strict=True)]
         config = TrainConfig(epochs=epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed + 1,
                              temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
-        offset = self._step
+        offset = self._loop_start[0]
 
         def on_batch(step, total):
             self.emit("batch", {"step": offset + step, "total": self._total_steps})

@@ -100,34 +100,102 @@ def test_resume_with_other_options_or_files_is_a_user_error(tmp_path):
         compress(MODEL, "0.5", None, OPTS, resume=tmp_path / "missing.ckpt")
 
 
-def test_greedy_steps_stop_cleanly_without_checkpoint(tmp_path):
-    ckpt = tmp_path / "g.ckpt"
-    opts = CompressOptions(**{**OPTS.__dict__, "method": "greedy"})
+# 7 epochs in all: one per pruning step (5), the rest is the final fine-tuning
+GREEDY = CompressOptions(**{**OPTS.__dict__, "method": "greedy", "epochs": 3, "admm_iterations": 4})
+
+
+def _assert_same_run(ref_out: Path, ref, out: Path, result) -> None:
+    a, b = _weights(ref_out), _weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    assert result.accuracy_after == ref.accuracy_after
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(result.history) == strip(ref.history)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gref") / "ref.onnx"
+    return out, compress(MODEL, "0.5", out, GREEDY)
+
+
+@pytest.mark.parametrize("stage, step", [
+    ("greedy step 2", 5),  # inside a pruning step's short fine-tune: widths, choice and log come back
+    ("finetune", 3),  # the final fine-tuning after the pruning steps
+], ids=["greedy-step", "greedy-finetune"])
+def test_greedy_interrupt_and_resume_is_bit_identical(greedy_reference, tmp_path, stage, step):
+    ref_out, ref = greedy_reference
+    assert sum(e.get("phase") == "greedy" for e in ref.history) >= 2
+    out, ckpt = tmp_path / "g.onnx", tmp_path / "g.ckpt"
     with pytest.raises(Interrupted) as info:
-        compress(MODEL, "0.5", tmp_path / "g.onnx", opts, on_event=_interrupt_at("greedy step 1", 1),
-                 checkpoint=ckpt)
-    assert info.value.path is None and "greedy cannot be resumed" in info.value.reason
-    assert not ckpt.exists() and not (tmp_path / "g.onnx").exists()
+        compress(MODEL, "0.5", out, GREEDY, on_event=_interrupt_at(stage, step), checkpoint=ckpt)
+    assert info.value.path == ckpt and ckpt.is_file() and not out.exists()
+    batches = []
+    result = compress(MODEL, "0.5", out, GREEDY, resume=ckpt,
+                      on_event=lambda kind, info: batches.append(info) if kind == "batch" else None)
+    _assert_same_run(ref_out, ref, out, result)
+    assert batches[0]["step"] == step + 1  # continued at the next batch, not started over
+    assert not ckpt.exists()
 
 
-def test_wsp_stops_cleanly_and_refuses_resume(tmp_path):
-    ckpt, out = tmp_path / "w.ckpt", tmp_path / "w.onnx"
-    opts = CompressOptions(metric="energy", method="wsp", hardware=str(REPO / "profiles" / "eyeriss.json"),
-                           data="digits", epochs=3, measure_latency=False)
-    now = {"steps": 0}
+WSP = CompressOptions(metric="energy", method="wsp", hardware=str(REPO / "profiles" / "eyeriss.json"),
+                      data="digits", epochs=3, measure_latency=False)
 
+
+RESDW = REPO / "models" / "digits_resdw.onnx"
+
+
+@pytest.fixture(scope="module")
+def wsp_references(tmp_path_factory):
+    """digits_resdw at 0.4: a joint weights-and-input-masks phase (2 epochs) then 1 epoch of fine-tuning;
+    digits_cnn at 0.5: frozen dead-input masks, a weights phase (1 epoch) then 2 epochs of fine-tuning."""
+    tmp = tmp_path_factory.mktemp("wref")
+    refs = {}
+    for model in (RESDW, MODEL):
+        out = tmp / f"{model.stem}.onnx"
+        refs[model.stem] = out, compress(model, _WSP_BUDGET[model.stem], out, WSP)
+    return refs
+
+
+_WSP_BUDGET = {"digits_resdw": "0.4", "digits_cnn": "0.5"}
+
+
+def _interrupt_at_batch(step: int):
+    """on_event that requests the interrupt after wsp's (global) training step `step`."""
     def on_event(kind, info):
-        if kind == "batch":
-            now["steps"] += 1
-            if now["steps"] == 2:
-                checkpoint.request()
+        if kind == "batch" and info["step"] == step:
+            checkpoint.request()
 
+    return on_event
+
+
+@pytest.mark.parametrize("model, step, phase", [
+    # in the joint phase, after a projection: input masks, Fisher averages, the budget schedule's position
+    (RESDW, 15, "joint"),
+    (RESDW, 2 * STEPS_PER_EPOCH + 4, "finetune"),  # the final fine-tuning: weight supports, earlier history
+    (MODEL, 15, "weights"),  # the weights-only phase with frozen dead-input masks
+], ids=["wsp-joint", "wsp-finetune", "wsp-weights-dead-inputs"])
+def test_wsp_interrupt_and_resume_is_bit_identical(wsp_references, tmp_path, model, step, phase):
+    ref_out, ref = wsp_references[model.stem]
+    budget = _WSP_BUDGET[model.stem]
+    assert any(e["phase"] == phase for e in ref.history)
+    out, ckpt = tmp_path / "w.onnx", tmp_path / "w.ckpt"
     with pytest.raises(Interrupted) as info:
-        compress(MODEL, "0.5", out, opts, on_event=on_event, checkpoint=ckpt)
-    assert info.value.path is None and "wsp cannot be resumed" in info.value.reason
-    assert not ckpt.exists() and not out.exists()
-    with pytest.raises(UserError, match="wsp cannot be resumed"):
-        compress(MODEL, "0.5", out, opts, resume=MODEL)
+        compress(model, budget, out, WSP, on_event=_interrupt_at_batch(step), checkpoint=ckpt)
+    assert info.value.path == ckpt and ckpt.is_file() and not out.exists()
+    assert checkpoint.load(ckpt)["frames"]["wsp"]["phase"] == phase
+    if phase == "joint":  # a resume with other options is refused, the checkpoint left alone
+        other = CompressOptions(**{**WSP.__dict__, "epochs": 4})
+        with pytest.raises(UserError, match=r"--epochs \(3 in the checkpoint, 4 now\)"):
+            compress(model, budget, out, other, resume=ckpt)
+        assert ckpt.is_file()
+    batches = []
+    result = compress(model, budget, out, WSP, resume=ckpt,
+                      on_event=lambda kind, info: batches.append(info) if kind == "batch" else None)
+    _assert_same_run(ref_out, ref, out, result)
+    assert batches[0]["step"] == step + 1  # continued at the next batch, not started over
+    assert not ckpt.exists()
 
 
 def test_sigint_handler_requests_then_raises_and_is_restored():
