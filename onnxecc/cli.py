@@ -144,7 +144,7 @@ def compress(
     if nproc != 1:  # the same command in N processes (onnxecc.distributed.launch); this one only waits
         if nproc < 1:
             raise UserError(f"--nproc {nproc}: give at least 1 process")
-        raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_nproc(sys.argv[1:])]))
+        raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_option(sys.argv[1:], "--nproc")]))
     if distributed.env_rank() > 0:  # under torchrun / --nproc rank 0 alone prints (and writes)
         console.quiet = err_console.quiet = True
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -411,14 +411,15 @@ def sweep(
                   f"summary {result.outdir / 'sweep.json'}" + (f", plot {result.plot}" if result.plot else ""))
 
 
-def _without_nproc(args: list[str]) -> list[str]:
+def _without_option(args: list[str], option: str) -> list[str]:
+    """`args` without `option` and its value (given as `option VALUE` or `option=VALUE`)."""
     out, skip = [], False
     for arg in args:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg == option:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(option + "="):
             out.append(arg)
     return out
 
@@ -427,15 +428,7 @@ def _resume_command(path) -> str:
     """This process's command line with `--resume PATH` (an earlier --resume replaced), for the user to copy."""
     import shlex
 
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--resume":
-            skip = True
-        elif not arg.startswith("--resume="):
-            args.append(arg)
-    return shlex.join(["onnxecc", *args, "--resume", str(path)])
+    return shlex.join(["onnxecc", *_without_option(sys.argv[1:], "--resume"), "--resume", str(path)])
 
 
 def main() -> None:
