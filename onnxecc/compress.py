@@ -449,7 +449,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
 
             config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth,
                                 verify=opts.verify_projection, importance="fisher" if fisher else "l2",
-                            w_step=opts.admm_w_step)
+                                w_step=opts.admm_w_step)
             log = admm(problem, mm, target, config, emit)
             history += [{"phase": "admm", **e} for e in log]
             names = problem.producer_tensors()
