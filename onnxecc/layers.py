@@ -15,6 +15,7 @@ import onnx
 
 from onnxecc.errors import UnsupportedModelError, UserError
 from onnxecc.graph import Graph
+from onnxecc.ingest import _STUB_BYTES, _STUB_LOCATION, _copy_fields, _nbytes, _stub
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -53,11 +54,60 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
 
 
 def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
-    """A copy with the batch dimension fixed and shapes inferred for every tensor (for counting)."""
+    """A copy with the batch dimension fixed and shapes inferred for every tensor (for counting).
+
+    onnx's shape inference runs on the model's skeleton (`shape_skeleton`: large weights carry their dims but
+    no data), so the weights are copied once (into the result) rather than serialised and parsed back; the
+    result is the inferred skeleton with the model's own initializers."""
+    skel = shape_skeleton(model)
+    _fix_batch(skel, batch)
+    try:
+        out = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    except Exception:  # onnx raises InferenceError or bare RuntimeErrors here
+        out = None
+    del skel
+    if out is not None:
+        del out.graph.initializer[:]
+        for t in model.graph.initializer:  # (`extend` would hold each tensor twice while it copies)
+            out.graph.initializer.add().CopyFrom(t)
+    else:  # the whole model, as it always was: its result or its error message (the skeleton's may be less clear)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        _fix_batch(out, batch)
+        try:
+            out = onnx.shape_inference.infer_shapes(out, data_prop=True)
+        except Exception as exc:  # onnx raises InferenceError or bare RuntimeErrors here
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"shape inference failed on the model ({first}): check that it runs in onnxruntime")\
+                from exc
+    known = tensor_shapes(out)
+    missing = [o for n in out.graph.node for o in n.output if o and o not in known]
+    if missing:
+        _shapes_from_onnxruntime(out, missing)
+    return out
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`ingest.skeleton(model)` that also keeps integer tensors whole: shape inference reads the values of
+    shape-like inputs (Reshape targets, Slice bounds, ...), which are int64/int32 whatever their size, and
+    never those of weights. The large float/quantised weights are the only tensors left without data."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
-    init_names = {t.name for t in out.graph.initializer}
-    for inp in out.graph.input:
+    _copy_fields(model, out, skip=("graph",))
+    if model.HasField("graph"):
+        _copy_fields(model.graph, out.graph, skip=("initializer",))
+        out.graph.initializer.extend(
+            _stub(t, _STUB_LOCATION) if t.data_type not in _DATA_TYPES and _nbytes(t) >= _STUB_BYTES else t
+            for t in model.graph.initializer)
+    return out
+
+
+_DATA_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)  # tensors whose values shape inference may read
+
+
+def _fix_batch(model: onnx.ModelProto, batch: int) -> None:
+    """Fix the batch dimension of the graph inputs and clear every inferred shape (in place)."""
+    init_names = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
         if inp.name in init_names or not inp.type.HasField("tensor_type"):
             continue
         dims = inp.type.tensor_type.shape.dim
@@ -72,22 +122,10 @@ def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProt
                     f"input '{inp.name}' has a dynamic dimension {axis} ({dim.dim_param or '?'}): "
                     "re-export the model with a fixed input size (only the batch may be dynamic)"
                 )
-    for vi in list(out.graph.value_info):
-        out.graph.value_info.remove(vi)
-    for o in out.graph.output:  # stale symbolic output shapes would conflict with the fixed batch
+    del model.graph.value_info[:]
+    for o in model.graph.output:  # stale symbolic output shapes would conflict with the fixed batch
         if o.type.HasField("tensor_type"):
             o.type.tensor_type.ClearField("shape")
-    try:
-        out = onnx.shape_inference.infer_shapes(out, data_prop=True)
-    except Exception as exc:  # onnx raises InferenceError or bare RuntimeErrors here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"shape inference failed on the model ({first}): check that it runs in onnxruntime")\
-            from exc
-    known = tensor_shapes(out)
-    missing = [o for n in out.graph.node for o in n.output if o and o not in known]
-    if missing:
-        _shapes_from_onnxruntime(out, missing)
-    return out
 
 
 def _shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str]) -> None:
@@ -151,6 +189,7 @@ def find_layers(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -
         if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         layer = _layer(node, index, g, shapes)
+        g._const_cache.clear()  # only the shapes of the weights are kept: one weight in memory at a time
         if layer is not None:
             layers.append(layer)
     return layers
@@ -176,7 +215,7 @@ def _layer(node: onnx.NodeProto, index: int, g: Graph, shapes) -> Layer | None:
     name = node_name(node, index)
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
-        w = g.const(node.input[1]) if len(node.input) > 1 else None
+        w = _const_like(g, node.input[1]) if len(node.input) > 1 else None
         if w is None:
             return None  # dynamic weights: not a prunable layer
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -194,7 +233,7 @@ def _layer(node: onnx.NodeProto, index: int, g: Graph, shapes) -> Layer | None:
         return Layer(name, op, node.input[1], bias, cin, cout, kernel, groups, tuple(out_shape[2:]), macs,
                      params, index)
     if op == "Gemm":
-        b = g.const(node.input[1])
+        b = _const_like(g, node.input[1])
         if b is None or b.ndim != 2:
             return None
         trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
@@ -205,8 +244,8 @@ def _layer(node: onnx.NodeProto, index: int, g: Graph, shapes) -> Layer | None:
         params = int(b.size) + (_size(g, bias) if bias else 0)
         return Layer(name, op, node.input[1], bias, int(k), int(n), (), 1, (), int(m * k * n), params, index)
     if op == "MatMul":
-        b = g.const(node.input[1])
-        if b is None or b.ndim != 2 or g.const(node.input[0]) is not None:
+        b = _const_like(g, node.input[1])
+        if b is None or b.ndim != 2 or _const_like(g, node.input[0]) is not None:
             return None
         out_shape = _shape(shapes, node.output[0], node, index)
         k, n = int(b.shape[0]), int(b.shape[1])
@@ -215,8 +254,20 @@ def _layer(node: onnx.NodeProto, index: int, g: Graph, shapes) -> Layer | None:
     return None
 
 
+def _const_like(g: Graph, name: str) -> np.ndarray | None:
+    """`g.const(name)` where only its shape counts: an initializer (or an Identity of one) is not decoded but
+    stands as a zero-copy array of its dims; anything else is folded by `g.const`."""
+    source = name
+    while source not in g.initializers:
+        node = g.producer.get(source)
+        if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            return g.const(name)
+        source = node.input[0]
+    return np.broadcast_to(np.zeros((), np.float32), tuple(g.initializers[source].dims))
+
+
 def _size(g: Graph, name: str) -> int:
-    value = g.const(name)
+    value = _const_like(g, name)
     return int(value.size) if value is not None else 0
 
 

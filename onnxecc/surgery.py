@@ -15,6 +15,8 @@ Only onnx and numpy are used here.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -25,7 +27,8 @@ from onnx import numpy_helper
 from onnxecc.channels import ChannelGraph, Edit, analyze
 from onnxecc.errors import UserError
 from onnxecc.graph import Graph, remove_dead_nodes
-from onnxecc.layers import node_name
+from onnxecc.ingest import _STUB_LOCATION, _copy_fields, _stub
+from onnxecc.layers import node_name, shape_skeleton
 
 Keep = Mapping[int, Sequence[int]]
 
@@ -76,10 +79,14 @@ def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | Non
     graph = graph if graph is not None else analyze(model)
     masks = validate_keep(graph, keep)
     flat = graph.flat(masks)
-    out = _copy(model)
+    cuts = _cuts(graph, flat)
+    source = Graph(model)  # the cut constants are read from `model`: `out` holds no copy of their data yet
+    stubbed = {source.weight_source(name) for name in cuts} & set(source.initializers)
+    out = _copy(model, stubbed)
     writer = _Writer(out)
-    for name, per_node in _cuts(graph, flat).items():
-        value = writer.g.const(name)
+    for name, per_node in cuts.items():
+        value = source.const(name)
+        source._const_cache.clear()  # one original value in memory at a time
         new = {}
         for index, axis_masks in per_node.items():
             sliced = value
@@ -87,16 +94,48 @@ def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | Non
                 sliced = np.compress(mask, sliced, axis=axis)
             new[index] = sliced
         writer.write(name, value, new)
+        value = new = sliced = None  # free this original before the next one is read
+    for t in out.graph.initializer:  # constants left whole (or still used whole elsewhere) get their data
+        if t.name in stubbed and _is_stub(t):
+            t.CopyFrom(source.initializers[t.name])
     for e in graph.edits:
         _EDITS[e.kind](writer, graph, e, flat)
     writer.finish()
     del out.graph.value_info[:]
-    try:
-        out = onnx.shape_inference.infer_shapes(out)
-    except Exception:  # shape inference is a courtesy: the checker below is the real test
-        pass
-    onnx.checker.check_model(out)
+    _infer_shapes(out)
+    _check(out)
     return out
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """`model` with its shapes inferred by onnx, in place: on its skeleton (`layers.shape_skeleton`), whose
+    inferred graph then replaces everything but the initializers (the weights are neither copied nor
+    serialised); on the whole model only if the skeleton fails. Shape inference is a courtesy: the checker is
+    the real test, so a model it gives up on is left as it is."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model))
+    except Exception:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return
+        model.CopyFrom(inferred)
+        return
+    for fd in model.graph.DESCRIPTOR.fields:
+        if fd.name != "initializer":
+            model.graph.ClearField(fd.name)
+    _copy_fields(inferred.graph, model.graph, skip=("initializer",))
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model(model)` (same checks, same ValidationError) run on the skeleton written to a
+    temporary folder, as `ingest` does: the whole model would be serialised and parsed again (3× its size)."""
+    with tempfile.TemporaryDirectory(prefix="onnxecc-check-") as tmp:
+        open(os.path.join(tmp, _STUB_LOCATION), "wb").close()  # the checker wants external data to exist
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(shape_skeleton(model).SerializeToString())
+        onnx.checker.check_model(path)
 
 
 def zero_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | None = None) -> onnx.ModelProto:
@@ -131,10 +170,26 @@ def _cuts(graph: ChannelGraph, flat: np.ndarray, roles: tuple[str, ...] | None =
     return cuts
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def _copy(model: onnx.ModelProto, stubbed: set[str] = frozenset()) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `stubbed` carry no data (see `_is_stub`): they are about
+    to be replaced, and copying them first would hold them twice."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if not stubbed:
+        out.CopyFrom(model)
+        return out
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    for t in model.graph.initializer:  # (`extend` would hold each tensor twice while it copies)
+        out.graph.initializer.add().CopyFrom(_stub(t, _PENDING) if t.name in stubbed else t)
     return out
+
+
+_PENDING = "onnxecc-pending.data"  # the external-data location that marks an initializer whose data is to come
+
+
+def _is_stub(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and \
+        any(e.key == "location" and e.value == _PENDING for e in t.external_data)
 
 
 class _Writer:
