@@ -140,18 +140,24 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return model
 
 
+def check_skeleton(skel: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model` on a weight-free skeleton (its stubs point at an empty external-data file),
+    written to a temporary folder: the checker reads a path without loading the (absent) weights."""
+    with tempfile.TemporaryDirectory(prefix="onnxecc-check-") as tmp:
+        open(os.path.join(tmp, _STUB_LOCATION), "wb").close()  # the checker wants external data to exist
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(skel.SerializeToString())
+        onnx.checker.check_model(path)
+
+
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     """The ONNX checker on the model's skeleton (see `skeleton`): the same verdict as on the whole model, whose
     weights are never copied (`check_model(model)` would serialise it once and parse it again in C++: three
     times its size in memory, and impossible over 2 GB)."""
     where = path or "model"
     try:
-        with tempfile.TemporaryDirectory(prefix="onnxecc-check-") as tmp:
-            open(os.path.join(tmp, _STUB_LOCATION), "wb").close()  # the checker wants external data to exist
-            skeleton_path = os.path.join(tmp, "model.onnx")
-            with open(skeleton_path, "wb") as f:
-                f.write(skeleton(model).SerializeToString())
-            onnx.checker.check_model(skeleton_path)
+        check_skeleton(skeleton(model))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{where} fails the ONNX checker: {first}") from exc

@@ -15,8 +15,6 @@ Only onnx and numpy are used here.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -27,7 +25,7 @@ from onnx import numpy_helper
 from onnxecc.channels import ChannelGraph, Edit, analyze
 from onnxecc.errors import UserError
 from onnxecc.graph import Graph, remove_dead_nodes
-from onnxecc.ingest import _STUB_LOCATION, _copy_fields, _stub
+from onnxecc.ingest import _copy_fields, _stub, check_skeleton
 from onnxecc.layers import node_name, shape_skeleton
 
 Keep = Mapping[int, Sequence[int]]
@@ -130,12 +128,7 @@ def _infer_shapes(model: onnx.ModelProto) -> None:
 def _check(model: onnx.ModelProto) -> None:
     """`onnx.checker.check_model(model)` (same checks, same ValidationError) run on the skeleton written to a
     temporary folder, as `ingest` does: the whole model would be serialised and parsed again (3× its size)."""
-    with tempfile.TemporaryDirectory(prefix="onnxecc-check-") as tmp:
-        open(os.path.join(tmp, _STUB_LOCATION), "wb").close()  # the checker wants external data to exist
-        path = os.path.join(tmp, "model.onnx")
-        with open(path, "wb") as f:
-            f.write(shape_skeleton(model).SerializeToString())
-        onnx.checker.check_model(path)
+    check_skeleton(shape_skeleton(model))
 
 
 def zero_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | None = None) -> onnx.ModelProto:
