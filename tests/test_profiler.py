@@ -457,8 +457,11 @@ def test_shipped_profile_drives_compress(tmp_path):
     prof = load_profile(SHIPPED, CNN)
     assert prof.metric == "latency" and prof.fit.holdout["n"] > 0
     out = tmp_path / "small.onnx"
+    # closed_loop=False: the estimate is what this test checks. With the closed loop on, a round measured far
+    # under the budget is loosened, and the estimate of the returned output may then exceed the budget while
+    # its measurement meets it (noise-dependent: CI once saw 0.504 estimated vs 0.481 measured).
     result = compress(CNN, "0.5", out, CompressOptions(metric="latency", profile=str(SHIPPED), epochs=0,
-                                                       measure_latency=False))
+                                                       measure_latency=False, closed_loop=False))
     assert result.pruned and out.exists()
     assert result.estimated_cost <= 0.5 * result.original_cost * (1 + 1e-9)
     info = ModelInfo.of(CNN)
