@@ -1,14 +1,16 @@
-"""Area `largemodel`: peak memory of load, analyse and prune+save, as a multiple of the model's size (issue 10).
+"""Area `largemodel`: peak memory of load, analyse, prune+save and compress, as a multiple of the model's size
+(issue 10).
 
 Each model runs in a fresh process (ONNX side only: no torch imported). Per step, the kernel's peak-RSS mark is
 reset (`/proc/self/clear_refs`) and read afterwards (`VmHWM`); the table shows (peak RSS − the process's RSS
 after its imports, before loading) / the model's size on disk (.onnx plus external data), so 1.0× is the model
 itself held once. Steps: `onnxecc.ingest.load` (checker and shape checks included), `onnxecc.analysis.analyse`,
 then `onnxecc.surgery.prune_channels` keeping half of every prunable group plus `onnxecc.ingest.save` of the
-result. Models: torchvision resnet152 and vgg16 (weights=None, 224×224, exported once and cached in
-bench/.cache); full mode adds a synthetic model over protobuf's 2 GB limit (three Gemm layers of 16384 inputs,
-~2.4 GB of float32 weights, stored as external data) when the machine has the RAM for it; quick mode: resnet18.
-"""
+result; then, from the file again, `compress` end to end (MACs budget 0.5, projection only, the onnxruntime
+check of both models on a random batch, the output written; no latency timing). Models: torchvision resnet152
+and vgg16 (weights=None, 224×224, exported once and cached in bench/.cache); full mode adds a synthetic model
+over protobuf's 2 GB limit (three Gemm layers of 16384 inputs, ~2.4 GB of float32 weights, stored as external
+data) when the machine has the RAM for it; quick mode: resnet18."""
 
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ from rich.table import Table
 from bench import _common
 
 ORDER = 90
-DESCRIPTION = "peak RSS / model size of load, analyse and prune+save (resnet152, vgg16, a >2 GB synthetic model)"
-STEPS = ("load", "analyse", "prune+save")
+DESCRIPTION = ("peak RSS / model size of load, analyse, prune+save and compress (resnet152, vgg16, a >2 GB synthetic "
+               "model)")
+STEPS = ("load", "analyse", "prune+save", "compress")
 
 
 def config(quick: bool) -> dict:
     return {"models": ["resnet18"] if quick else ["resnet152", "vgg16", "synthetic-2.4GB"],
-            "keep_fraction": 0.5, "synthetic_width": 16384, "min_free_gb_for_synthetic": 10}
+            "keep_fraction": 0.5, "compress_budget": 0.5, "synthetic_width": 16384, "min_free_gb_for_synthetic": 10}
 
 
 def run(quick: bool, **overrides) -> dict:
@@ -57,9 +60,12 @@ def _row(name: str, cfg: dict) -> dict:
         path = _export(name)
     size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
     t = time.perf_counter()
+    budget = cfg["compress_budget"]
     proc = subprocess.run([sys.executable, "-c", "import sys, json; from bench.largemodel import _measure; "
-                           "print(json.dumps(_measure(sys.argv[1], float(sys.argv[2]))))", str(path),
-                           str(cfg["keep_fraction"])], capture_output=True, text=True, cwd=_common.REPO)
+                           "print(json.dumps(_measure(sys.argv[1], float(sys.argv[2]), "
+                           "float(sys.argv[3]) if sys.argv[3] != 'none' else None)))", str(path),
+                           str(cfg["keep_fraction"]), "none" if budget is None else str(budget)],
+                          capture_output=True, text=True, cwd=_common.REPO)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     steps = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -146,7 +152,7 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
 
 
-def _measure(path: str, keep_fraction: float) -> dict:
+def _measure(path: str, keep_fraction: float, compress_budget: float | None = None) -> dict:
     import gc
     import tempfile
 
@@ -196,8 +202,24 @@ def _measure(path: str, keep_fraction: float) -> dict:
     else:
         with tempfile.TemporaryDirectory(dir=p.parent) as tmp:  # write-back alone: the model saved again
             step("save", lambda: ingest.save(model, Path(tmp) / "saved.onnx"))
+    model = analysis = None  # the end-to-end step starts from the file again, like the CLI
+    if compress_budget is not None:
+        with tempfile.TemporaryDirectory(dir=p.parent) as tmp:
+            step("compress", lambda: _compress(p, compress_budget, Path(tmp) / "small.onnx"))
     out["size_mb"] = size_mb
     return out
+
+
+def _compress(path: Path, budget: float, out: Path) -> bool:
+    """`onnxecc compress PATH --budget B --metric macs --epochs 0` without its latency measurement: load, analyse,
+    project, prune, the onnxruntime check of both models on one random batch (two sessions), write."""
+    from onnxecc.compress import CompressOptions, compress
+
+    result = compress(path, str(budget), out, CompressOptions(metric="macs", epochs=0, measure_latency=False),
+                      checkpoint=out.with_name(out.name + ".ckpt"))
+    if not result.meets_budget or result.agreement is None:
+        raise RuntimeError(f"compress missed the budget or was not checked in onnxruntime: {result.final_cost}")
+    return True
 
 
 def _available_gb() -> float | None:

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxecc.ingest import _STUB_LOCATION
+
 # Ops whose outputs are constant when all their inputs are: folded when asked for a value.
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli", "Dropout"}
@@ -43,10 +45,18 @@ class Graph:
 
     # ---- constants ---------------------------------------------------------------------------------
     def is_constant(self, name: str) -> bool:
-        return self.const(name) is not None
+        return self._initializer_behind(name) is not None or self.const(name) is not None  # (weights not decoded)
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of `name` if it depends on no graph input, else None (folding small subgraphs)."""
+        """The value of `name` if it depends on no graph input, else None (folding small subgraphs).
+
+        An initializer (or an Identity chain over one) is decoded on every call and never cached: a pass over
+        all the weights then holds one of them at a time, not a second copy of the model. Folded values are
+        cached. A weight left out of a skeleton (`ingest.skeleton`, `layers.with_static_shapes`) has no values:
+        it stands as a read-only zero-stride array of its dims and type (what shape reasoning needs)."""
+        source = self._initializer_behind(name)
+        if source is not None:
+            return _tensor_value(self.initializers[source])
         if name in self._const_cache:
             return self._const_cache[name]
         self._const_cache[name] = None  # guards against cycles
@@ -76,6 +86,17 @@ class Graph:
                 return None
             inputs.append(value)
         return _evaluate_node(node, inputs, self.model)[list(node.output).index(name)]
+
+    def _initializer_behind(self, name: str) -> str | None:
+        """The initializer `name` is, or is an Identity chain of; None when it is anything else."""
+        seen = set()
+        while name not in self.initializers:
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or name in seen:
+                return None
+            seen.add(name)
+            name = node.input[0]
+        return name
 
     def weight_source(self, name: str) -> str:
         """The tensor whose bytes really hold `name`'s value, following Identity chains with one consumer."""
@@ -167,10 +188,8 @@ def remove_dead_nodes(model: onnx.ModelProto) -> None:
         del graph.node[:]
         graph.node.extend(kept)
     needed.update(i.name for i in graph.input)
-    inits = [t for t in graph.initializer if t.name in needed]
-    if len(inits) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(inits)
+    for k in reversed([k for k, t in enumerate(graph.initializer) if t.name not in needed]):
+        del graph.initializer[k]  # in place: `extend` would copy every weight kept into the model's arena again
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -185,6 +204,15 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
             for n in g.node:
                 names.update(n.input)
     return names
+
+
+def _tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values (one copy: upb hands `raw_data` out as new bytes, viewed by `np.frombuffer`); a
+    skeleton's stub: zeros of its shape and type that take no memory."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL and \
+            any(e.key == "location" and e.value == _STUB_LOCATION for e in tensor.external_data):
+        return np.broadcast_to(np.zeros((), _np_dtype(tensor)), tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
 
 
 def _np_dtype(tensor: onnx.TensorProto) -> np.dtype:

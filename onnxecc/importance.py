@@ -45,12 +45,12 @@ def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool =
         value = values[bind.name] if values is not None and bind.name in values else consts.const(bind.name)
         if value is None:
             continue
-        other = tuple(a for a in range(value.ndim) if a != bind.axis)
-        magnitude = np.abs(value.astype(np.float64)) if norm == "l1" else np.square(value.astype(np.float64))
-        if fisher is not None:
-            weight = fisher.get(bind.name)
-            magnitude = magnitude * weight if weight is not None else np.zeros_like(magnitude)
-        energy = magnitude.sum(axis=other)
+        weight = fisher.get(bind.name) if fisher is not None else None
+        if fisher is not None and weight is None:
+            energy = np.zeros(value.shape[bind.axis])
+        else:
+            energy = _axis_energy(value, bind.axis, norm, weight)
+        del value
         gid, unit, e = bind.pos.gid.ravel(), bind.pos.unit.ravel(), energy.ravel()
         for g in set(gid.tolist()) & prunable:
             sel = gid == g
@@ -65,6 +65,29 @@ def l2_importance(model: onnx.ModelProto, graph: ChannelGraph, normalize: bool =
             ranks[np.argsort(-values, kind="stable")] = np.arange(1, len(values) + 1)
             out[g] = values / ranks
     return out
+
+
+_CHUNK_BYTES = 64 * 2**20  # float64 work arrays of a large weight are built this many bytes at a time
+
+
+def _axis_energy(value: np.ndarray, axis: int, norm: str, weight: np.ndarray | None) -> np.ndarray:
+    """Σ |w| (l1) or Σ w² (times the Fisher `weight`, if given) over every axis but `axis`, in float64.
+
+    A weight of more than `_CHUNK_BYTES` in float64 is summed in slabs along its first axis: whole, its float64
+    square is twice its size again (a 1 GB float32 matrix would need 4 GB more). Small weights are summed
+    whole, exactly as before."""
+    def energy(v, w):
+        m = np.abs(v.astype(np.float64)) if norm == "l1" else np.square(v.astype(np.float64))
+        if w is not None:
+            m = m * w
+        return m.sum(axis=tuple(a for a in range(m.ndim) if a != axis))
+
+    rows = max(1, _CHUNK_BYTES // max(1, 8 * value[:1].size)) if value.ndim else 0
+    if value.ndim < 2 or value.size * 8 <= _CHUNK_BYTES or rows >= value.shape[0]:
+        return energy(value, weight)
+    parts = [energy(value[i:i + rows], None if weight is None else np.broadcast_to(weight, value.shape)[i:i + rows])
+             for i in range(0, value.shape[0], rows)]
+    return np.concatenate(parts) if axis == 0 else np.sum(parts, axis=0)
 
 
 def channel_masks(model: onnx.ModelProto, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:

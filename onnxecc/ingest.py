@@ -203,15 +203,17 @@ def _uses_external_data(tensor: onnx.TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write atomically (never a half-written model). A model whose file would pass protobuf's 2 GB limit keeps
-    its weights in `NAME.data` next to it (ONNX external data; written first, both renamed into place).
+    its weights in `NAME.data` next to it (ONNX external data; written first, both renamed into place);
+    `external=True`/`False` forces either layout (`runtime.session` writes external data so that onnxruntime
+    can memory-map the weights).
 
     `model` is not modified, and never serialised whole: tensors are written one at a time, so the memory
     needed is the model plus its largest tensor (`SerializeToString` would need the model twice, and fails over
     2 GB). The bytes of an inline model are exactly `model.SerializeToString()`'s."""
     path = atomic.check_output_path(path)
-    if _model_size(model) < _TWO_GB:
+    if external is False or (external is None and _model_size(model) < _TWO_GB):
         return atomic.write_with(path, lambda f: _write_model(f, model, {}))
     data = path.with_name(path.name + ".data")
     tmp_data = data.with_name(f".{data.name}.tmp-{os.getpid()}")
@@ -221,6 +223,35 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     finally:
         tmp_data.unlink(missing_ok=True)
     return path
+
+
+def sha256(model: onnx.ModelProto) -> str:
+    """The SHA-256 of `model.SerializeToString()`, computed on the streamed encoding (`_write_model`): no copy
+    of the model is made, and models over 2 GB (which cannot be serialised) have one too."""
+    sink = _HashSink()
+    _write_model(sink, model, {})
+    return sink.hash.hexdigest()
+
+
+class _HashSink:
+    """The `write`/`tell` of a binary file that only hashes what it is given."""
+
+    def __init__(self):
+        import hashlib
+
+        self.hash, self.size = hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of `model` refers to external data instead of holding its values."""
+    return any(_uses_external_data(t) for t in _all_tensors(model))
 
 
 # ---- the skeleton and streamed serialisation (models of any size) ----------------------------------------
@@ -363,16 +394,33 @@ def _write_model(f, model: onnx.ModelProto, stubs: dict[int, onnx.TensorProto]) 
         f.write(_field(_GRAPH, graph))
         f.write(g_head)
         for t, n in inits:
-            data = t.SerializeToString()
-            if len(data) != n:
-                raise RuntimeError(f"tensor '{t.name}' encodes to {len(data)} bytes, not the {n} planned")
             f.write(_field(_INITIALIZER, n))
-            f.write(data)
-            del data
+            written = 0
+            for part in _tensor_parts(t):
+                f.write(part)
+                written += len(part)
+            if written != n:
+                raise RuntimeError(f"tensor '{t.name}' encodes to {written} bytes, not the {n} planned")
         f.write(g_tail)
     f.write(m_tail)
     if f.tell() - start != total:
         raise RuntimeError(f"wrote {f.tell() - start} bytes of the model, not the {total} planned")
+
+
+def _tensor_parts(t: onnx.TensorProto):
+    """`t.SerializeToString()` in pieces, in field-number order: for a tensor with raw data, the fields before it,
+    its tag and length, the data (one copy: upb hands `raw_data` out as bytes) and the fields after it.
+    `SerializeToString` builds the whole encoding and then copies it into bytes: twice the tensor at once."""
+    if not t.HasField("raw_data"):
+        yield t.SerializeToString()
+        return
+    head, tail = _split(t, _RAW_DATA)
+    yield head
+    data = t.raw_data
+    yield _field(_RAW_DATA, len(data))
+    yield data
+    del data
+    yield tail
 
 
 def _split(msg, number: int) -> tuple[bytes, bytes]:

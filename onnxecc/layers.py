@@ -54,11 +54,12 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
 
 
 def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
-    """A copy with the batch dimension fixed and shapes inferred for every tensor (for counting).
+    """The model's skeleton (`shape_skeleton`) with the batch dimension fixed and shapes inferred for every
+    tensor (for counting and channel analysis).
 
-    onnx's shape inference runs on the model's skeleton (`shape_skeleton`: large weights carry their dims but
-    no data), so the weights are copied once (into the result) rather than serialised and parsed back; the
-    result is the inferred skeleton with the model's own initializers."""
+    Its large float weights carry their name, type and dims but no data (`Graph.const` gives them as
+    zero-stride arrays of their shape): every user of the shaped model reasons on shapes, and a copy of the
+    weights would hold the model twice for as long as the analysis lives. Values come from `model`."""
     skel = shape_skeleton(model)
     _fix_batch(skel, batch)
     try:
@@ -66,11 +67,7 @@ def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProt
     except Exception:  # onnx raises InferenceError or bare RuntimeErrors here
         out = None
     del skel
-    if out is not None:
-        del out.graph.initializer[:]
-        for t in model.graph.initializer:  # (`extend` would hold each tensor twice while it copies)
-            out.graph.initializer.add().CopyFrom(t)
-    else:  # the whole model, as it always was: its result or its error message (the skeleton's may be less clear)
+    if out is None:  # the whole model: its result or its error message (the skeleton's may be less clear)
         out = onnx.ModelProto()
         out.CopyFrom(model)
         _fix_batch(out, batch)
@@ -80,10 +77,12 @@ def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProt
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"shape inference failed on the model ({first}): check that it runs in onnxruntime")\
                 from exc
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(shape_skeleton(model).graph.initializer)
     known = tensor_shapes(out)
     missing = [o for n in out.graph.node for o in n.output if o and o not in known]
     if missing:
-        _shapes_from_onnxruntime(out, missing)
+        _shapes_from_onnxruntime(out, missing, model)
     return out
 
 
@@ -128,19 +127,27 @@ def _fix_batch(model: onnx.ModelProto, batch: int) -> None:
             o.type.tensor_type.ClearField("shape")
 
 
-def _shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str]) -> None:
+def _shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str], weights: onnx.ModelProto) -> None:
     """onnx's inference gives up on data-dependent shapes (Reshape of a computed shape, as in channel
-    shuffles); one onnxruntime run on zeros measures them, and they are recorded as value_info."""
+    shuffles); one onnxruntime run on zeros measures them, and they are recorded as value_info. The probe is
+    `model` (a skeleton) with the initializers of `weights`."""
     import onnxruntime as ort
 
+    from onnxecc.runtime import model_source
+
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    _copy_fields(model, probe, skip=("graph",))
+    _copy_fields(model.graph, probe.graph, skip=("initializer",))
+    for t in weights.graph.initializer:  # (`extend` would hold each tensor twice while it copies)
+        probe.graph.initializer.add().CopyFrom(t)
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with model_source(probe) as source:
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        del probe
         feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], _ort_dtype(i.type))
                  for i in session.get_inputs()}
         values = session.run(names, feeds)

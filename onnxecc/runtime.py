@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,10 +15,47 @@ import onnxruntime as ort
 
 from onnxecc.errors import UserError
 
+# Protos from this size on reach onnxruntime through a temporary file with external data rather than as bytes:
+# over 2 GB they cannot be serialised at all, and below it a session from bytes holds more: on vgg16 (528 MB)
+# +1.19 GB after creation and +1.58 GB at peak from bytes, +0.59 GB and +0.92 GB from a file, and it is no
+# slower (writing the file included). Small models keep the bytes path (no disk round trip, no fsync).
+FILE_SESSION_BYTES = 2**26
 
-def session(model: onnx.ModelProto | bytes | str, provider: str = "CPUExecutionProvider", threads: int = 1,
-            provider_options: dict | None = None) -> ort.InferenceSession:
-    """A session pinned to `threads` intra-op threads, so timings are comparable between models."""
+
+@contextlib.contextmanager
+def model_source(model: onnx.ModelProto | bytes | str | os.PathLike, file_threshold: int | None = None):
+    """What `ort.InferenceSession` is given for `model`: bytes or a path as they are; a proto serialised, or,
+    from `file_threshold` bytes on (default `FILE_SESSION_BYTES`), written with external data to a temporary
+    folder (removed on exit: onnxruntime has read the data by then, and an unlinked file it maps stays
+    valid on POSIX)."""
+    if not isinstance(model, onnx.ModelProto):
+        yield str(model) if isinstance(model, (str, os.PathLike)) else model
+        return
+    from onnxecc import ingest
+
+    if ingest.uses_external_data(model):
+        raise ValueError("the model refers to external data it does not hold: load it with onnxecc.ingest.load "
+                         "(which reads the data) or pass its path")
+    threshold = FILE_SESSION_BYTES if file_threshold is None else file_threshold
+    if ingest._model_size(model) < threshold:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxecc-session-", ignore_cleanup_errors=True) as tmp:
+        yield str(ingest.save(model, Path(tmp) / "model.onnx", external=True))
+
+
+def on_disk(src, proto: onnx.ModelProto):
+    """What a session of `proto`, loaded from `src` by `ingest.load`, is best made from: the user's file when
+    `src` is a path (onnxruntime reads it, external data included: nothing to write or serialise), else
+    `proto`."""
+    return str(src) if isinstance(src, (str, os.PathLike)) else proto
+
+
+def session(model: onnx.ModelProto | bytes | str | os.PathLike, provider: str = "CPUExecutionProvider",
+            threads: int = 1, provider_options: dict | None = None, file_threshold: int | None = None
+            ) -> ort.InferenceSession:
+    """A session pinned to `threads` intra-op threads, so timings are comparable between models. A path is
+    opened by onnxruntime itself (with its external data); a large proto goes through a file (`model_source`)."""
     available = ort.get_available_providers()
     if provider not in available:
         raise UserError(f"execution provider {provider} is not available here (available: "
@@ -23,15 +64,20 @@ def session(model: onnx.ModelProto | bytes | str, provider: str = "CPUExecutionP
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     providers = [(provider, provider_options or {})]
     if provider != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))
-    return ort.InferenceSession(data, options, providers=providers)
+    with model_source(model, file_threshold) as source:
+        return ort.InferenceSession(source, options, providers=providers)
 
 
-def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """First output of the model on every sample of `x`, in batches."""
+def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256,
+                max_batch_bytes: int = 2**22) -> np.ndarray:
+    """First output of the model on every sample of `x`, in batches of at most `batch_size` samples and
+    `max_batch_bytes` of input (at least one sample): activations grow with the input, and onnxruntime's arena
+    keeps its peak (32 VGG16 images of 224×224 at once: ~2 GB, more than the weights; digits: 256 at once)."""
+    if len(x):
+        batch_size = max(1, min(batch_size, max_batch_bytes // max(1, x[:1].nbytes)))
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)

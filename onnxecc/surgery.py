@@ -83,16 +83,12 @@ def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | Non
     out = _copy(model, stubbed)
     writer = _Writer(out)
     for name, per_node in cuts.items():
-        value = source.const(name)
-        source._const_cache.clear()  # one original value in memory at a time
-        new = {}
-        for index, axis_masks in per_node.items():
-            sliced = value
-            for axis, mask in axis_masks:
-                sliced = np.compress(mask, sliced, axis=axis)
-            new[index] = sliced
-        writer.write(name, value, new)
-        value = new = sliced = None  # free this original before the next one is read
+        value = source.const(name)  # decoded (never cached by Graph): one original in memory at a time
+        new = {index: _sliced(value, axis_masks) for index, axis_masks in per_node.items()}
+        shape, dtype = value.shape, value.dtype
+        value = None  # freed before the slices are encoded into the output
+        writer.write(name, np.broadcast_to(np.zeros((), dtype), shape), new, sliced=True)
+        new = None
     for t in out.graph.initializer:  # constants left whole (or still used whole elsewhere) get their data
         if t.name in stubbed and _is_stub(t):
             t.CopyFrom(source.initializers[t.name])
@@ -103,6 +99,23 @@ def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | Non
     _infer_shapes(out)
     _check(out)
     return out
+
+
+def _sliced(value: np.ndarray, axis_masks: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """`value` keeping the masked positions along each axis, taken in one step (`np.ix_`) when every axis is
+    cut once: slicing axis by axis would build an intermediate array (half a VGG fc6 layer) on the way."""
+    axes = [axis for axis, _ in axis_masks]
+    if len(set(axes)) != len(axes):
+        for axis, mask in axis_masks:
+            value = np.compress(mask, value, axis=axis)
+        return value
+    index = [np.arange(n) for n in value.shape]
+    for axis, mask in axis_masks:
+        index[axis] = np.flatnonzero(mask)
+    cut = [axis for axis in range(value.ndim) if axis in axes]
+    if len(cut) == 1:
+        return np.take(value, index[cut[0]], axis=cut[0])
+    return value[np.ix_(*index)]
 
 
 def _infer_shapes(model: onnx.ModelProto) -> None:
@@ -209,11 +222,13 @@ class _Writer:
         self.names.add(name)
         return name
 
-    def write(self, name: str, old: np.ndarray, per_node: dict[int, np.ndarray]) -> None:
+    def write(self, name: str, old: np.ndarray, per_node: dict[int, np.ndarray], sliced: bool = False) -> None:
         """Give each node in `per_node` its value of constant `name`: in place when every user of `name`
-        wants the same value, else a copy per node."""
+        wants the same value, else a copy per node. `sliced`: the values are slices of `old`, hence unchanged
+        exactly when their shape is, and `old` (only its shape and dtype are read) may be a zero-stride
+        stand-in for the freed original."""
         values = list(per_node.values())
-        if all(v.shape == old.shape and np.array_equal(v, old) for v in values):
+        if all(v.shape == old.shape and (sliced or np.array_equal(v, old)) for v in values):
             return
         same = all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values)
         if same and set(self.users[name]) <= set(per_node) and name not in self.outputs:

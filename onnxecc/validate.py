@@ -83,9 +83,9 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
              provider: str = "CPUExecutionProvider", threads: int = 1, samples: int = 256,
              seed: int = 0) -> ValidateResult:
     """Compare two models in onnxruntime on the test split of `data` (or random inputs without data)."""
-    orig_proto, comp_proto = ingest.load(original), ingest.load(compressed)
-    sess_o = runtime.session(orig_proto, provider, threads)
-    sess_c = runtime.session(comp_proto, provider, threads)
+    sess_o = runtime.session(runtime.on_disk(original, ingest.load(original)), provider, threads)  # checked, dropped
+    comp_proto = ingest.load(compressed)
+    sess_c = runtime.session(runtime.on_disk(compressed, comp_proto), provider, threads)
     labels = None
     if data is not None:
         from onnxecc.data import load_data

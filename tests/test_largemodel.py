@@ -6,11 +6,17 @@ over 2 GB work); `_full_model_static_shapes` below is the former whole-model pat
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+import numpy as np
 import onnx
 import pytest
 import zoo
 
+from onnxecc import ingest, runtime
 from onnxecc.channels import analyze
+from onnxecc.graph import Graph
 from onnxecc.ingest import load
 from onnxecc.layers import shape_skeleton, with_static_shapes
 from onnxecc.surgery import prune_channels
@@ -55,13 +61,32 @@ def test_skeleton_leaves_out_the_weights(resnet18):
 
 
 def test_static_shapes_match_the_whole_model_path(resnet18):
+    """Same shapes, nodes and everything else; the shaped model's weights are the skeleton's stubs."""
     new = with_static_shapes(resnet18)
     old = _full_model_static_shapes(resnet18)
     assert _value_infos(new) == _value_infos(old)
     assert [n.SerializeToString() for n in new.graph.node] == [n.SerializeToString() for n in old.graph.node]
-    assert [t.SerializeToString() for t in new.graph.initializer] == \
-        [t.SerializeToString() for t in resnet18.graph.initializer]
+    stubs = shape_skeleton(resnet18).graph.initializer
+    assert [t.SerializeToString() for t in new.graph.initializer] == [t.SerializeToString() for t in stubs]
+    del old.graph.initializer[:]
+    old.graph.initializer.extend(stubs)
     assert new.SerializeToString(deterministic=True) == old.SerializeToString(deterministic=True)
+
+
+def test_shaped_weights_are_shapes_only_and_graph_does_not_cache_weights(resnet18):
+    """`Graph.const` of a stub: zero-stride zeros of the weight's shape and type; of a real initializer: its
+    value, decoded again on each call (never cached: a pass over all weights holds one at a time)."""
+    shaped = with_static_shapes(resnet18)
+    assert shaped.ByteSize() < resnet18.ByteSize() / 100
+    g, real = Graph(shaped), Graph(resnet18)
+    for t in resnet18.graph.initializer:
+        stub, value = g.const(t.name), real.const(t.name)
+        assert stub.shape == value.shape == tuple(t.dims) and stub.dtype == value.dtype
+        if value.nbytes >= 1024:
+            assert stub.strides == (0,) * stub.ndim and not stub.any()
+        else:
+            assert np.array_equal(stub, value)
+    assert not real._const_cache
 
 
 def test_pruned_model_shapes_match_the_whole_model_path(resnet18):
@@ -112,3 +137,65 @@ def test_prune_matches_the_full_copy_path(arch):
     new = prune_channels(model, keep, graph)
     assert new.SerializeToString(deterministic=True) == \
         _full_copy_prune(model, keep, graph).SerializeToString(deterministic=True)
+
+
+# ---- sessions and compress through files with external data (the >2 GB path, forced on small models) --------
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+
+
+def test_file_session_equals_bytes_session(resnet18, tmp_path, monkeypatch):
+    """A proto from `file_threshold` bytes on reaches onnxruntime as a temporary file with external data (the only
+    way over 2 GB): same outputs as the bytes session; the temporary folder is gone afterwards."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    via_bytes = runtime.session(resnet18, file_threshold=2**40)
+    via_file = runtime.session(resnet18, file_threshold=0)
+    assert list(tmp_path.iterdir()) == []
+    x = runtime.example_input(via_bytes, batch=2)
+    assert np.array_equal(runtime.run_batched(via_bytes, x), runtime.run_batched(via_file, x))
+
+
+def test_sha256_streams_the_serialised_bytes(resnet18):
+    assert ingest.sha256(resnet18) == hashlib.sha256(resnet18.SerializeToString()).hexdigest()
+
+
+def test_streamed_importance_equals_the_whole_tensor_sum(monkeypatch):
+    from onnxecc import importance
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((37, 5, 3, 3)).astype(np.float32)
+    f = rng.random((37, 5, 3, 3))
+    for axis in (0, 1):
+        for norm, fisher in (("l2", None), ("l1", None), ("l2", f)):
+            whole = importance._axis_energy(w, axis, norm, fisher)
+            monkeypatch.setattr(importance, "_CHUNK_BYTES", 8 * 45 * 4)  # slabs of 4 rows
+            assert np.allclose(importance._axis_energy(w, axis, norm, fisher), whole, rtol=1e-12)
+            monkeypatch.undo()
+
+
+def test_compress_external_data_model_end_to_end(tmp_path, monkeypatch):
+    """The >2 GB path on digits_cnn: the limit lowered so the input is external data, every onnxruntime session
+    goes through a file, and the output is written with external data; `compress` (projection only, the CLI's
+    checkpoint fingerprint included) writes a model that onnxruntime loads from its path."""
+    from onnxecc.compress import CompressOptions, compress
+    from onnxecc.validate import validate
+
+    monkeypatch.setattr(ingest, "_TWO_GB", 10_000)
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 0)
+    src = tmp_path / "big.onnx"
+    ingest.save(ingest.load(DIGITS), src)
+    assert (tmp_path / "big.onnx.data").exists()
+    out = tmp_path / "small.onnx"
+    result = compress(src, "0.5", out, CompressOptions(metric="macs", epochs=0, measure_latency=False),
+                      checkpoint=tmp_path / "small.onnx.ckpt")
+    assert result.meets_budget and result.agreement is not None
+    assert (tmp_path / "small.onnx.data").exists()
+    moved = [t for t in onnx.load(str(out), load_external_data=False).graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert moved
+    sess = runtime.session(str(out))
+    x = runtime.example_input(sess, batch=4)
+    expected = runtime.session(result.model, file_threshold=2**40)
+    assert np.allclose(runtime.run_batched(sess, x), runtime.run_batched(expected, x), atol=1e-6)
+    report = validate(src, out)
+    assert report.meets_budget and report.samples > 0
