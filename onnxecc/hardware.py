@@ -8,7 +8,17 @@ The description file (JSON, see `profiles/eyeriss.json`)::
      "pe_array": {"rows": 12, "cols": 14},          # m rows, n columns of processing elements
      "input_cache": 51200, "weight_cache": 4096,     # capacities in values (s_i, s_w)
      "unit_energy": {"mac": 3, "rf": 1, "cache": 6, "dram": 200},
+     "reference_bits": 16,                           # data width of unit_energy and of the capacities (default 16)
+     "unit_energy_by_bits": {"8": {"mac": 0.9, "rf": 0.5, "cache": 3, "dram": 100}},  # optional, other widths
      "energy_unit": "pJ"}                            # what one unit of `unit_energy` is (default pJ)
+
+Bit widths. `unit_energy` is the energy at `reference_bits`; `unit_energy_by_bits` (optional) gives the unit
+energies of other data widths (keys: the width in bits as a string). A layer run at b bits uses that width's
+energies, and the caches, whose capacities are given in reference-width values, hold ⌊s·reference_bits/b⌋
+values of b bits (a cache of 4,096 16-bit values holds 8,192 8-bit values): the DRAM terms depend on them.
+`Hardware.at_bits(b)` is the accelerator seen by a b-bit layer; every energy function below takes that.
+A model's layers may run at different widths (`model_energy(..., bits=)`; a QDQ file's int8 layers are read
+as 8-bit, `dequantized`). The whole layer — weights, inputs, MACs, output writes — is at its width.
 
 Energy model, per compute layer (Conv with 1 or 2 spatial dims, Gemm, MatMul by a constant), batch 1.
 Notation: P output positions (h'w' for a conv, the rows of A for Gemm/MatMul), d output channels, g groups,
@@ -43,7 +53,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +66,7 @@ from onnxecc.layers import find_layers, tensor_shapes, with_static_shapes
 
 ENERGY_UNITS = {"fJ": 1e-15, "pJ": 1e-12, "nJ": 1e-9, "uJ": 1e-6, "µJ": 1e-6, "mJ": 1e-3, "J": 1.0}
 _TOP_KEYS = {"name", "description", "note", "source", "pe_array", "input_cache", "weight_cache", "unit_energy",
-             "energy_unit"}
+             "energy_unit", "reference_bits", "unit_energy_by_bits"}
 _UNIT_KEYS = ("mac", "rf", "cache", "dram")
 
 
@@ -77,16 +87,45 @@ class Hardware:
     energy_unit: str = "pJ"
     sha256: str = ""
     source: str = ""
+    bits: int = 16  # the data width the fields above describe (the file's reference_bits, or `at_bits`)
+    by_bits: tuple = ()  # ((bits, (mac, rf, cache, dram)), ...) for every width the file gives, sorted
+    reference_bits: int = 16  # the width the file's capacities are counted in …
+    reference_caches: tuple = ()  # … and those capacities (input, weight); () : the fields above
 
     @property
     def joules_per_unit(self) -> float:
         return ENERGY_UNITS[self.energy_unit]
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The data widths this accelerator has unit energies for."""
+        return tuple(b for b, _ in self.by_bits) or (self.bits,)
+
+    def at_bits(self, bits: int | None) -> Hardware:
+        """The accelerator as a `bits`-wide layer sees it: that width's unit energies, and caches holding
+        ⌊capacity·reference_bits/bits⌋ values (None: unchanged). UserError for a width the file lacks."""
+        if bits is None or bits == self.bits:
+            return self
+        table = dict(self.by_bits)
+        if bits not in table:
+            raise UserError(f"{self.source or self.name}: no unit energies for {bits}-bit data (it has "
+                            f"{', '.join(f'{b}-bit' for b in self.widths)}): add \"unit_energy_by_bits\": "
+                            f"{{\"{bits}\": {{\"mac\": …, \"rf\": …, \"cache\": …, \"dram\": …}}}}")
+        mac, rf, cache, dram = table[bits]
+        s_i, s_w = self.reference_caches or (self.input_cache, self.weight_cache)
+        scale = lambda cap: max(1, cap * self.reference_bits // bits)  # noqa: E731
+        return replace(self, bits=bits, e_mac=mac, e_rf=rf, e_cache=cache, e_dram=dram, input_cache=scale(s_i),
+                       weight_cache=scale(s_w), reference_caches=(s_i, s_w))
+
     def as_dict(self) -> dict:
-        return {"name": self.name, "pe_array": {"rows": self.rows, "cols": self.cols},
-                "input_cache": self.input_cache, "weight_cache": self.weight_cache,
-                "unit_energy": {"mac": self.e_mac, "rf": self.e_rf, "cache": self.e_cache, "dram": self.e_dram},
-                "energy_unit": self.energy_unit, "sha256": self.sha256, "source": self.source}
+        out = {"name": self.name, "pe_array": {"rows": self.rows, "cols": self.cols},
+               "input_cache": self.input_cache, "weight_cache": self.weight_cache,
+               "unit_energy": {"mac": self.e_mac, "rf": self.e_rf, "cache": self.e_cache, "dram": self.e_dram},
+               "energy_unit": self.energy_unit, "sha256": self.sha256, "source": self.source}
+        if len(self.by_bits) > 1 or self.bits != 16:
+            out["reference_bits"] = self.bits
+            out["unit_energy_by_bits"] = {str(b): dict(zip(_UNIT_KEYS, e)) for b, e in self.by_bits}
+        return out
 
 
 def load_hardware(path: str | os.PathLike) -> Hardware:
@@ -124,19 +163,24 @@ def parse_hardware(obj, source: str = "<hardware>", sha256: str = "") -> Hardwar
     cols = _positive_int(pe["cols"], "pe_array.cols", source)
     s_i = _positive_int(obj["input_cache"], "input_cache", source)
     s_w = _positive_int(obj["weight_cache"], "weight_cache", source)
-    ue = obj["unit_energy"]
-    if not isinstance(ue, dict):
-        raise UserError(f"{source}: 'unit_energy' must be an object with {', '.join(_UNIT_KEYS)}")
-    extra = sorted(set(ue) - set(_UNIT_KEYS))
-    if extra:
-        raise UserError(f"{source}: unknown unit energy '{extra[0]}' (expected {', '.join(_UNIT_KEYS)})")
-    missing = [k for k in _UNIT_KEYS if k not in ue]
-    if missing:
-        raise UserError(f"{source}: unit_energy lacks '{missing[0]}' (give mac, rf, cache and dram)")
-    energies = {k: _nonnegative(ue[k], f"unit_energy.{k}", source) for k in _UNIT_KEYS}
-    if energies["rf"] + energies["cache"] <= 0:
-        raise UserError(f"{source}: unit_energy.rf and unit_energy.cache cannot both be 0 (every weight "
-                        "would be free to keep)")
+    energies = _unit_energies(obj["unit_energy"], "unit_energy", source)
+    ref = _positive_int(obj.get("reference_bits", 16), "reference_bits", source)
+    if ref > 64:
+        raise UserError(f"{source}: 'reference_bits' must be at most 64, got {ref}")
+    table = {ref: tuple(energies[k] for k in _UNIT_KEYS)}
+    by_bits = obj.get("unit_energy_by_bits", {})
+    if not isinstance(by_bits, dict):
+        raise UserError(f"{source}: 'unit_energy_by_bits' must be an object such as "
+                        "{\"8\": {\"mac\": 0.9, \"rf\": 0.5, \"cache\": 3, \"dram\": 100}}")
+    for key, ue in by_bits.items():
+        if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= 64):
+            raise UserError(f"{source}: unit_energy_by_bits key {key!r} is not a bit width (an integer 1–64 as a "
+                            "string, e.g. \"8\")")
+        e = _unit_energies(ue, f"unit_energy_by_bits.{key}", source)
+        if int(key) == ref and tuple(e[k] for k in _UNIT_KEYS) != table[ref]:
+            raise UserError(f"{source}: unit_energy_by_bits.{key} differs from unit_energy, which is the "
+                            f"{ref}-bit (reference_bits) entry: give it once")
+        table[int(key)] = tuple(e[k] for k in _UNIT_KEYS)
     unit = obj.get("energy_unit", "pJ")
     if unit not in ENERGY_UNITS:
         raise UserError(f"{source}: energy_unit {unit!r} is not one of {', '.join(ENERGY_UNITS)}")
@@ -144,7 +188,24 @@ def parse_hardware(obj, source: str = "<hardware>", sha256: str = "") -> Hardwar
     if not isinstance(name, str):
         raise UserError(f"{source}: 'name' must be a string")
     return Hardware(name, rows, cols, s_i, s_w, energies["mac"], energies["rf"], energies["cache"],
-                    energies["dram"], unit, sha256, source)
+                    energies["dram"], unit, sha256, source, ref, tuple(sorted(table.items())), ref, (s_i, s_w))
+
+
+def _unit_energies(ue, key: str, source: str) -> dict[str, float]:
+    """One {mac, rf, cache, dram} object, validated (one-line UserErrors naming `key`)."""
+    if not isinstance(ue, dict):
+        raise UserError(f"{source}: '{key}' must be an object with {', '.join(_UNIT_KEYS)}")
+    extra = sorted(set(ue) - set(_UNIT_KEYS))
+    if extra:
+        raise UserError(f"{source}: unknown unit energy '{extra[0]}' in {key} (expected {', '.join(_UNIT_KEYS)})")
+    missing = [k for k in _UNIT_KEYS if k not in ue]
+    if missing:
+        raise UserError(f"{source}: {key} lacks '{missing[0]}' (give mac, rf, cache and dram)")
+    energies = {k: _nonnegative(ue[k], f"{key}.{k}", source) for k in _UNIT_KEYS}
+    if energies["rf"] + energies["cache"] <= 0:
+        raise UserError(f"{source}: {key}.rf and {key}.cache cannot both be 0 (every weight "
+                        "would be free to keep)")
+    return energies
 
 
 def _positive_int(value, key: str, source: str) -> int:
@@ -298,6 +359,7 @@ class LayerEnergy:
     nnz_inputs: int
     input_size: int
     macs_nonzero: int
+    bits: int = 16  # the data width the layer was counted at
 
     @property
     def total(self) -> float:
@@ -307,7 +369,7 @@ class LayerEnergy:
         return {"name": self.name, "op": self.op, "compute": self.compute, "weights": self.weights,
                 "inputs": self.inputs, "total": self.total, "nnz_weights": self.nnz_weights,
                 "weight_size": self.weight_size, "nnz_inputs": self.nnz_inputs, "input_size": self.input_size,
-                "macs_nonzero": self.macs_nonzero}
+                "macs_nonzero": self.macs_nonzero, "bits": self.bits}
 
 
 def weights_energy(geom: LayerGeometry, hw: Hardware, nnz: int) -> float:
@@ -328,8 +390,10 @@ def inputs_energy(geom: LayerGeometry, hw: Hardware, mask: np.ndarray | None) ->
 
 
 def layer_energy(geom: LayerGeometry, hw: Hardware, weight: np.ndarray | None = None,
-                 mask: np.ndarray | None = None) -> LayerEnergy:
-    """Energy of one layer given its weight values or support (ONNX layout; None: dense) and input mask."""
+                 mask: np.ndarray | None = None, bits: int | None = None) -> LayerEnergy:
+    """Energy of one layer given its weight values or support (ONNX layout; None: dense) and input mask, at
+    `bits` (None: `hw`'s own width; see `Hardware.at_bits`)."""
+    hw = hw.at_bits(bits)
     if weight is None:
         support = np.ones(geom.weight_shape, dtype=bool)
     else:
@@ -338,7 +402,7 @@ def layer_energy(geom: LayerGeometry, hw: Hardware, weight: np.ndarray | None = 
     macs = int(geom.weight_uses(mask)[support].sum())
     e_in, x, _ = inputs_energy(geom, hw, mask)
     return LayerEnergy(geom.name, geom.op, hw.e_mac * macs, float(weights_energy(geom, hw, nnz)), e_in, nnz,
-                       geom.weight_size, x, geom.input_size, macs)
+                       geom.weight_size, x, geom.input_size, macs, hw.bits)
 
 
 def weight_costs(geom: LayerGeometry, hw: Hardware, mask: np.ndarray | None = None,
@@ -551,15 +615,96 @@ def input_masks(model: onnx.ModelProto, geoms: list[LayerGeometry]) -> dict[str,
     return out
 
 
-def model_energy(model: onnx.ModelProto, hw: Hardware) -> ModelEnergy:
+def model_energy(model: onnx.ModelProto, hw: Hardware, bits: int | dict[str, int] | None = None) -> ModelEnergy:
     """Count the modelled energy of an ONNX model from the file itself: weight supports from its
-    (dense or sparse) initializers, input supports from `Mul`-by-constant masks in front of convs."""
-    dense = densify(model)
+    (dense or sparse) initializers, input supports from `Mul`-by-constant masks in front of convs, and each
+    layer's data width from the file (`dequantized`: int8 QDQ layers are 8-bit, the others `hw.bits`).
+    `bits` overrides it: one width for every layer, or layer name → width."""
+    dense, file_bits = dequantized(densify(model))
     geoms = geometries(dense)
     masks = input_masks(dense, geoms)
     g = Graph(dense)
-    layers = [layer_energy(geom, hw, g.const(geom.weight), masks.get(geom.name)) for geom in geoms]
+    widths = {geom.name: file_bits.get(geom.weight, hw.bits) for geom in geoms}
+    if isinstance(bits, int):
+        widths = dict.fromkeys(widths, bits)
+    elif bits:
+        widths.update(bits)
+    layers = [layer_energy(geom, hw, g.const(geom.weight), masks.get(geom.name), widths[geom.name])
+              for geom in geoms]
     return ModelEnergy(hw, layers)
+
+
+def energy_summary(model: onnx.ModelProto, hw: Hardware) -> dict:
+    """`model_energy(model, hw).as_dict()` plus, under "at_bits", the total and per-layer energy with every
+    layer at each width the hardware file gives, except the one every layer already has (for `onnxecc inspect
+    --hardware`: a float model at 8 bits, a QDQ model at 16 bits)."""
+    own = model_energy(model, hw)
+    out = own.as_dict()
+    out["at_bits"] = {}
+    for b in (b for b in hw.widths if {x.bits for x in own.layers} != {b}):
+        e = model_energy(model, hw, bits=b)
+        out["at_bits"][str(b)] = {"total": e.total, "joules": e.joules,
+                                  "layers": {x.name: x.total for x in e.layers}}
+    return out
+
+
+_INT_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT16: 16,
+             onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+
+
+def dequantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A QDQ model read as the float model the accelerator runs at low width: every DequantizeLinear of a
+    constant integer tensor becomes a float initializer ((q − zero_point)·scale, so a weight stored as 0 stays
+    an exact 0) and activation QuantizeLinear → DequantizeLinear pairs are bypassed (so a mask `Mul` in front
+    of a conv is found again). Returns (model, {dequantized tensor name: bits of its integer type}); the model
+    unchanged and {} when it has no DequantizeLinear."""
+    graph = model.graph
+    if not any(n.op_type == "DequantizeLinear" for n in graph.node):
+        return model, {}
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    new_inits, alias, drop, bits = [], {}, set(), {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        q = node.input[0]
+        if q in inits and all(i in inits for i in node.input[1:] if i):
+            value = numpy_helper.to_array(inits[q]).astype(np.float64)
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) \
+                if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
+            if scale.ndim == 1 and scale.size > 1:  # per-axis
+                axis = _attr(node, "axis", 1) % value.ndim
+                shape = [1] * value.ndim
+                shape[axis] = scale.size
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            new_inits.append(numpy_helper.from_array(((value - zp) * scale).astype(np.float32), node.output[0]))
+            bits[node.output[0]] = _INT_BITS.get(inits[q].data_type, 32)
+            drop.add(id(node))
+        elif q in producer and producer[q].op_type == "QuantizeLinear" and node.output[0] not in outputs:
+            alias[node.output[0]] = producer[q].input[0]
+            drop.add(id(node))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n in model.graph.node if id(n) not in drop]
+    del out.graph.node[:]
+    for n in keep:
+        copy = out.graph.node.add()
+        copy.CopyFrom(n)
+        for i, name in enumerate(copy.input):
+            copy.input[i] = alias.get(name, name)
+    used = {i for n in out.graph.node for i in n.input} | outputs
+    kept = [n for n in out.graph.node if n.op_type != "QuantizeLinear" or any(o in used for o in n.output)]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(new_inits)
+    used = {i for n in out.graph.node for i in n.input} | outputs
+    live = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(live)
+    del out.graph.value_info[:]
+    return out, bits
 
 
 def format_energy(units: float, hw: Hardware) -> str:

@@ -55,11 +55,15 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None) -> InspectRe
     """Load, check and analyse a model. Raises UserError when it has no compute layer to compress.
     With `hardware` (an accelerator description JSON), `extra["energy"]` holds the modelled energy per layer."""
     source = str(model) if isinstance(model, (str, Path)) else "<model>"
-    proto = ingest.load(model)
+    proto = raw = ingest.load(model)
     if len(proto.graph.sparse_initializer):  # e.g. `compress --method wsp` output: analyse the dense weights
         from onnxecc.hardware import densify
 
         proto = densify(proto)
+    if any(n.op_type == "DequantizeLinear" for n in proto.graph.node):  # a QDQ (int8) model: its float weights
+        from onnxecc.hardware import dequantized
+
+        proto = dequantized(proto)[0]
     shaped = with_static_shapes(proto)
     layers = find_layers(proto, shaped)
     if not layers:
@@ -69,9 +73,9 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None) -> InspectRe
     channels = analyze(proto, shaped)
     extra = {}
     if hardware:
-        from onnxecc.hardware import load_hardware, model_energy
+        from onnxecc.hardware import energy_summary, load_hardware
 
-        extra["energy"] = model_energy(proto, load_hardware(hardware)).as_dict()
+        extra["energy"] = energy_summary(raw, load_hardware(hardware))  # + every width the file gives
     return InspectResult(source, opset, _io_shapes(shaped, shaped.graph.input, proto),
                          _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto), extra,
                          groups=channels.groups,

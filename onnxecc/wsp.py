@@ -45,6 +45,15 @@ initializer when that is smaller. The energy is then counted again on the writte
 (`hardware.model_energy`). ORT executes such a model densely: no speed-up on CPU/GPU — the energy is the
 modelled accelerator's, and the file is smaller.
 
+**Precision** (`--knobs width,precision`, issue #11): every layer that onnxruntime's static quantization takes
+runs at the hardware file's 8-bit unit energies (`hardware.Hardware.at_bits`; the caches hold twice as many
+values), in the plan, the floor and every projection — so the same budget keeps more weights. Training stays
+fp32; the output is the pruned model's layers as int8 QDQ (`onnxecc.quantize.quantize_layers`, MinMax
+calibration on `--data`), whose energy is counted again from the file with its int8 layers at 8 bits
+(`hardware.dequantized`). All layers go int8 because on the modelled accelerator each one is cheaper at 8 bits
+at any sparsity; the report's `precision` section gives the accuracy before and after quantization.
+digits_cnn at 0.05 of the 16-bit energy: 0.981 width alone, 0.990 with int8 (3 seeds, bench area `wsp`).
+
 Torch side: imports torch (through the bridge); the ONNX side never imports this module.
 """
 
@@ -75,6 +84,12 @@ _SMALL_MACS = 50_000_000  # below this many MACs per sample, train on one CPU th
 _FISHER_DECAY = 0.95  # saliency: running mean of g² over about the last 20 batches (joint phase)
 _MIN_WEIGHTS = 8  # minimum support: every layer keeps at least this many weights …
 _MIN_INPUTS = 8  # … and every masked conv this many input elements (see `_Trainer._reserved_weights`)
+PRECISION_BITS = 8  # --knobs width,precision: the width of the int8 (QDQ) layers on the modelled accelerator
+PRECISION_NOT_DONE = [
+    "which layers go int8: every layer onnxruntime's static quantization can take (all of them save energy on the "
+    "modelled accelerator); no per-layer choice by accuracy sensitivity",
+    "quantization-aware training: training is fp32, the int8 layers are post-training static quantization",
+]
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -93,6 +108,11 @@ class Plan:
     inputs_full: float  # Σ E_inputs with the starting masks (includes output writes)
     reserve_inputs: float = 0.0  # ≥ what the minimum input supports add to the floor (_MIN_INPUTS per conv)
     reserve_weights: float = 0.0  # ≥ the relaxed energy of the minimum weight supports (_MIN_WEIGHTS per layer)
+    bits: dict[str, int] = field(default_factory=dict)  # layer name → data width (absent: hw.bits); see `make_plan`
+
+    def hw_of(self, geom: hwm.LayerGeometry) -> hwm.Hardware:
+        """The accelerator as this layer sees it at its bit width (`Hardware.at_bits`)."""
+        return self.hw.at_bits(self.bits.get(geom.name))
 
     @property
     def reachable(self) -> float:
@@ -104,10 +124,17 @@ class Plan:
         return self.hw.joules_per_unit
 
     def exact(self, weights: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> list[hwm.LayerEnergy]:
-        return [hwm.layer_energy(g, self.hw, weights[g.weight], masks.get(g.name)) for g in self.geoms]
+        return [hwm.layer_energy(g, self.hw_of(g), weights[g.weight], masks.get(g.name)) for g in self.geoms]
 
 
-def make_plan(model: ingest.ModelSource, hardware: str | hwm.Hardware, budget: Budget) -> Plan:
+def make_plan(model: ingest.ModelSource, hardware: str | hwm.Hardware, budget: Budget,
+              precision_bits: int | None = None) -> Plan:
+    """The energies of one run. `precision_bits` (`--knobs width,precision`): every layer that onnxruntime's
+    static quantization can put in QDQ (`int8_layers`) runs at that width — on the modelled accelerator every
+    unit energy is lower at 8 bits and the caches hold more values, so each such layer is cheaper at any
+    sparsity; what int8 costs is accuracy, which the report measures (fp32 and QDQ accuracy side by side). The
+    budget stays relative to the original model at the reference width (`original`); the floor, the minimum
+    supports and every projection use the lower widths, so the same budget buys more weights."""
     hw = hardware if isinstance(hardware, hwm.Hardware) else hwm.load_hardware(hardware)
     proto = hwm.densify(ingest.load(model))
     shaped = with_static_shapes(proto)
@@ -121,19 +148,29 @@ def make_plan(model: ingest.ModelSource, hardware: str | hwm.Hardware, budget: B
     from onnxecc.graph import Graph
 
     g = Graph(proto)
-    energy = [hwm.layer_energy(geom, hw, g.const(geom.weight), masks.get(geom.name)) for geom in geoms]
-    original = float(sum(e.total for e in energy))
-    inputs_full = float(sum(e.inputs for e in energy))
+    bits = dict.fromkeys(int8_layers(proto, geoms), precision_bits) if precision_bits else {}
+    layer_hw = {geom.name: hw.at_bits(bits.get(geom.name)) for geom in geoms}
+    original = float(sum(hwm.layer_energy(geom, hw, g.const(geom.weight), masks.get(geom.name)).total
+                         for geom in geoms))
+    inputs_full = float(sum(hwm.inputs_energy(geom, layer_hw[geom.name], masks.get(geom.name))[0] for geom in geoms))
     floor = reserve_inputs = reserve_weights = 0.0
     for geom in geoms:
         zero_mask = np.zeros(geom.in_shape, dtype=bool) if geom.is_conv else None
-        floor += hwm.inputs_energy(geom, hw, zero_mask)[0]
-        extra_inputs, extra_weights = hwm.min_support_energy(geom, hw, _MIN_WEIGHTS, _MIN_INPUTS)
+        floor += hwm.inputs_energy(geom, layer_hw[geom.name], zero_mask)[0]
+        extra_inputs, extra_weights = hwm.min_support_energy(geom, layer_hw[geom.name], _MIN_WEIGHTS, _MIN_INPUTS)
         reserve_inputs += extra_inputs
         reserve_weights += extra_weights
     target_j = budget.resolve(original * hw.joules_per_unit)
     return Plan(proto, shaped, hw, geoms, masks, original, target_j / hw.joules_per_unit, floor, inputs_full,
-                reserve_inputs, reserve_weights)
+                reserve_inputs, reserve_weights, bits)
+
+
+def int8_layers(proto: onnx.ModelProto, geoms: list[hwm.LayerGeometry]) -> list[str]:
+    """The layers `onnxecc.quantize.quantize_layers` can put in int8 QDQ (its candidates), in model order."""
+    from onnxecc.quantize import candidates
+
+    names = set(candidates(proto))
+    return [g.name for g in geoms if g.name in names]
 
 
 def check_reachable(plan: Plan) -> None:
@@ -156,6 +193,31 @@ def _check_options(budget: Budget, opts) -> None:
                         "profiles/eyeriss.json)")
     if getattr(opts, "proj_interval", 10) < 1:
         raise UserError("--proj-interval must be ≥ 1 (batches between projections)")
+    if "precision" in tuple(getattr(opts, "knobs", ("width",))) and not opts.data:
+        raise UserError("--knobs precision calibrates the int8 layers on data: pass --data (digits or FILE.npz)")
+
+
+def _precision_bits(hw: hwm.Hardware, opts) -> int | None:
+    """`PRECISION_BITS` with `--knobs width,precision` (the hardware file must give that width's energies)."""
+    if "precision" not in tuple(getattr(opts, "knobs", ("width",))):
+        return None
+    if PRECISION_BITS not in hw.widths:
+        raise UserError(f"--knobs precision with --method wsp runs int8 layers at the hardware file's "
+                        f"{PRECISION_BITS}-bit unit energies, and {hw.source} has none: add \"unit_energy_by_bits\": "
+                        f"{{\"{PRECISION_BITS}\": {{\"mac\": …, \"rf\": …, \"cache\": …, \"dram\": …}}}} "
+                        "(see profiles/eyeriss.json)")
+    return PRECISION_BITS
+
+
+def quantize_output(model: onnx.ModelProto, plan: Plan, data) -> onnx.ModelProto:
+    """The trained, pruned model with `plan.bits`' layers in int8 QDQ (`onnxecc.quantize.quantize_layers`,
+    MinMax calibration on the first training samples). Quantization keeps every zero weight and mask element
+    an exact zero (symmetric int8 weights; a zero point represents 0 exactly), and may round more weights to 0:
+    the energy counted on the file is at most the plan's."""
+    from onnxecc.quantize import CALIBRATION_SAMPLES, quantize_layers
+
+    return quantize_layers(model, np.asarray(data.x_train[:CALIBRATION_SAMPLES], dtype=np.float32),
+                           [name for name, b in plan.bits.items() if b == PRECISION_BITS])
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -165,6 +227,7 @@ class _LayerState:
     param: object  # torch.nn.Parameter (torch layout)
     transpose: bool  # torch = ONNXᵀ
     module: object | None = None  # the module whose input the mask multiplies
+    hw: hwm.Hardware | None = None  # the accelerator at this layer's bit width (`Plan.hw_of`)
     mask: object | None = None  # torch.nn.Parameter (1, c, h, w) / (1, c, w)
     hook: object | None = None
     fisher_w: object | None = None  # torch tensors: running mean of the squared loss gradient (weight, mask)
@@ -217,7 +280,8 @@ class _Trainer:
                 raise UnsupportedModelError(f"the weight of {geom.op} '{geom.name}' is not trainable in torch")
             layout = self.tm.layouts.get(geom.weight)
             self.states.append(_LayerState(geom, tensor, bool(layout and layout.transpose),
-                                           self._input_module(qualified) if geom.is_conv else None))
+                                           self._input_module(qualified) if geom.is_conv else None,
+                                           hw=plan.hw_of(geom)))
         self.history: list[dict] = []
         self.use_masks = use_masks and data is not None and opts.epochs > 0
         self.mask_keep = self._mask_keep(mask_keep) if self.use_masks else 1.0
@@ -311,13 +375,13 @@ class _Trainer:
         """Project every weight onto {E ≤ budget} given the current input masks; returns the exact energy."""
         torch = self.torch
         masks = self.masks_now()
-        fixed = sum(hwm.inputs_energy(s.geom, self.hw, masks.get(s.geom.name))[0] for s in self.states)
+        fixed = sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
         capacity = budget - fixed
         values, costs, scores, reserved = [], [], [], []
         for s in self.states:
             w = s.onnx_weight()
             mask = masks.get(s.geom.name)
-            cost = hwm.weight_costs(s.geom, self.hw, mask, score=np.square(w))
+            cost = hwm.weight_costs(s.geom, s.hw, mask, score=np.square(w))
             values.append(self._weight_profit(s, w).reshape(-1))
             costs.append(cost.reshape(-1))
             scores.append(np.abs(w).reshape(-1))
@@ -356,25 +420,25 @@ class _Trainer:
         for s in self.states:
             w = s.onnx_weight()
             mask = masks.get(s.geom.name)
-            half_macs = 0.5 * self.hw.e_mac * s.geom.weight_uses(mask).astype(np.float64)
-            cost = hwm.weight_costs(s.geom, self.hw, mask, score=np.square(w)) - half_macs
+            half_macs = 0.5 * s.hw.e_mac * s.geom.weight_uses(mask).astype(np.float64)
+            cost = hwm.weight_costs(s.geom, s.hw, mask, score=np.square(w)) - half_macs
             profits.append(self._weight_profit(s, w).reshape(-1))
             costs.append(cost.reshape(-1))
             reserved.append(self._reserved_weights(s, w, mask))
             if s.mask is None:
-                fixed += hwm.inputs_energy(s.geom, self.hw, mask)[0]
+                fixed += hwm.inputs_energy(s.geom, s.hw, mask)[0]
                 continue
             m = s.mask.detach().cpu().numpy().reshape(-1).astype(np.float64)
             f = np.ones_like(m) if s.fisher_m is None else \
                 s.fisher_m.detach().cpu().numpy().reshape(-1).astype(np.float64)
             _, macs = s.geom.element_uses(w)
-            cost = hwm.mask_costs(s.geom, self.hw, w, score=m * m * f).reshape(-1) \
-                - 0.5 * self.hw.e_mac * macs.reshape(-1)
+            cost = hwm.mask_costs(s.geom, s.hw, w, score=m * m * f).reshape(-1) \
+                - 0.5 * s.hw.e_mac * macs.reshape(-1)
             spans.append((s, sum(p.size for p in profits), m.size))
             profits.append(f * m * m)
             costs.append(cost)
             reserved.append(self._top_inputs(s, _MIN_INPUTS / m.size))
-            fixed += hwm.inputs_energy(s.geom, self.hw, np.zeros(s.geom.in_shape, dtype=bool))[0]
+            fixed += hwm.inputs_energy(s.geom, s.hw, np.zeros(s.geom.in_shape, dtype=bool))[0]
         keep = knapsack(np.concatenate(profits), np.maximum(np.concatenate(costs), 0.0), budget - fixed,
                         reserved=np.concatenate(reserved))
         for s, start, n in spans:
@@ -597,7 +661,7 @@ class _Trainer:
         above the smallest reachable energy (`Plan.reachable`)."""
         plan = self.plan
         masks = self.masks_now()
-        inputs = sum(hwm.inputs_energy(s.geom, self.hw, masks.get(s.geom.name))[0] for s in self.states)
+        inputs = sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
         slack = plan.target - plan.reachable
         if plan.target - inputs - plan.reserve_weights < 0.1 * slack:
             if not any(s.mask is not None for s in self.states):
@@ -623,7 +687,7 @@ class _Trainer:
                     s.mask.copy_(start[id(s)])
                 self._apply_inputs(s, self._top_inputs(s, fraction * float((start[id(s)] != 0).float().mean())))
             masks = self.masks_now()
-            return sum(hwm.inputs_energy(s.geom, self.hw, masks.get(s.geom.name))[0] for s in self.states)
+            return sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
 
         lo, hi = 0.0, 1.0
         for _ in range(40):
@@ -789,10 +853,27 @@ def sparsify(model: onnx.ModelProto, names: list[str]) -> dict:
 
 
 def _weight_initializers(model: onnx.ModelProto, plan: Plan) -> list[str]:
+    """The initializers holding the layers' weights: in a QDQ model, an int8 layer's is the integer tensor its
+    weight's DequantizeLinear reads."""
     from onnxecc.graph import Graph
 
     g = Graph(model)
-    return [g.weight_source(geom.weight) for geom in plan.geoms]
+    inits = {t.name for t in model.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and dq.get(node.input[1]) in inits:
+            out.append(dq[node.input[1]])
+    return out + [g.weight_source(geom.weight) for geom in plan.geoms if geom.weight in g.producer or
+                  geom.weight in inits]
+
+
+def _accuracy(model: onnx.ModelProto, data) -> float | None:
+    """Test accuracy of `model` in onnxruntime (None without labelled test data)."""
+    if data is None or not len(data.x_test) or data.y_test is None:
+        return None
+    logits = runtime.run_batched(runtime.session(model), data.x_test)
+    return float((logits.argmax(1) == data.y_test).mean())
 
 
 # ------------------------------------------------------------------------------------------------- compress
@@ -806,8 +887,9 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     emit("stage", {"name": "analyse"})
-    plan = make_plan(model, opts.hardware, budget)
-    hw, jpu = plan.hw, plan.jpu
+    hw = hwm.load_hardware(opts.hardware)
+    plan = make_plan(model, hw, budget, _precision_bits(hw, opts))
+    jpu = plan.jpu
     fmt = lambda units: format_cost(units * jpu, "energy")  # noqa: E731
     check_reachable(plan)
     data = None
@@ -821,6 +903,7 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
     warnings: list[str] = []
     history: list[dict] = []
     mask_keep = 1.0
+    precision = None
     if plan.target >= plan.original:
         out_model = onnx.ModelProto()
         out_model.CopyFrom(plan.proto)
@@ -837,6 +920,15 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
         out_model, energy, history, mask_keep = outcome.model, outcome.energy, outcome.history, outcome.mask_keep
         new_nodes = insert_input_masks(out_model, plan, outcome.masks)
         pruned = True
+        if plan.bits:  # --knobs width,precision: the pruned model's int8 layers written as QDQ
+            int8 = [n for n, b in plan.bits.items() if b == PRECISION_BITS]
+            precision = {"bits": PRECISION_BITS, "int8_layers": int8,
+                         "accuracy_fp32_pruned": _accuracy(out_model, data),
+                         "energy_units_all_reference_bits": float(sum(
+                             hwm.layer_energy(g, hw, outcome.weights[g.weight], outcome.masks.get(g.name)).total
+                             for g in plan.geoms)),
+                         "energy_units_planned": float(sum(e.total for e in energy)), "not_done": PRECISION_NOT_DONE}
+            out_model = quantize_output(out_model, plan, data)
         if data is None or opts.epochs == 0:
             warnings.append("no --data (or --epochs 0): weights were chosen by one weighted projection only and "
                             "accuracy is not recovered by training; pass --data to train")
@@ -853,7 +945,14 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
         storage["converted"] = []
     counted_model = hwm.model_energy(out_model, hw)
     counted = counted_model.total
-    if abs(counted - estimated) > 1e-9 * max(1.0, plan.original):
+    tol = 1e-9 * max(1.0, plan.original)
+    if precision is not None:  # quantization may round more weights to 0, never a 0 to non-zero
+        widths = {e.name: e.bits for e in counted_model.layers}
+        if widths != {g.name: plan.hw_of(g).bits for g in plan.geoms} or counted > estimated + tol:
+            raise RuntimeError(f"the QDQ model's widths {widths} or energy {counted} disagree with the plan's "
+                               f"({estimated})")
+        precision["energy_units_counted"] = counted
+    elif abs(counted - estimated) > tol:
         raise RuntimeError(f"energy model disagrees with the count on the written model: {estimated} vs {counted}")
     result = CompressResult(out_model, Path(output) if output else None, "energy", budget, plan.target * jpu,
                             plan.original * jpu, estimated * jpu, counted * jpu, pruned, {}, history=history,
@@ -863,6 +962,15 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
     t = time.perf_counter()
     _evaluate(result, plan.proto, data, opts)
     timings["validate"] = time.perf_counter() - t
+    if precision is not None:
+        precision["accuracy_int8"] = result.accuracy_after
+        result.precision = precision
+        before = precision["accuracy_fp32_pruned"]
+        warnings.append(f"precision: {len(precision['int8_layers'])} layer(s) in int8 (QDQ) at the hardware's "
+                        f"{PRECISION_BITS}-bit energies ({fmt(precision['energy_units_all_reference_bits'])} for the "
+                        f"same supports at {hw.bits} bits); post-training quantization after fp32 training"
+                        + (f": accuracy {before:.4f} fp32 → {result.accuracy_after:.4f} int8"
+                           if before is not None and result.accuracy_after is not None else ""))
     if not result.meets_budget:
         raise RuntimeError(f"internal error: modelled energy {fmt(counted)} exceeds the budget {fmt(plan.target)}")
     chance = 1.0 / max(2, plan.geoms[-1].out_channels)
@@ -901,8 +1009,9 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
             "mask_keep_fraction": mask_keep, "mask_nodes": new_nodes,
             "energy": counted_model.as_dict(), "storage": storage, "note": DENSE_NOTE,
             "proj_interval": getattr(opts, "proj_interval", 10),
-            "sparsity": {e.name: {"nnz": e.nnz_weights, "size": e.weight_size,
+            "sparsity": {e.name: {"nnz": e.nnz_weights, "size": e.weight_size, "bits": e.bits,
                                   "inputs_kept": e.nnz_inputs, "inputs": e.input_size} for e in counted_model.layers},
+            "precision": precision,
         }
         atomic.write_json(report, doc)
     return result
@@ -959,8 +1068,10 @@ def bench_wsp_accuracy(seeds=(0, 1, 2), budgets=(0.2, 0.4), models=None, epochs:
     fine-tuning with the support fixed). One row per (model, budget, method, seed): test accuracy measured
     by onnxruntime on the written graph, modelled energy counted on it, file sizes; `summarise_accuracy`
     aggregates mean ± std. A method that cannot reach a budget (magnitude pruning has no input masks) gets
-    accuracy None and the reason. Returns `summarise_accuracy(rows)`: one row per (model, budget, method)
-    with the per-seed runs under "runs"."""
+    accuracy None and the reason. Method "wsp+int8" is `--knobs width,precision`: every layer at the hardware's
+    8-bit energies during the projections, the output written as int8 QDQ (its row also has the accuracy of the
+    pruned fp32 model before quantization, `accuracy_fp32`). Returns `summarise_accuracy(rows)`: one row per
+    (model, budget, method) with the per-seed runs under "runs"."""
     from onnxecc.compress import CompressOptions
     from onnxecc.data import load_digits
 
@@ -972,8 +1083,10 @@ def bench_wsp_accuracy(seeds=(0, 1, 2), budgets=(0.2, 0.4), models=None, epochs:
     for path in models:
         for fraction in budgets:
             budget = Budget(text=str(fraction), metric="energy", fraction=float(fraction))
-            plan = make_plan(path, hw, budget)
+            plans = {}
             for method in methods:
+                bits = PRECISION_BITS if method.endswith("+int8") else None
+                plan = plans[bits] = plans.get(bits) or make_plan(path, hw, budget, bits)
                 for seed in seeds:
                     opts = CompressOptions(metric="energy", method="wsp", hardware=str(hw.source), data="digits",
                                            epochs=epochs, seed=seed, measure_latency=False)
@@ -992,6 +1105,9 @@ def bench_wsp_accuracy(seeds=(0, 1, 2), budgets=(0.2, 0.4), models=None, epochs:
                         continue
                     out = outcome.model
                     insert_input_masks(out, plan, outcome.masks)
+                    if plan.bits:
+                        row["accuracy_fp32"] = _accuracy(out, data)
+                        out = quantize_output(out, plan, data)
                     dense_bytes = out.ByteSize()
                     sparse_model = onnx.ModelProto()
                     sparse_model.CopyFrom(out)
@@ -1027,5 +1143,7 @@ def summarise_accuracy(rows: list[dict]) -> list[dict]:
                     "energy_fraction": float(np.max([r["energy_fraction"] for r in rs if "energy_fraction" in r]))
                     if acc else None, "accuracies": acc,
                     "ort_sparse_equals_dense": all(r.get("ort_sparse_equals_dense", True) for r in rs),
-                    "note": rs[0].get("reason"), "runs": rs})
+                    "note": rs[0].get("reason"), "runs": rs,
+                    **({"accuracy_fp32_mean": float(np.mean([r["accuracy_fp32"] for r in rs]))}
+                       if acc and all(r.get("accuracy_fp32") is not None for r in rs) else {})})
     return out

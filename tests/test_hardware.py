@@ -266,3 +266,148 @@ def test_sparse_initializers_are_read_back(tmp_path):
     model.graph.sparse_initializer.append(sparse)
     e = hwm.model_energy(model, tiny_hw()).layers[0]
     assert e.nnz_weights == 1 and e.weight_size == 12
+
+
+# ------------------------------------------------------------------------------------------------ bit widths
+UNITS_8 = {"mac": 1, "rf": 0.5, "cache": 3, "dram": 100}
+
+
+def test_gemm_energy_by_hand_at_8_and_16_bits():
+    # The layer of test_gemm_energy_by_hand with an input cache of 2 values: at 16 bits the 3 inputs overflow it
+    # (one re-fetched per column tile, R=2); at 8 bits the caches hold twice as many values (s_i=4, s_w=6).
+    w = np.array([[1, 0], [2, 3], [0, 4]], dtype=np.float32)
+    hw = tiny_hw(input_cache=2, unit_energy_by_bits={"8": UNITS_8})
+    at16 = hwm.model_energy(gemm_model(w), hw).layers[0]
+    assert at16.bits == 16
+    assert (at16.compute, at16.weights) == (3 * 4, 6 * 1 * 4 + 1 * 1 * 4 + 200 * (3 + 1 * 1))
+    assert at16.inputs == 6 * 2 * 3 + 1 * 2 * 3 + 200 * (2 + 2 * 1) + 200 * 2
+    at8 = hwm.model_energy(gemm_model(w), hw, bits=8).layers[0]
+    assert at8.bits == 8
+    assert at8.compute == 1 * 4
+    assert at8.weights == 3 * 1 * 4 + 0.5 * 1 * 4 + 100 * 4  # all 4 weights fit the 6-value weight cache
+    assert at8.inputs == 3 * 2 * 3 + 0.5 * 2 * 3 + 100 * 3 + 100 * 2  # all 3 inputs fit the 4-value input cache
+    assert at8.total == 939 and at16.total == 2082
+
+
+def test_conv_energy_by_hand_at_8_bits_with_the_larger_weight_cache():
+    # The masked conv of test_conv_energy_by_hand_with_input_mask (T=2, R=1, 4 weights, X=8, U=12, 12 MACs):
+    # at 16 bits one weight is beyond s_w=3 and is fetched from DRAM once per row tile; at 8 bits s_w=6.
+    w = np.ones((1, 1, 2, 2), dtype=np.float32)
+    mask = np.ones((1, 1, 3, 3), dtype=np.float32)
+    mask[0, 0, 1, 1] = 0
+    hw = tiny_hw(unit_energy_by_bits={"8": UNITS_8})
+    e = hwm.model_energy(conv_model(w, (3, 3), mask), hw, bits=8).layers[0]
+    assert e.compute == 1 * 12
+    assert e.weights == 3 * 2 * 4 + 0.5 * 4 * 4 + 100 * 4
+    assert e.inputs == 3 * 1 * 12 + 0.5 * 1 * 12 + 100 * 8 + 100 * 1 * 4  # X=8 fits s_i=10
+    assert e.total == 12 + 432 + 1242
+    assert hwm.model_energy(conv_model(w, (3, 3), mask), hw, bits=16).layers[0].total == 36 + 1064 + 2484
+
+
+def test_at_bits_scales_capacities_and_keeps_the_reference():
+    hw = hwm.parse_hardware({"pe_array": {"rows": 2, "cols": 1}, "input_cache": 10, "weight_cache": 3,
+                             "reference_bits": 8, "unit_energy": UNITS_8,
+                             "unit_energy_by_bits": {"4": {"mac": 0.3, "rf": 0.25, "cache": 1.5, "dram": 50},
+                                                     "16": {"mac": 3, "rf": 1, "cache": 6, "dram": 200}}})
+    assert hw.widths == (4, 8, 16) and hw.at_bits(8) is hw and hw.at_bits(None) is hw
+    h4, h16 = hw.at_bits(4), hw.at_bits(16)
+    assert (h4.input_cache, h4.weight_cache, h4.e_dram) == (20, 6, 50)
+    assert (h16.input_cache, h16.weight_cache, h16.e_mac) == (5, 1, 3)  # ⌊3·8/16⌋ = 1
+    assert h16.at_bits(8) == hw.at_bits(8).at_bits(8) and h16.at_bits(4).input_cache == 20
+    with pytest.raises(UserError) as info:
+        hw.at_bits(2)
+    assert "2-bit" in str(info.value) and "unit_energy_by_bits" in str(info.value) and "\n" not in str(info.value)
+
+
+_BASE = ('{"pe_array": {"rows": 1, "cols": 1}, "input_cache": 1, "weight_cache": 1, '
+         '"unit_energy": {"mac": 1, "rf": 1, "cache": 1, "dram": 1}')
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (', "unit_energy_by_bits": [8]', "'unit_energy_by_bits' must be an object"),
+    (', "unit_energy_by_bits": {"eight": {"mac": 1, "rf": 1, "cache": 1, "dram": 1}}', "key 'eight'"),
+    (', "unit_energy_by_bits": {"0": {"mac": 1, "rf": 1, "cache": 1, "dram": 1}}', "key '0'"),
+    (', "unit_energy_by_bits": {"8": {"mac": 1, "rf": 1, "cache": 1}}', "unit_energy_by_bits.8 lacks 'dram'"),
+    (', "unit_energy_by_bits": {"8": {"mac": 1, "rf": 1, "cache": 1, "dram": -2}}', "unit_energy_by_bits.8.dram"),
+    (', "unit_energy_by_bits": {"8": {"mac": 1, "rf": 1, "cache": 1, "dram": 1, "sram": 1}}', "'sram'"),
+    (', "unit_energy_by_bits": {"8": 3}', "'unit_energy_by_bits.8' must be an object"),
+    (', "unit_energy_by_bits": {"16": {"mac": 2, "rf": 1, "cache": 1, "dram": 1}}', "differs from unit_energy"),
+    (', "reference_bits": 0', "reference_bits"),
+    (', "reference_bits": 128', "at most 64"),
+])
+def test_bad_bit_width_entries_are_one_line_user_errors(tmp_path, extra, fragment):
+    path = tmp_path / "hw.json"
+    path.write_text(_BASE + extra + "}")
+    with pytest.raises(UserError) as info:
+        hwm.load_hardware(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_shipped_eyeriss_8_bit_entry():
+    hw = hwm.load_hardware(EYERISS)
+    assert hw.bits == 16 and hw.widths == (8, 16)
+    h8 = hw.at_bits(8)
+    assert (h8.e_mac, h8.e_rf, h8.e_cache, h8.e_dram) == (0.9, 0.5, 3, 100)
+    assert (h8.input_cache, h8.weight_cache) == (102400, 8192)
+    assert "Horowitz" in json.loads(EYERISS.read_text())["description"]
+
+
+def _test_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bool]]:
+    """The test's own float view of a QDQ model: weights (q − zp)·scale per output channel, activations'
+    Q→DQ pairs dropped; → (model, layer name → int8?)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    alias, values = {}, {}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        if n.input[0] in inits:
+            q, scale, zp = (inits[i].astype(np.float64) for i in n.input[:3])
+            if scale.size > 1:
+                shape = [1] * q.ndim
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                shape[axis] = -1
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            values[n.output[0]] = ((q - zp) * scale).astype(np.float32)
+        else:
+            alias[n.output[0]] = producer[n.input[0]].input[0]
+    nodes, int8 = [], {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        n2 = onnx.NodeProto()
+        n2.CopyFrom(n)
+        for i, name in enumerate(n2.input):
+            n2.input[i] = alias.get(name, name)
+        if n.op_type in ("Conv", "Gemm"):
+            int8[n.name] = n.input[1] in values
+        nodes.append(n2)
+    used = {i for n in nodes for i in n.input}
+    floats = {**{k: v for k, v in inits.items() if k in used}, **{k: v for k, v in values.items() if k in used}}
+    return model_of(nodes, list(model.graph.input), list(model.graph.output), floats), int8
+
+
+def test_qdq_model_is_counted_with_its_int8_layers_at_8_bits():
+    from onnxecc.data import load_digits
+    from onnxecc.quantize import quantize_layers
+
+    path = REPO / "models" / "digits_cnn.onnx"
+    model = onnx.load(path)
+    chosen = ["/features/features.3/Conv", "/classifier/classifier.1/Gemm"]
+    qdq = quantize_layers(model, load_digits().x_train[:64], chosen)
+    hw = hwm.load_hardware(EYERISS)
+    counted = hwm.model_energy(qdq, hw)
+    assert [e.bits for e in counted.layers] == [16, 8, 16, 8, 16]
+    floats, int8 = _test_dequantize(qdq)
+    assert sorted(n for n, q in int8.items() if q) == sorted(chosen)
+    expected = hwm.model_energy(floats, hw, bits={n: 8 for n in chosen})
+    assert counted.total == pytest.approx(expected.total, rel=1e-12)
+    for a, b in zip(counted.layers, expected.layers):
+        assert (a.nnz_weights, a.total) == (b.nnz_weights, pytest.approx(b.total, rel=1e-12))
+    # inspect reads the QDQ file too, and shows the energy with every layer at each width of the file
+    energy = onnxecc.inspect(qdq.SerializeToString(), hardware=str(EYERISS)).as_dict()["energy"]
+    assert energy["total"] == pytest.approx(counted.total)
+    assert set(energy["at_bits"]) == {"8", "16"}
+    assert energy["at_bits"]["8"]["total"] < energy["total"] < energy["at_bits"]["16"]["total"]
+    dense = onnxecc.inspect(path, hardware=str(EYERISS)).as_dict()["energy"]
+    assert set(dense["at_bits"]) == {"8"} and dense["at_bits"]["8"]["total"] < dense["total"]

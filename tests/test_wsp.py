@@ -156,13 +156,14 @@ def _dense_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _independent_energy(model: onnx.ModelProto) -> float:
-    """The modelled energy (units) recounted from the file with torch's unfold/conv2d, not onnxecc.hardware."""
+    """The modelled energy (units) recounted from the file with torch's unfold/conv2d, not onnxecc.hardware. A QDQ
+    model is read through the test's own dequantization (test_hardware._test_dequantize); its int8 layers are
+    counted with eyeriss.json's 8-bit unit energies and caches of twice as many (8-bit) values."""
     import torch
     import torch.nn.functional as F
+    from test_hardware import _test_dequantize
 
     m, n = HW["pe_array"]["rows"], HW["pe_array"]["cols"]
-    s_i, s_w = HW["input_cache"], HW["weight_cache"]
-    u = HW["unit_energy"]
     inits = _dense_initializers(model)
     dense = onnx.ModelProto()
     dense.CopyFrom(model)
@@ -170,6 +171,11 @@ def _independent_energy(model: onnx.ModelProto) -> float:
     for k, v in inits.items():
         if k not in {t.name for t in dense.graph.initializer}:
             dense.graph.initializer.append(numpy_helper.from_array(v, k))
+    int8 = {}
+    if any(node.op_type == "DequantizeLinear" for node in dense.graph.node):
+        dense, int8 = _test_dequantize(dense)
+        model = dense
+        inits = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
     shaped = onnx.shape_inference.infer_shapes(dense)
     shapes = {vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
               for vi in list(shaped.graph.value_info) + list(shaped.graph.input) + list(shaped.graph.output)}
@@ -202,6 +208,8 @@ def _independent_energy(model: onnx.ModelProto) -> float:
             macs, positions, uses, support = float(nnz_w), 1, float(k), torch.ones(k)
         else:
             continue
+        u, scale = (HW["unit_energy_by_bits"]["8"], 2) if int8.get(node.name) else (HW["unit_energy"], 1)
+        s_i, s_w = HW["input_cache"] * scale, HW["weight_cache"] * scale
         nnz = int(np.count_nonzero(w))
         t, r, x = math.ceil(positions / m), math.ceil(dg / n), float(support.sum())
         total += u["mac"] * macs
@@ -512,3 +520,63 @@ def test_a_budget_without_masks_learns_none_and_masks_only_the_inputs_zero_in_al
         probe.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
         acts = ort.InferenceSession(probe.SerializeToString()).run([node.input[0]], {"input": x})[0]
         assert not acts[:, ~support].any()
+
+
+# ---------------------------------------------------------------------------- --knobs width,precision (int8)
+@pytest.fixture(scope="module")
+def cnn_int8_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wsp_int8") / "cnn_int8.onnx"
+    opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=3,
+                           proj_interval=5, measure_latency=False, knobs=("width", "precision"))
+    return compress(CNN, "0.2", out, opts, report=out.with_suffix(".json")), out
+
+
+def test_int8_wsp_writes_qdq_that_meets_the_budget_at_8_bit_energies(cnn_int8_run):
+    from onnxecc.quantize import int8_nodes
+
+    result, out = cnn_int8_run
+    written = onnx.load(out)
+    onnx.checker.check_model(written)
+    layers = [n.name for n in written.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert sorted(int8_nodes(written)) == sorted(layers) and len(layers) == 5  # every layer int8
+    recount = _independent_energy(written) * 1e-12
+    assert recount <= result.budget_abs * (1 + 1e-12) and recount == pytest.approx(result.counted_cost, rel=1e-9)
+    assert result.meets_budget and result.pruned
+    assert result.original_cost == pytest.approx(_independent_energy(onnx.load(CNN)) * 1e-12, rel=1e-9)
+    doc = json.loads(out.with_suffix(".json").read_text())
+    prec = doc["wsp"]["precision"]
+    assert prec["bits"] == 8 and sorted(prec["int8_layers"]) == sorted(layers)
+    assert prec["energy_units_counted"] <= prec["energy_units_planned"] * (1 + 1e-12)
+    # the same supports at 16 bits would cost more than twice the budget: int8 bought that many weights
+    assert prec["energy_units_all_reference_bits"] > 2 * doc["wsp"]["budget_units"]
+    assert {v["bits"] for v in doc["wsp"]["sparsity"].values()} == {8}
+    assert result.accuracy_after > 0.8 and prec["accuracy_int8"] == result.accuracy_after
+    assert any(w.startswith("precision: 5 layer(s) in int8") for w in result.warnings)
+    x = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float32)
+    assert ort.InferenceSession(str(out)).run(None, {"input": x})[0].shape == (4, 10)
+
+
+def test_int8_plan_halves_the_floor_on_eyeriss():
+    """Every unit memory energy of eyeriss.json halves at 8 bits and no floor term overflows a cache, so the
+    floor (output writes and dense-layer inputs) of the all-int8 plan is exactly half the 16-bit one; the
+    budget stays relative to the original at 16 bits."""
+    from onnxecc.budget import Budget
+    from onnxecc.wsp import make_plan
+
+    budget = Budget(text="0.2", metric="energy", fraction=0.2)
+    p16, p8 = make_plan(RESDW, str(EYERISS), budget), make_plan(RESDW, str(EYERISS), budget, 8)
+    assert p8.floor == pytest.approx(p16.floor / 2, rel=1e-12)
+    assert (p8.original, p8.target) == (p16.original, p16.target) and len(p8.bits) == 12
+    assert p8.reachable < 0.1 * p8.original < p16.reachable  # 0.1 is refused at 16 bits, reachable in int8
+
+
+def test_int8_wsp_user_errors(tmp_path):
+    no8 = tmp_path / "no8.json"
+    no8.write_text(json.dumps({k: v for k, v in HW.items() if k != "unit_energy_by_bits"}))
+    opts = dict(metric="energy", method="wsp", data="digits", knobs=("width", "precision"), measure_latency=False)
+    with pytest.raises(UserError) as info:
+        compress(CNN, "0.3", tmp_path / "x.onnx", CompressOptions(hardware=str(no8), **opts))
+    assert "unit_energy_by_bits" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UserError, match="--data"):
+        compress(CNN, "0.3", tmp_path / "x.onnx", CompressOptions(hardware=str(EYERISS), **{**opts, "data": None}))
+    assert not (tmp_path / "x.onnx").exists()
