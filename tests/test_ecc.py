@@ -70,7 +70,7 @@ def test_admm_schedule_and_zstep_matches_exact(tmp_path):
                                       **{**FAST, "admm_iterations": 4}))
     admm = [h for h in result.history if h.get("phase") == "admm"]
     assert len(admm) == 4
-    assert [h["rho"] for h in admm] == pytest.approx([5e-3 * 2**k for k in range(4)])
+    assert [h["rho"] for h in admm] == pytest.approx([CompressOptions().rho * 2**k for k in range(4)])
     assert admm[-1]["budget"] == pytest.approx(0.5 * result.original_cost)
     assert all(a["budget"] > b["budget"] for a, b in zip(admm[:2], admm[1:3]))
     for h in admm:
@@ -102,7 +102,7 @@ def test_prox_w_step_closes_the_gap_that_the_penalty_form_leaves_open():
     logs = {}
     for w_step in ("prox", "penalty"):
         result = compress(DEMO_MODELS[1], "0.5", None,
-                          CompressOptions(method="ecc", admm_w_step=w_step,
+                          CompressOptions(method="ecc", admm_w_step=w_step, rho=5e-3, admm_decay=3,
                                           **{**FAST, "admm_iterations": 5, "admm_epochs": 2}))
         logs[w_step] = [h for h in result.history if h.get("phase") == "admm"]
     prox, penalty = logs["prox"], logs["penalty"]
