@@ -1,19 +1,28 @@
 """Area `quantize`: precision as a second knob (issue #11) — width alone vs width + int8 at one latency budget.
 
 Per model and latency budget, `onnxecc.compress(..., metric="latency", method="project", knobs=K)` with
-K = ("width",) and ("width", "precision"), the same data, epochs and seed. Demo models (digits_cnn, digits_resdw):
+K = ("width",) and ("width", "precision"), the same data, epochs and seed; where it fine-tunes, width + precision
+also with `qat=False` (the `PTQ` column: fp32 fine-tuning, then post-training quantization) next to the default
+quantization-aware fine-tuning. The precision measurement at full width is memoised in the process, so both runs
+start from the same int8 choice and keep sets; the choice re-measured at the output's widths may still differ.
+Demo models (digits_cnn, digits_resdw):
 the shipped CPU latency profiles, `--data digits` (fine-tuning, held-out accuracy). Torchvision archs (resnet18,
 mobilenet_v2; weights=None, the test zoo's 64×64 exports): the `guarantee` area's cached latency profiles and an
 npz of random inputs as data (calibration; no labels, no fine-tuning: projection only) — their column is top-1
 agreement with the original on those inputs, not accuracy. Every output is timed again side by side with the
 original (`_common.latency_pair`): the `measured` column. The precision runs' per-layer measured int8 savings
 (marginal, in context, at full width) are kept in the JSON; layers measured *slower* in int8 are listed in the
-notes — the profile detected them and they stayed fp32.
+notes — the profile detected them and they stayed fp32. Each profile is used with a precision section added once
+(`_with_precision`: what `onnxecc profile --knobs width,precision` stores — int8 per layer at full width and at
+the 25/50/75 % width anchors, cached), so compress takes the full-width measurement from the profile
+(`source`) and refits the int8 cost model at pruned widths (`correction`); widths where the profile measured
+the int8 layers slower than fp32 are listed in the notes.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from rich.table import Table
@@ -22,15 +31,17 @@ from bench import _common
 
 ORDER = 58
 DESCRIPTION = "width vs width+int8 (QDQ) at latency budgets 0.3/0.5: accuracy at equal measured latency"
-KNOBS = {"width": ("width",), "width+precision": ("width", "precision")}
+KNOBS = {"width": ("width",), "width+precision": ("width", "precision"), "ptq": ("width", "precision")}
 
 
 def config(quick: bool) -> dict:
     if quick:
-        return {"models": ["digits_cnn"], "archs": [], "budgets": [0.5], "epochs": 5, "seed": 0, "rounds": 5,
+        return {"models": ["digits_cnn"], "archs": [], "budgets": [0.5], "epochs": 5, "seed": 0, "seeds": [0],
+                "rounds": 5,
                 "round_s": 0.1, "torch_threads": 1, "npz_samples": 64}
     return {"models": ["digits_cnn", "digits_resdw"], "archs": ["resnet18", "mobilenet_v2"], "budgets": [0.3, 0.5],
-            "epochs": None, "seed": 0, "rounds": 7, "round_s": 0.15, "torch_threads": 1, "npz_samples": 64}
+            "epochs": None, "seed": 0, "seeds": [0, 1, 2], "rounds": 7, "round_s": 0.15, "torch_threads": 1,
+            "npz_samples": 64}
 
 
 def run(quick: bool, **overrides) -> dict:
@@ -43,12 +54,15 @@ def run(quick: bool, **overrides) -> dict:
     try:
         for name in cfg["models"]:
             path = _common.MODELS / f"{name}.onnx"
-            prof = _common.MODELS.parent / "profiles" / f"{name}.cpu.json"
+            prof = _with_precision(path, _common.MODELS.parent / "profiles" / f"{name}.cpu.json", None)
             for budget in cfg["budgets"]:
-                rows.append(_pair_row(name, path, str(prof), "digits", budget, cfg, labels=True))
+                for seed in cfg["seeds"]:  # one test image is 0.28 %: the verdict is on the mean over seeds
+                    row = _pair_row(name, path, str(prof), "digits", budget, {**cfg, "seed": seed}, labels=True)
+                    rows.append({**row, "seed": seed})
         for arch in cfg["archs"]:
             try:
                 path, prof, data = _arch_setup(arch, cfg)
+                prof = _with_precision(path, prof, data)
             except Exception as exc:
                 rows.append({"model": arch, "error": _common.error_text(exc)})
                 continue
@@ -57,9 +71,9 @@ def run(quick: bool, **overrides) -> dict:
     finally:
         torch.set_num_threads(threads)
     notes = [
-        "ORT CPUExecutionProvider, 1 thread, batch 1. method project; fine-tuning in fp32 (no QAT: the int8 layers "
-        "are post-training static QDQ quantization, per-channel int8 weights, uint8 activations, MinMax "
-        "calibration on 128 samples of the data).",
+        "ORT CPUExecutionProvider, 1 thread, batch 1. method project. int8 layers: static QDQ quantization "
+        "(per-channel int8 weights, uint8 activations, MinMax calibration on 128 samples of the data); "
+        "width+precision fine-tunes them under fake quantization (QAT), PTQ (--no-qat) in fp32.",
         "closed = closed-loop measured latency ratio of the returned output (the verdict); fresh = timed again side "
         f"by side ({cfg['rounds']} rounds). Torchvision rows: agreement with the original on random inputs, no "
         "training (weights=None, no data of their shape).",
@@ -72,11 +86,63 @@ def run(quick: bool, **overrides) -> dict:
         if "unreachable" in p or "unreachable" in r.get("width", {}):
             notes.append(f"unreachable: {r['model']}@{r['budget']}: "
                          f"{(p.get('unreachable') or r['width'].get('unreachable'))[:150]}")
+        slow_widths = {k: v for k, v in (p.get("profile_int8_samples") or {}).items() if v > 1}
+        if slow_widths and not any(n.startswith(f"{r['model']} profile:") for n in notes):
+            notes.append(f"{r['model']} profile: the chosen int8 layers measured SLOWER than fp32 at "
+                         + ", ".join(f"{k} ({v:.2f}×)" for k, v in slow_widths.items())
+                         + f"; the int8 cost model was refitted to that (correction {p.get('correction')})")
         slower = p.get("slower_in_int8") or []
         if slower and not any(n.startswith(f"{r['model']}:") for n in notes):
             notes.append(f"{r['model']}: int8 measured slower than fp32 (kept fp32): "
                          + ", ".join(f"{n} {s * 1e6:+.1f} µs" for n, s in slower))
-    return {"config": cfg, "rows": rows, "notes": notes}
+    return {"config": cfg, "rows": rows, "notes": notes, "means": _means(rows)}
+
+
+def _means(rows: list[dict]) -> list[dict]:
+    """Per demo model and budget: each variant's accuracy averaged over the seeds (reachable rows only)."""
+    out = {}
+    for r in rows:
+        if "seed" not in r or any("unreachable" in r.get(k, {}) for k in ("width", "width+precision")):
+            continue
+        m = out.setdefault((r["model"], r["budget"]), {"model": r["model"], "budget": r["budget"], "n": 0})
+        m["n"] += 1
+        for k in KNOBS:
+            if r.get(k) and r[k].get("accuracy") is not None:
+                m[k] = m.get(k, 0.0) + r[k]["accuracy"]
+    for m in out.values():
+        for k in KNOBS:
+            if k in m:
+                m[k] /= m["n"]
+    return list(out.values())
+
+
+def _with_precision(path, prof, data) -> str:
+    """A copy of the latency profile `prof` with its `precision` section (what `onnxecc profile --knobs
+    width,precision` adds: int8 per layer at full width and at the 25/50/75 % width anchors), cached next to the
+    other bench profiles; compress then uses it instead of measuring int8 at full width itself. Calibration: the
+    bench data (digits training split, or the npz of random inputs)."""
+    import json
+
+    from onnxecc.profiler import ModelInfo, load_profile, precision_section
+
+    out = _common.cache_dir() / "profiles" / (Path(prof).stem + ".precision.json")
+    try:
+        if load_profile(out, str(path)).precision is not None:
+            return str(out)
+    except Exception:
+        pass
+    loaded = load_profile(prof, str(path))
+    if data is None:
+        from onnxecc.data import load_digits
+
+        x = load_digits(0).x_train[:128]
+    else:
+        x = np.load(data, allow_pickle=False)["x"][:128]
+    loaded.precision = precision_section(ModelInfo.of(str(path)), loaded, x)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loaded.save(out)
+    json.loads(out.read_text())  # plain JSON
+    return str(out)
 
 
 def _arch_setup(arch: str, cfg: dict):
@@ -100,17 +166,19 @@ def _arch_setup(arch: str, cfg: dict):
 def _pair_row(name: str, path, profile: str, data: str, budget: float, cfg: dict, labels: bool) -> dict:
     row = {"model": name, "budget": budget}
     for label, knobs in KNOBS.items():
-        row[label] = _run(path, profile, data, budget, knobs, cfg, labels)
+        if label == "ptq" and not (labels and cfg["epochs"] != 0):
+            continue  # no fine-tuning: QAT and PTQ are the same run
+        row[label] = _run(path, profile, data, budget, knobs, cfg, labels, qat=label != "ptq")
     return row
 
 
-def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, labels: bool) -> dict:
+def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, labels: bool, qat: bool = True) -> dict:
     from onnxecc import ingest
     from onnxecc.compress import CompressOptions, compress
     from onnxecc.errors import UserError
 
     opts = CompressOptions(metric="latency", profile=profile, data=data, method="project", seed=cfg["seed"],
-                           measure_latency=False, knobs=knobs)
+                           measure_latency=False, knobs=knobs, qat=qat)
     if cfg["epochs"] is not None:
         opts.epochs = int(cfg["epochs"])
     t = time.perf_counter()
@@ -130,6 +198,7 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, labels:
     if res.precision:
         layers = res.precision["measured"]["layers"]
         out["int8_layers"] = res.precision["int8_layers"]
+        out["qat_layers"] = res.precision["qat_layers"]
         out["candidates"] = len(layers)
         out["ratio_all_int8"] = res.precision["measured"]["ratio_all_int8"]
         out["ratio_chosen_full_width"] = res.precision["measured"]["ratio_chosen"]
@@ -140,6 +209,15 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, labels:
                                  if v["saving_ms"] < 0 and "SLOWER" in v["reason"]]
         out["at_output_widths"] = [{"ratio_chosen": r["ratio_chosen"], "int8": len(r["int8_layers"])}
                                    for r in res.precision["at_output_widths"]]
+        out["source"] = res.precision["source"].split(":")[0]
+        from onnxecc.profiler import load_profile
+
+        stored = load_profile(profile).precision or {}
+        out["profile_int8_samples"] = {smp["kind"]: smp["int8_ms"] / smp["fp32_ms"]
+                                       for smp in stored.get("samples", [])}
+        out["correction"] = res.precision["correction_at_pruned_widths"]
+        out["closed_rounds"] = [{k: r.get(k) for k in ("internal_budget", "estimated_cost", "ratio", "meets", "next")}
+                                for r in res.rounds]
     return out
 
 
@@ -155,24 +233,39 @@ def table(result: dict) -> Table:
     t = Table(title="width vs width+precision (int8 QDQ) at latency budgets — ORT CPU, 1 thread; accuracy "
                     "(torchvision: agreement) at the measured latency ratio")
     for col in ("model", "budget", "width: acc / closed / fresh", "width+precision: acc / closed / fresh",
-                "int8 layers", "≥ width?", "meets"):
+                "int8 layers", "≥ width?", "PTQ (no QAT): acc / int8", "meets"):
         t.add_column(col, justify="left" if col in ("model", "budget") else "right")
     for r in result["rows"]:
         if "error" in r:
-            t.add_row(r["model"], "", f"[red]error[/] {r['error'][:60]}", "", "", "", "")
+            t.add_row(r["model"], "", f"[red]error[/] {r['error'][:60]}", "", "", "", "", "")
             continue
         w, p = r["width"], r["width+precision"]
         if "unreachable" in w or "unreachable" in p:
             t.add_row(r["model"], str(r["budget"]), "[yellow]unreachable[/]" if "unreachable" in w else _cell(w),
-                      "[yellow]unreachable[/]" if "unreachable" in p else _cell(p), "", "", "")
+                      "[yellow]unreachable[/]" if "unreachable" in p else _cell(p), "", "", "", "")
             continue
         better = _score(p) >= _score(w) - 1e-12
         verdict = "n/a (no labels)" if p["accuracy"] is None else ("yes" if better else "[red]no[/]")
-        t.add_row(r["model"], str(r["budget"]), _cell(w), _cell(p),
+        t.add_row(r["model"] + (f" s{r['seed']}" if "seed" in r else ""), str(r["budget"]), _cell(w), _cell(p),
                   f"{len(p.get('int8_layers', []))}/{p.get('candidates', 0)}",
-                  verdict,
+                  verdict, _ptq_cell(r.get("ptq")),
                   ("yes" if w["meets"] else "[red]no[/]") + " / " + ("yes" if p["meets"] else "[red]no[/]"))
+    for m in result.get("means", []):
+        if m["n"] < 2:
+            continue
+        better = m["width+precision"] >= m["width"] - 1e-12
+        t.add_row(f"{m['model']} (mean of {m['n']})", str(m["budget"]), f"{100 * m['width']:.2f}%",
+                  f"{100 * m['width+precision']:.2f}%", "", "yes" if better else "[red]no[/]",
+                  f"{100 * m['ptq']:.2f}%" if "ptq" in m else "", "")
     return t
+
+
+def _ptq_cell(d: dict | None) -> str:
+    if not d:
+        return "n/a"  # no fine-tuning (QAT = PTQ), or a result from before the column
+    if "unreachable" in d:
+        return "unreachable"
+    return f"{100 * d['accuracy']:.2f}% / {len(d.get('int8_layers', []))}"
 
 
 def _score(d: dict) -> float:

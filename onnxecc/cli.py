@@ -64,11 +64,16 @@ def inspect(
                           ("total", "total"), ("share", None)):
             et.add_column(col, justify="left" if col == "layer" else "right",
                           footer=f"{energy[foot]:.4g}" if col != "layer" and foot else ("" if foot else "100%"))
+        widths = energy.get("at_bits", {})
+        for b, v in widths.items():  # every layer at each width the hardware file gives
+            et.add_column(f"total @{b}-bit", justify="right", footer=f"{v['total']:.4g}")
         for row in energy["layers"]:
             et.add_row(row["name"], *(f"{row[k]:.4g}" for k in ("compute", "weights", "inputs", "total")),
-                       f"{row['total'] / energy['total']:.1%}")
+                       f"{row['total'] / energy['total']:.1%}", *(f"{v['layers'][row['name']]:.4g}"
+                                                                  for v in widths.values()))
         console.print(et)
-        console.print(f"modelled energy per inference: {energy['joules']:.4g} J")
+        console.print(f"modelled energy per inference: {energy['joules']:.4g} J"
+                      + "".join(f"; every layer at {b}-bit: {v['joules']:.4g} J" for b, v in widths.items()))
     groups = Table(title="channel groups (prune a group by choosing which of its units to keep)")
     for name in ("group", "units", "channels", "producers", "consumers", "status"):
         groups.add_column(name, justify="left" if name == "status" else "right")
@@ -109,7 +114,9 @@ def compress(
     proj_interval: int = typer.Option(10, "--proj-interval", help="wsp: batches between weighted sparse projections."),
     admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
     admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
-    rho: float = typer.Option(5e-3, "--rho", help="ECC: initial ADMM penalty ρ (doubles every iteration)."),
+    rho: float = typer.Option(2.5e-3, "--rho", help="ECC: initial ADMM penalty ρ (doubles every iteration)."),
+    admm_decay: int = typer.Option(4, "--admm-decay", help="ECC: ADMM iterations over which the budget decays "
+                                   "from the original cost to the target."),
     admm_w_step: str = typer.Option("prox", "--admm-w-step",
                                     help="ECC: prox (proximal step after each Adam step) | penalty (in the loss)."),
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="Where latency is measured."),
@@ -127,6 +134,10 @@ def compress(
     knobs: str = typer.Option("width", "--knobs",
                               help="What compress may change: width (channels), or width,precision (also int8 QDQ "
                                    "layers where measured faster; needs --data and --metric latency)."),
+    qat: bool = typer.Option(True, "--qat/--no-qat",
+                             help="With --knobs width,precision: fine-tune with the int8 layers fake-quantized "
+                                  "(quantization-aware training); --no-qat: fp32 fine-tuning, then post-training "
+                                  "quantization."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
     checkpoint: str = typer.Option(None, "--checkpoint",
                                    help="Where Ctrl-C saves the training state (default: OUTPUT.ckpt)."),
@@ -156,12 +167,13 @@ def compress(
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
                               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, admm_iterations=admm_iterations,
-                              admm_epochs=admm_epochs, rho=rho, admm_w_step=admm_w_step, provider=provider,
+                              admm_epochs=admm_epochs, rho=rho, admm_decay=admm_decay, admm_w_step=admm_w_step,
+                              provider=provider,
                               threads=threads,
                               max_rounds=max_rounds, verify_projection=verify_projection,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
-                              knobs=tuple(k.strip() for k in knobs.split(",")))
+                              knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
@@ -297,6 +309,11 @@ def profile(
     min_width: int = typer.Option(1, "--min-width", help="Smallest width sampled for a group."),
     step: str = typer.Option("auto", "--step",
                              help="Sample widths on multiples of this (auto: the provider's kernel block; 1: any)."),
+    knobs: str = typer.Option("width", "--knobs",
+                              help="width, or width,precision: also measure int8 per layer (and at a few pruned "
+                                   "widths) for compress --knobs width,precision."),
+    data: str = typer.Option(None, "--data", help="With --knobs width,precision: FILE.npz (array x) to calibrate "
+                                                  "the int8 layers on (default: random inputs)."),
 ) -> None:
     """Measure width variants of MODEL on this device and fit the bilinear latency/energy model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -326,7 +343,8 @@ def profile(
     try:
         result = run_profile(model, output, provider=provider, provider_options=options or None, meter=meter,
                              samples=samples, seed=seed, threads=threads, warmup=warmup, repeats=repeats,
-                             min_width=min_width, step=step, on_progress=on_progress)
+                             min_width=min_width, step=step, on_progress=on_progress, knobs=knobs,
+                             calibration=_calibration(data))
     finally:
         if started:
             progress.stop()
@@ -348,8 +366,26 @@ def profile(
     table.add_row("profiling time", f"{result.profiling_s:.1f} s")
     console.print(table)
     round_to = max(int(result.settings.get("step", 1)), int(fit.step))
+    if result.precision is not None:
+        p = result.precision
+        console.print(f"int8: {len(p['int8_layers'])} of {len(p['layers'])} layer(s) measured faster, together "
+                      f"{p['ratio_chosen']:.3f}× fp32 at full width; "
+                      + ", ".join(f"{s['int8_ms'] / s['fp32_ms']:.3f}× at {s['kind']}" for s in p["samples"]))
     console.print(f"use it: onnxecc compress {model} --metric {result.metric} --profile {output} --round-to {round_to} "
-                  "--budget ...")
+                  + ("--knobs width,precision --data ... " if result.precision is not None else "") + "--budget ...")
+
+
+def _calibration(data: str | None):
+    """`profile --data FILE.npz`: its array `x` (no pickle), or None."""
+    if not data:
+        return None
+    import numpy as np
+
+    try:
+        with np.load(data, allow_pickle=False) as f:
+            return np.asarray(f["x"], dtype=np.float32)[:128]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--data {data}: not an .npz with an array x ({exc})") from None
 
 
 @app.command()

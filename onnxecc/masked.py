@@ -60,11 +60,19 @@ class MaskedModel:
                 tensor.mul_(mask.to(tensor.dtype))
 
     # ---- training and evaluation ---------------------------------------------------------------------------
-    def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None) -> list[dict]:
+    def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,
+              on_epoch=None) -> list[dict]:
+        """`on_epoch()` runs after every epoch (QAT recomputes its activation ranges there: `onnxecc.quantize`)."""
         cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {})})
         emit = emit or (lambda kind, info: None)
+
+        def epoch_done(log):
+            if on_epoch is not None:
+                on_epoch()
+            emit("epoch", log.__dict__)
+
         history = finetune(self.tm.module, self.data.x_train, self.teacher, self.data.y_train, cfg, self.masks,
-                           on_epoch=lambda log: emit("epoch", log.__dict__),
+                           on_epoch=epoch_done,
                            on_batch=lambda step, total: emit("batch", {"step": step, "total": total}),
                            penalty=penalty, after_step=after_step)
         return history.as_dict()

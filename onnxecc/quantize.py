@@ -18,8 +18,17 @@ ONNX side (onnx, onnxruntime and its `quantization` package, numpy — no torch)
   stays the same bilinear knapsack, so the budget buys more width), and `apply(model)`: quantize a pruned,
   fine-tuned model's chosen layers with calibration on `--data`.
 
-What this does not do (the report says so): fine-tuning is fp32 — no quantization-aware (fake-quant) training;
-the known-hardware energy model (`--method wsp`) has no bit-width scaling; only latency budgets take int8.
+Torch side (torch imported lazily, only by these): `FakeQuant` / `fake_quantized(tm, layers, x)` — quantization-aware
+fine-tuning (QAT): the final fine-tuning of `compress` runs with the chosen layers' weights and input activations
+fake-quantized exactly as `quantize_layers` will quantize them (`PrecisionPlan.fake_quant`, `--qat`, default on).
+
+Which layers QAT trains: the full-width choice measured again on the round's pruned model *before* the
+fine-tuning (`PrecisionPlan.choose_at`), so the trained layers are the quantized ones.
+
+What this does not do (the report says so, `NOT_DONE`): QAT does not model the int8 layers' *output*
+requantization or int32 bias rounding; precision is a knob of measured latency budgets only; `--method wsp` has
+its own int8 path (the hardware file's 8-bit energies, `onnxecc.wsp`), with fp32 training and post-training
+quantization.
 """
 
 from __future__ import annotations
@@ -53,10 +62,11 @@ CALIBRATION_SAMPLES = 128  # calibration inputs taken from --data (training spli
 MIN_SAVING = 0.002  # a layer goes int8 only if it saves more than this share of the fp32 latency (and the noise)
 MEASURE_ROUND_S = 0.03  # one measurement round of the reference model lasts at least this long (≥ 20 runs)
 NOT_DONE = [
-    "quantization-aware training: fine-tuning runs in fp32; the int8 layers are post-training static "
-    "quantization of the fine-tuned weights",
-    "bit-width energy scaling of the known-hardware model (--method wsp): not implemented",
-    "precision as a knob of energy, MACs or params budgets: not implemented (latency only)",
+    "quantization-aware training models the int8 layers' weights and input activations only: their output "
+    "requantization (where an int8 chain feeds an fp32 layer), int32 bias rounding and onnxruntime's Conv+Relu "
+    "range fusion are not fake-quantized",
+    "precision as a knob of MACs or params budgets, or of a measured energy profile: not implemented (measured "
+    "latency here; modelled energy via --method wsp --hardware H.json)",
 ]
 
 
@@ -81,8 +91,8 @@ def check_knobs(opts) -> None:
         raise UserError("--knobs precision calibrates int8 layers on data: pass --data (digits or FILE.npz)")
     if opts.metric != "latency" or opts.method == "wsp":
         raise UserError("--knobs precision chooses int8 layers by measured latency: use it with --metric latency "
-                        "--profile P.json (int8 changes no MACs or parameter count, and --method wsp has no "
-                        "bit-width model)")
+                        "--profile P.json, or modelled energy with --method wsp --hardware H.json (int8 changes no "
+                        "MACs or parameter count)")
 
 
 # ---- quantization -----------------------------------------------------------------------------------------------
@@ -350,18 +360,74 @@ class PrecisionPlan:
     factors: dict[str, float]  # layer -> factor on its latency term (1: fp32)
     calibration_x: np.ndarray
     rounds: list[dict] = field(default_factory=list)  # per closed-loop round: the choice measured on its output
+    qat: list[str] | None = None  # the layers the last fine-tuning trained under fake quantization (None: no QAT)
+    trained: bool = False  # a fine-tuning ran (with or without QAT)
+    qat_off: bool = False  # a fine-tuning ran with QAT turned off (--no-qat)
+    source: str = ""  # where the full-width measurement came from: the profile's precision section, or measured now
+    correction: dict | None = None  # the int8 cost model refitted at the profile's pruned-width int8 samples
+    fallbacks: list = field(default_factory=list)  # (cost, what) to use when `cost` cannot reach the budget
+    at_widths: list[str] | None = None  # this round's int8 layers, measured at its widths before the fine-tuning
+
+    def reachable_cost(self, check):
+        """The first of `cost` and the `fallbacks` that `check(cost)` (compress's reachability check, raising
+        UserError) accepts. Why: the pruned-width correction models the fixed int8 overhead, which makes int8
+        slower than fp32 at the smallest widths — but there `apply` keeps those layers fp32, so the true cost is
+        the lower of the two, which one bilinear model cannot express; a budget only the fp32 model reaches is
+        not unreachable (digits_resdw at 0.5). The last error is raised when none does."""
+        for k, (c, what) in enumerate([(self.cost, ""), *self.fallbacks]):
+            try:
+                check(c)
+            except UserError:
+                if k == len(self.fallbacks):
+                    raise
+                continue
+            if what:
+                self.correction = {**(self.correction or {}), "fallback": f"budget below the reachable cost of the "
+                                   f"corrected int8 model: the width problem used {what}"}
+                self.cost = c
+            return c
+
+    def choose_at(self, model: onnx.ModelProto) -> list[str]:
+        """Measure, on `model` (pruned to this round's widths; its weights need not be trained: latency does
+        not depend on their values), which of the full-width choice still save in int8 — before the fine-tuning,
+        so QAT trains exactly the layers `apply` will quantize (measured after it, a layer dropped at the pruned
+        widths had been fine-tuned for int8 and ran fp32: all 9 of digits_resdw's at latency 0.5)."""
+        self.at_widths = self._measure_at(model) if self.measured.chosen else []
+        return self.at_widths
+
+    def _measure_at(self, model: onnx.ModelProto) -> list[str]:
+        from onnxecc import distributed
+
+        at = distributed.on_main(lambda: measure_precision(  # one measurement: every rank quantizes the same layers
+            model, self.calibration_x, self.measured.provider, self.measured.threads,
+            min_saving=self.measured.min_saving, only=self.measured.chosen))
+        self.rounds.append(at.as_dict())
+        return list(at.chosen)
+
+    @contextlib.contextmanager
+    def fake_quant(self, tm, enabled: bool = True, epochs: int = 1):
+        """Context manager for the final fine-tuning (`epochs`) of `tm` (a `bridge.TorchModel` of the full model):
+        QAT of this round's int8 layers (`choose_at`; the full-width choice when it was not called), yielding the
+        `FakeQuant` (None: `enabled` false, no epoch or no layer chosen) whose `calibrate` the training calls
+        after every epoch."""
+        self.trained, self.qat_off = epochs > 0, epochs > 0 and not enabled
+        layers = self.measured.chosen if self.at_widths is None else self.at_widths
+        with fake_quantized(tm, layers if enabled and epochs > 0 else [], self.calibration_x) as fq:
+            self.qat = [s.name for s in fq.sites] if fq is not None else None
+            if enabled and epochs > 0:  # `apply` quantizes what was trained (a resumed run: the checkpoint's layers)
+                self.at_widths = self.qat or []
+            yield fq
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """`model` (pruned, fine-tuned) with int8 where it is faster *at these widths*: the layers chosen on the
-        full model are measured again on `model` (per layer in context, then the set against fp32 side by side;
-        a saving at full width need not survive pruning), and those still faster go int8, calibrated on `model`.
-        `model` itself (fp32) when none is."""
+        """`model` (pruned, fine-tuned) with int8 where it is faster *at these widths*: the layers `choose_at`
+        measured before the fine-tuning, or, when it was not called (a round without training), the full-width
+        choice measured again on `model` (per layer in context, then the set against fp32 side by side; a saving
+        at full width need not survive pruning); those go int8, calibrated on `model`. `model` itself (fp32) when
+        none does."""
         if not self.measured.chosen:
             return model
-        at = measure_precision(model, self.calibration_x, self.measured.provider, self.measured.threads,
-                               min_saving=self.measured.min_saving, only=self.measured.chosen)
-        self.rounds.append(at.as_dict())
-        return quantize_layers(model, self.calibration_x, at.chosen) if at.chosen else model
+        chosen, self.at_widths = (self._measure_at(model) if self.at_widths is None else self.at_widths), None
+        return quantize_layers(model, self.calibration_x, chosen) if chosen else model
 
     def as_dict(self, output: onnx.ModelProto | None = None) -> dict:
         """The report section; `output`: the model returned (its int8 layers are listed)."""
@@ -373,32 +439,272 @@ class PrecisionPlan:
             v["precision"] = "int8" if name in applied else "fp32"
             if v["int8"] and name not in applied:
                 v["reason"] += "; measured again at the output's widths it did not save more than the noise: fp32"
+                if name in (self.qat or []):
+                    v["reason"] += " (its weights were fine-tuned under int8 fake quantization all the same)"
         return {
             "knobs": list(KNOBS),
             "format": "QDQ (onnxruntime.quantization static, MinMax calibration): per-channel int8 weights, uint8 "
                       "activations",
-            "fine_tuning": "fp32 (no quantization-aware training): the int8 layers are post-training static "
-                           f"quantization of the fine-tuned weights, calibrated on {len(self.calibration_x)} "
-                           "samples of --data",
+            "fine_tuning": self.fine_tuning(),
+            "qat_layers": self.qat or [],
             "choice": "per layer, the latency with that layer back in fp32 minus with every candidate in int8, "
                       "measured side by side on the full model and again on each closed-loop round's pruned model "
                       "(at_output_widths; only the layers chosen on the full model are candidates there): the "
                       "marginal saving in context; int8 where it is faster by more "
                       f"than the noise and {100 * self.measured.min_saving:.1f}% of the fp32 latency",
-            "measured": m, "int8_layers": applied, "at_output_widths": self.rounds, "not_done": NOT_DONE,
+            "source": self.source, "correction_at_pruned_widths": self.correction,
+            "measured": m, "int8_layers": applied, "at_output_widths": self.rounds,
+            "not_done": ["quantization-aware training: off (--no-qat): fine-tuning ran in fp32", *NOT_DONE[1:]]
+            if self.qat_off else NOT_DONE,
         }
+
+    def fine_tuning(self) -> str:
+        """One line for the report and the warning: how the int8 layers' weights were trained."""
+        n = len(self.calibration_x)
+        if self.qat:
+            return (f"quantization-aware (QAT): the final fine-tuning ran with the weights of {len(self.qat)} int8 "
+                    "layer(s) fake-quantized per channel (symmetric int8) and their input activations per tensor "
+                    f"(uint8, MinMax ranges over the {n} calibration samples, recomputed after every epoch); then "
+                    "static quantization with the same scheme")
+        if self.qat_off:
+            return ("fp32 (--no-qat): the int8 layers are post-training static quantization of the fine-tuned "
+                    f"weights, calibrated on {n} samples of --data")
+        if self.trained:
+            return "fp32: no layer was chosen int8 at full width, so there was nothing to fake-quantize"
+        return (f"no fine-tuning: post-training static quantization of the fp32 weights, calibrated on {n} samples "
+                "of --data")
 
 
 def plan_precision(proto: onnx.ModelProto, analysis, cost, profile, data, opts, emit=None) -> PrecisionPlan:
     """Measure int8 per layer of `proto` on `opts.provider` and scale the latency `cost` accordingly."""
-    from onnxecc.precision import scaled_cost
+    from onnxecc.precision import correct_at_widths, scaled_cost
 
     if profile is None:
         raise UserError("--knobs precision needs a measured latency profile: pass --profile P.json")
     x = np.asarray(data.x_train[:CALIBRATION_SAMPLES], dtype=np.float32)
     if emit is not None:
         emit("stage", {"name": "precision"})
-    measured = measure_precision_cached(proto, x, opts.provider, opts.threads)
+    from onnxecc import distributed
+
+    measured = stored_precision(profile, proto)
+    if measured is not None:
+        source = (f"profile {profile.path}: measured by `onnxecc profile --knobs width,precision` on "
+                  f"{measured.provider}, {measured.threads} thread(s) (calibration: "
+                  f"{profile.precision.get('calibration', '?')}); not measured again at full width")
+    else:  # measured on rank 0 only: under DDP every rank must fake-quantize (QAT) and scale the same layers
+        measured = distributed.on_main(lambda: measure_precision_cached(proto, x, opts.provider, opts.threads))
+        source = (f"measured at compress time on {measured.provider}, {measured.threads} thread(s) (the profile "
+                  "has no precision section: `onnxecc profile --knobs width,precision` stores one)")
     scaled, factors = scaled_cost(cost, profile, proto, analysis.graph, analysis.layers, analysis.variables,
                                   measured)
-    return PrecisionPlan(measured, scaled, factors, x)
+    samples = (getattr(profile, "precision", None) or {}).get("samples", []) if source.startswith("profile") else []
+    corrected, correction = correct_at_widths(scaled, cost, samples)
+    return PrecisionPlan(measured, corrected, factors, x, source=source, correction=correction,
+                         fallbacks=[(scaled, "the int8 model without the pruned-width correction"),
+                                    (cost, "the fp32 model (int8 still applied where measured faster)")])
+
+
+def stored_precision(profile, proto: onnx.ModelProto) -> PrecisionProfile | None:
+    """The int8 measurement stored in `profile` (its `precision` section), or None when it has none. The store
+    checked fingerprint, provider and threads against the profile (which compress checked against `proto`);
+    here the layers: the section must measure exactly `proto`'s int8 candidates (UserError otherwise — a
+    hand-edited or stale section is never used silently)."""
+    sec = getattr(profile, "precision", None)
+    if sec is None:
+        return None
+    want = set(candidates(proto))
+    if set(sec["layers"]) != want:
+        missing, extra = sorted(want - set(sec["layers"])), sorted(set(sec["layers"]) - want)
+        raise UserError(f"profile {profile.path}: its precision section does not measure this model's int8 "
+                        f"candidates (missing {', '.join(missing) or '-'}; not candidates {', '.join(extra) or '-'}): "
+                        "re-run `onnxecc profile --knobs width,precision`")
+    try:
+        return PrecisionProfile.from_dict(sec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"profile {profile.path}: its precision section is not valid ({exc}): re-run "
+                        "`onnxecc profile --knobs width,precision`") from None
+
+
+# ---- quantization-aware fine-tuning (torch, imported lazily) ----------------------------------------------------
+def ort_activation_qparams(rmin: float, rmax: float) -> tuple[np.float32, int]:
+    """Scale and zero point onnxruntime gives a uint8 activation with the calibrated range [rmin, rmax]
+    (`quant_utils.compute_scale_zp`, asymmetric: the range widened to hold 0, float64, scale stored float32)."""
+    lo, hi = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    scale = (hi - lo) / 255.0
+    if scale < np.finfo(np.float32).tiny:
+        return np.float32(1.0), 0
+    return np.float32(scale), int(np.clip(np.round(0.0 - lo / scale), 0, 255))
+
+
+def ort_weight_qparams(weight, axis: int):
+    """Per-channel scale (float32 tensor) of a symmetric int8 weight along `axis`, as onnxruntime computes it:
+    absmax/127 in float64 (range [-127, 127], zero point 0), 1 for an all-zero channel. Detached: the scale
+    follows the weights but gets no gradient (straight-through estimator)."""
+    import torch
+
+    dims = [d for d in range(weight.dim()) if d != axis % weight.dim()]
+    absmax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
+    scale = (absmax.double() * 2.0 / 254.0).float()
+    return torch.where(scale.double() < np.finfo(np.float32).tiny, torch.ones_like(scale), scale)
+
+
+def fake_quant_weight(weight, axis: int):
+    """`weight` as its int8 QDQ dequantizes (per channel along `axis`, symmetric); gradient passes straight
+    through (every value is inside the range absmax defines)."""
+    import torch
+
+    scale = ort_weight_qparams(weight, axis)
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, axis % weight.dim(), -127, 127)
+
+
+class _Site:
+    """One int8 layer in the torch module: its weight, the weight's output-channel axis, the input range."""
+
+    def __init__(self, name: str, owner, weight, axis: int):
+        self.name, self.owner, self.weight, self.axis = name, owner, weight, axis
+        self.lo, self.hi = float("inf"), float("-inf")
+
+
+class FakeQuant:
+    """The final fine-tuning of a `bridge.TorchModel` under the quantization `quantize_layers` will apply to
+    `layers` (ONNX node names of Conv/Gemm/MatMul): QAT with straight-through gradients.
+
+    Weights: fake-quantized per output channel (symmetric int8, absmax/127 — `ort_weight_qparams`) at every
+    forward, from the current fp32 weights; the fp32 weights stay the trained parameters, and onnxruntime later
+    quantizes them with the same formula, so the torch forward sees the very weights the QDQ model runs.
+    Input activations: per tensor, uint8 asymmetric, with the MinMax range of that tensor over the calibration
+    samples in the fp32 model (what onnxruntime's MinMax calibrator measures). The ranges are **recomputed after
+    every epoch** (and once before the first), not frozen after the first epoch: onnxruntime calibrates the *final*
+    weights, and just after pruning the weights (hence the ranges) still move a lot; with the cosine schedule the
+    last epochs barely move them, so training ends on ranges close to the ones the QDQ model gets. A pass over
+    the 128 calibration samples costs about one training batch per epoch. (A per-batch moving average would see
+    training batches and the fake-quantized model, not the calibrator's fixed samples through the fp32 model.)
+
+    State: each range is two buffers of the layer's module (`qat_act_scale`, `qat_act_zero_point`), so the
+    training checkpoint saves them with the weights and a resumed run continues with the ranges of the
+    interrupted one (recomputed from the weights at the next epoch boundary, as uninterrupted); under DDP rank 0's
+    ranges are broadcast. `remove()` restores the module exactly (forward, hooks and buffers)."""
+
+    SCALE, ZERO = "qat_act_scale", "qat_act_zero_point"
+
+    def __init__(self, tm, layers, calibration_x: np.ndarray, batch: int = 32):
+        import torch
+        from torch import nn
+
+        self.tm, self.x, self.batch = tm, np.ascontiguousarray(calibration_x, dtype=np.float32), batch
+        self.observing = False
+        self.sites: list[_Site] = []
+        self._undo: list = []
+        nodes = {n.name: n for n in named(tm.original).graph.node}
+        for name in dict.fromkeys(layers):
+            node = nodes.get(name)
+            if node is None or node.op_type not in CANDIDATE_OPS or len(node.input) < 2 \
+                    or node.input[1] not in tm.params:
+                raise ValueError(f"no trained weight of layer '{name}' in the torch model")
+            qualified = tm.params[node.input[1]]
+            owner_name, _, attr = qualified.rpartition(".")
+            owner = tm.module.get_submodule(owner_name)
+            weight = getattr(owner, attr)
+            axis = {"Conv": 0, "Gemm": 0 if _attr_int(node, "transB") else 1}.get(node.op_type, -1)  # output axis
+            if tm.layouts.get(node.input[1]) is not None and tm.layouts[node.input[1]].transpose:
+                axis = weight.dim() - 1 - axis % weight.dim()  # torch holds Wᵀ (nn.Linear of a transB=0 Gemm)
+            site = _Site(name, owner, weight, axis)
+            owner.register_buffer(self.SCALE, torch.ones((), dtype=torch.float32))
+            owner.register_buffer(self.ZERO, torch.zeros((), dtype=torch.int32))
+            if isinstance(owner, nn.modules.conv._ConvNd) and attr == "weight":
+                owner.forward = lambda x, o=owner, s=site: o._conv_forward(self._act(s, x), self._weight(s), o.bias)
+            elif isinstance(owner, nn.Linear) and attr == "weight":
+                owner.forward = lambda x, o=owner, s=site: torch.nn.functional.linear(self._act(s, x),
+                                                                                      self._weight(s), o.bias)
+            else:  # a weight onnx2torch passes in as an argument (MatMul: promoted by the bridge)
+                self._undo.append(owner.register_forward_pre_hook(
+                    lambda mod, args, s=site: (self._act(s, args[0]),
+                                               *(self._weight(s) if a is s.weight else a for a in args[1:]))))
+            self.sites.append(site)
+        if self.sites:
+            self.calibrate()
+
+    def _act(self, site: _Site, x):
+        import torch
+
+        if self.observing:
+            site.lo, site.hi = min(site.lo, float(x.min())), max(site.hi, float(x.max()))
+            return x
+        scale, zero = getattr(site.owner, self.SCALE), getattr(site.owner, self.ZERO)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+
+    def _weight(self, site: _Site):
+        return site.weight if self.observing else fake_quant_weight(site.weight, site.axis)
+
+    def calibrate(self) -> None:
+        """MinMax of every int8 layer's input over the calibration samples, in the fp32 model (fake quantization
+        off, eval mode, as onnxruntime's calibrator runs it) → the layers' activation scale and zero point."""
+        import torch
+
+        from onnxecc import distributed
+
+        if not self.sites:
+            return
+        module = self.tm.module
+        modes = {m: m.training for m in module.modules()}
+        device = next(module.parameters()).device
+        for s in self.sites:
+            s.lo, s.hi = float("inf"), float("-inf")
+        self.observing = True
+        try:
+            module.eval()
+            with torch.no_grad():
+                for i in range(0, len(self.x), self.batch):
+                    module(torch.from_numpy(self.x[i:i + self.batch]).to(device))
+        finally:
+            self.observing = False
+            for m, mode in modes.items():
+                m.training = mode
+        ranges = distributed.broadcast([(s.lo, s.hi) for s in self.sites])  # every rank: rank 0's ranges
+        for s, (lo, hi) in zip(self.sites, ranges):
+            scale, zero = ort_activation_qparams(lo, hi)
+            getattr(s.owner, self.SCALE).fill_(float(scale))
+            getattr(s.owner, self.ZERO).fill_(zero)
+
+    def activation_qparams(self) -> dict[str, tuple[float, int]]:
+        """Layer name → (scale, zero point) of its input activation now."""
+        return {s.name: (float(getattr(s.owner, self.SCALE)), int(getattr(s.owner, self.ZERO))) for s in self.sites}
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Layer name → its fake-quantized weight (torch layout), what the QDQ model's DequantizeLinear yields."""
+        import torch
+
+        with torch.no_grad():
+            return {s.name: fake_quant_weight(s.weight, s.axis).cpu().numpy() for s in self.sites}
+
+    def remove(self) -> None:
+        for s in self.sites:
+            s.owner.__dict__.pop("forward", None)
+            s.owner._buffers.pop(self.SCALE, None)
+            s.owner._buffers.pop(self.ZERO, None)
+        for handle in self._undo:
+            handle.remove()
+        self.sites, self._undo = [], []
+
+
+def _attr_int(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+@contextlib.contextmanager
+def fake_quantized(tm, layers, calibration_x: np.ndarray):
+    """`FakeQuant(tm, layers, calibration_x)` while inside (None when `layers` is empty), removed on the way out:
+    call its `calibrate` after every epoch (`MaskedModel.train(on_epoch=...)`)."""
+    from onnxecc import checkpoint
+
+    ck = checkpoint.current()  # resume: the layers the interrupted run trained (its buffers are in the checkpoint)
+    saved = ck.take("qat") if ck is not None else None
+    layers = saved["layers"] if saved is not None else list(layers)
+    fq = FakeQuant(tm, layers, calibration_x) if layers else None
+    try:
+        with checkpoint.frame("qat", lambda: {"layers": layers}):
+            yield fq
+    finally:
+        if fq is not None:
+            fq.remove()

@@ -125,3 +125,16 @@ def test_next_internal_budget_tightens_loosens_and_stays_inside_the_bracket():
     rounds = [_round(50.0, 0.6), _round(70.0, 1.2)]
     step, why = _next_internal(rounds, original=100.0, loosen=True)
     assert why == "over budget" and 50.0 < step < 70.0
+
+
+def test_next_internal_brackets_with_the_full_width_int8_model():
+    """--knobs width,precision: the upper end is the full-width int8 model (estimated `original`, measured ratio
+    `top_ratio`), not the fp32 original. When it meets the budget the next round is full width, and after it
+    nothing is left to loosen."""
+    # full width int8 at 0.2× the original, budget 0.5× (measured_original / budget = 2): share 0.4, meets
+    step, why = _next_internal([_round(50.0, 0.6)], original=80.0, loosen=True, top_ratio=0.2)
+    assert (step, why) == (80.0, "more than 10% under")
+    assert _next_internal([_round(50.0, 0.6), _round(80.0, 0.45)], original=80.0, loosen=True, top_ratio=0.2) is None
+    # full width int8 misses (0.8 × 2 = 1.6 of the budget): the secant towards it, not towards the fp32 original
+    step, why = _next_internal([_round(50.0, 0.6)], original=80.0, loosen=True, top_ratio=0.8)
+    assert why == "more than 10% under" and step == pytest.approx(50.0 + 30.0 * (0.98 - 0.6) / (1.6 - 0.6))

@@ -46,13 +46,14 @@ import onnxecc.profiler, onnxecc.profiler.meters, onnxecc.profiler.fit, onnxecc.
 import onnxecc.profiler.sampling, onnxecc.profiler.bench
 from onnxecc.cli import main
 sys.argv = ["onnxecc", "profile", {str(CNN)!r}, "-o", {str(tmp_path / "p.json")!r}, "--samples", "6",
-            "--warmup", "1", "--repeats", "3"]
+            "--warmup", "1", "--repeats", "3", "--knobs", "width,precision"]
 main()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "p.json").read_text())
     assert len(data["samples"]) == 6 and data["fit"] is not None
+    assert data["precision"]["layers"]  # the int8 measurement runs without torch too (onnxruntime.quantization)
 
 
 # ---- meters ----------------------------------------------------------------------------------------------------------
@@ -467,3 +468,58 @@ def test_shipped_profile_drives_compress(tmp_path):
     info = ModelInfo.of(CNN)
     cost = profile_cost(prof, info.model, info.graph, info.layers, info.variables)
     assert result.original_cost == pytest.approx(cost(None))
+
+
+# ---- --knobs width,precision: the int8 measurement stored in the profile (issue #11) ----------------------------
+def test_profile_with_precision_round_trips_and_resumes(tmp_path):
+    """`profile(..., knobs="width,precision")`: the precision section (per-layer int8 savings, the choice,
+    int8 timed at the width anchors) is plain JSON tied to the model, provider and threads, read back equal, and
+    a resumed profile keeps it (not measured again)."""
+    from onnxecc.quantize import PrecisionProfile, candidates
+
+    out = tmp_path / "p.json"
+    prof = profile(CNN, out, samples=6, knobs="width,precision", **FAST)
+    sec = prof.precision
+    assert sec["fingerprint"] == prof.fingerprint and sec["provider"] == prof.provider and sec["threads"] == 1
+    assert set(sec["layers"]) == set(candidates(onnx.load(CNN))) and sec["machine"]["cpu"] == prof.machine["cpu"]
+    assert "random" in sec["calibration"]
+    measured = PrecisionProfile.from_dict(sec)
+    assert measured.chosen == sec["int8_layers"]
+    if measured.chosen:  # int8 timed at the 25/50/75 % anchors
+        assert [s["kind"] for s in sec["samples"]] == ["uniform0.25", "uniform0.5", "uniform0.75"]
+        assert all(len(s["widths"]) == len(prof.variables) and s["int8_ms"] > 0 for s in sec["samples"])
+    back = load_profile(out, CNN)
+    assert back.precision == json.loads(out.read_text())["precision"] == json.loads(json.dumps(sec))
+    again = profile(CNN, out, samples=6, knobs="width,precision", **FAST)  # resume: nothing left to measure
+    assert again.precision["fp32_ms"] == sec["fp32_ms"]
+    width_only = profile(CNN, tmp_path / "w.json", samples=6, **FAST)
+    assert width_only.precision is None and "precision" not in json.loads((tmp_path / "w.json").read_text())
+    with pytest.raises(UserError, match="--meter latency"):
+        profile(CNN, tmp_path / "c.json", samples=6, knobs="width,precision", meter="cputime", **FAST)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(provider="CUDAExecutionProvider"), "precision.provider"),
+    (lambda s: s.update(threads=4), "precision.threads"),
+    (lambda s: s.update(fingerprint="0" * 64), "another model"),
+    (lambda s: s.update(fp32_ms=-1.0), "precision.fp32_ms"),
+    (lambda s: s["layers"].update({"/no/such/Conv": next(iter(s["layers"].values()))}), "not a compute layer"),
+    (lambda s: next(iter(s["layers"].values())).pop("int8"), "int8"),
+])
+def test_a_hand_edited_precision_section_is_a_one_line_user_error(tmp_path, edit, match):
+    prof = load_profile(SHIPPED, CNN)
+    data = prof.as_dict()
+    names = [v["name"] for v in data["layers"]]
+    data["precision"] = {"fingerprint": prof.fingerprint, "provider": prof.provider, "threads": 1, "fp32_ms": 0.05,
+                         "int8_all_ms": 0.03, "chosen_ms": 0.03, "samples": [],
+                         "layers": {n: {"int8": True, "saving_ms": 0.01, "noise_ms": 0.0, "reason": ""}
+                                    for n in names[1:3]}}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(data))
+    assert load_profile(good, CNN).precision["layers"]
+    edit(data["precision"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=match) as err:
+        load_profile(bad, CNN)
+    assert "\n" not in str(err.value)

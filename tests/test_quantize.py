@@ -14,9 +14,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DEMO_MODELS, REPO
+from onnx import numpy_helper
 
-from onnxecc import ingest, runtime
+from onnxecc import checkpoint, ingest, quantize, runtime
 from onnxecc.analysis import analyse
+from onnxecc.bridge import run_torch, to_torch
+from onnxecc.checkpoint import Interrupted
 from onnxecc.compress import CompressOptions, compress, cost_model
 from onnxecc.data import load_digits
 from onnxecc.errors import UserError
@@ -26,6 +29,7 @@ from onnxecc.quantize import (
     PrecisionProfile,
     candidates,
     choose_layers,
+    fake_quantized,
     glue_nodes,
     int8_nodes,
     measure_precision,
@@ -159,10 +163,296 @@ def test_compress_width_precision_meets_the_budget_by_measurement(tmp_path, digi
     section = json.loads(report.read_text())["precision"]
     assert sorted(section["int8_layers"]) == sorted(int8_nodes(model))
     assert any("quantization-aware" in item for item in section["not_done"])
-    assert "fp32" in section["fine_tuning"]
+    assert "fp32" in section["fine_tuning"] and section["qat_layers"] == []  # epochs=0: nothing trained
     for name, layer in section["measured"]["layers"].items():
         assert layer["precision"] == ("int8" if name in section["int8_layers"] else "fp32") and layer["reason"]
     sess = runtime.session(model)
     agree = (runtime.run_batched(runtime.session(ingest.load(CNN)), digits.x_test).argmax(1)
              == runtime.run_batched(sess, digits.x_test).argmax(1)).mean()
     assert agree == pytest.approx(result.agreement)
+
+
+# ---- quantization-aware fine-tuning ------------------------------------------------------------------------------
+CHOSEN = ["/features/features.3/Conv", "/features/features.7/Conv"]  # what this CPU measures faster in int8
+
+
+def _dequantized_weights(q: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Independent of onnxecc: per int8 node of the QDQ model, the DequantizeLinear of its int8 weight
+    initializer computed in numpy, (q − zp)·scale along the node's axis, and the scale broadcast (one step)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    out = {}
+    for node in q.graph.node:
+        dq = producer.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        w, scale, zero = (inits[i] for i in dq.input)
+        assert w.dtype == np.int8 and not zero.any()  # symmetric int8
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        step = np.broadcast_to(scale.reshape(shape), w.shape)
+        out[node.name] = ((w.astype(np.float32) - zero.reshape(shape)) * step, step)
+    return out
+
+
+def test_fake_quant_weights_equal_what_the_qdq_model_dequantizes(digits):
+    """Every candidate layer of both demo models: the torch fake-quantized weight equals the DequantizeLinear of
+    the int8 initializer onnxruntime wrote (within one quantization step; in practice bit for bit), and the input
+    activation's scale and zero point equal the QuantizeLinear's that feeds the layer."""
+    for path in DEMO_MODELS:
+        model = ingest.load(path)
+        names = candidates(model)
+        q = quantize_layers(model, digits.x_train[:128], names)
+        deq = _dequantized_weights(q)
+        inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+        producer = {o: n for n in q.graph.node for o in n.output}
+        nodes = {n.name: n for n in q.graph.node}
+        tm = to_torch(model)
+        with fake_quantized(tm, names, digits.x_train[:128]) as fq:
+            weights, acts = fq.weights(), fq.activation_qparams()
+        assert set(weights) == set(names) == set(deq)
+        for name in names:
+            ref, step = deq[name]
+            ours = weights[name]  # torch layout: an nn.Linear of a transB=1 Gemm is the ONNX layout too
+            assert ours.shape == ref.shape, name
+            assert np.all(np.abs(ours - ref) <= step * (1 + 1e-6)), name  # within one step ...
+            assert np.mean(ours == ref) >= 0.999, name  # ... and in practice identical
+            dq_in = producer[nodes[name].input[0]]  # the DequantizeLinear feeding the layer
+            scale, zero = float(inits[dq_in.input[1]]), int(inits[dq_in.input[2]])
+            assert acts[name][0] == pytest.approx(scale, rel=1e-5) and acts[name][1] == zero, name
+
+
+def test_qat_torch_model_tracks_the_qdq_model_better_than_fp32(digits):
+    """The torch model under fake quantization is closer to onnxruntime's QDQ model than the fp32 model is; and
+    leaving the context restores the module exactly (same state keys, same fp32 outputs). Gradients reach the
+    fp32 weights through the fake quantization (straight-through)."""
+    import torch
+
+    model = ingest.load(CNN)
+    x = digits.x_test
+    q = runtime.run_batched(runtime.session(quantize_layers(model, digits.x_train[:128], CHOSEN)), x)
+    tm = to_torch(model)
+    keys = set(tm.module.state_dict())
+    fp32 = run_torch(tm, x)
+    with fake_quantized(tm, CHOSEN, digits.x_train[:128]):
+        qat = run_torch(tm, x)
+        assert len(set(tm.module.state_dict()) - keys) == 2 * len(CHOSEN)  # the ranges: saved with a checkpoint
+        tm.module.train()
+        loss = tm.module(torch.as_tensor(digits.x_train[:32])).logsumexp(1).mean()
+        loss.backward()
+        assert all(float(tm.parameter(n).grad.abs().sum()) > 0 for n in ("onnx::Conv_42", "onnx::Conv_45"))
+    err_qat, err_fp32 = np.abs(qat - q).mean(), np.abs(fp32 - q).mean()
+    assert err_qat < 0.7 * err_fp32, (err_qat, err_fp32)
+    assert (qat.argmax(1) == q.argmax(1)).mean() >= (fp32.argmax(1) == q.argmax(1)).mean()
+    assert set(tm.module.state_dict()) == keys
+    np.testing.assert_array_equal(run_torch(tm, x), fp32)
+
+
+def _fixed_measurement(monkeypatch, chosen=CHOSEN):
+    """A deterministic precision measurement (`chosen` int8, 40% faster): the wiring, not the timing, is tested."""
+    def fake(model, calibration_x, provider="CPUExecutionProvider", threads=1, only=None, **kw):
+        names = [n for n in candidates(model) if only is None or n in set(only)]
+        layers = {n: {"int8": n in chosen, "saving_s": 10e-6 if n in chosen else -1e-6, "noise_s": 0.1e-6,
+                      "reason": "fixed"} for n in names}
+        return PrecisionProfile(provider, threads, 50e-6, 30e-6, 30e-6, layers, calibration_samples=len(calibration_x))
+
+    monkeypatch.setattr(quantize, "measure_precision", fake)
+    monkeypatch.setattr(quantize, "measure_precision_cached", fake)
+
+
+QAT_OPTS = dict(metric="latency", profile=str(PROFILE), data="digits", method="project", epochs=2,
+                importance="l2", closed_loop=False, measure_latency=False, knobs=("width", "precision"))
+
+
+@pytest.fixture(scope="module")
+def qat_reference(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        _fixed_measurement(mp)
+        out = tmp_path_factory.mktemp("qat") / "qat.onnx"
+        result = compress(CNN, "0.5", out, CompressOptions(**QAT_OPTS))
+    return out, result
+
+
+def test_compress_fine_tunes_the_int8_layers_under_fake_quantization(qat_reference, monkeypatch, tmp_path):
+    _fixed_measurement(monkeypatch)
+    out, result = qat_reference
+    assert sorted(result.precision["qat_layers"]) == sorted(CHOSEN) == sorted(int8_nodes(onnx.load(out)))
+    assert result.precision["fine_tuning"].startswith("quantization-aware")
+    assert any("quantization-aware (QAT)" in w for w in result.warnings)
+    plain = compress(CNN, "0.5", None, CompressOptions(**QAT_OPTS, qat=False))
+    assert plain.precision["qat_layers"] == [] and plain.precision["fine_tuning"].startswith("fp32 (--no-qat)")
+    assert any("off (--no-qat)" in item for item in plain.precision["not_done"])
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in plain.model.graph.initializer}
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)  # QAT changed the training
+
+
+def test_int8_choice_at_the_pruned_widths_is_made_before_qat_trains_it(monkeypatch):
+    """A layer that saves at full width but not at the output's widths is neither fake-quantized in training nor
+    quantized in the output: the choice is measured once on the pruned model, before the fine-tuning."""
+    calls = []
+
+    def fake(model, calibration_x, provider="CPUExecutionProvider", threads=1, only=None, **kw):
+        calls.append(only)
+        keep = set(CHOSEN if only is None else CHOSEN[:1])  # pruned: only the first still saves
+        layers = {n: {"int8": n in keep, "saving_s": 10e-6 if n in keep else -1e-6, "noise_s": 0.1e-6,
+                      "reason": "fixed"} for n in candidates(model) if only is None or n in set(only)}
+        return PrecisionProfile(provider, threads, 50e-6, 30e-6, 30e-6, layers, calibration_samples=len(calibration_x))
+
+    monkeypatch.setattr(quantize, "measure_precision", fake)
+    monkeypatch.setattr(quantize, "measure_precision_cached", fake)
+    result = compress(CNN, "0.5", None, CompressOptions(**QAT_OPTS))
+    assert len(CHOSEN) > 1 and calls[0] is None and [c for c in calls[1:]] == [CHOSEN]  # full width, then once
+    assert result.precision["qat_layers"] == CHOSEN[:1] == int8_nodes(result.model)
+    assert len(result.precision["at_output_widths"]) == 1
+
+
+def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatch):
+    """Int8 saves at full width but at none of the pruned widths: the widths bought with those savings are chosen
+    again with the fp32 latency model, so the output is exactly the width-alone run's (not an fp32 model whose
+    widths a wrong cost model chose)."""
+    from onnxecc.compress import INT8_DROPPED
+
+    def fake(model, calibration_x, provider="CPUExecutionProvider", threads=1, only=None, **kw):
+        keep = set(CHOSEN if only is None else [])  # at any pruned width nothing saves
+        layers = {n: {"int8": n in keep, "saving_s": 10e-6 if n in keep else -1e-6, "noise_s": 0.1e-6,
+                      "reason": "fixed"} for n in candidates(model) if only is None or n in set(only)}
+        return PrecisionProfile(provider, threads, 50e-6, 30e-6, 30e-6, layers, calibration_samples=len(calibration_x))
+
+    monkeypatch.setattr(quantize, "measure_precision", fake)
+    monkeypatch.setattr(quantize, "measure_precision_cached", fake)
+    both = compress(CNN, "0.3", None, CompressOptions(**QAT_OPTS))
+    alone = compress(CNN, "0.3", None, CompressOptions(**{**QAT_OPTS, "knobs": ("width",)}))
+    assert both.rounds[0]["next"] == INT8_DROPPED and both.precision["dropped"] == INT8_DROPPED
+    assert int8_nodes(both.model) == [] and any(INT8_DROPPED in w for w in both.warnings)
+    assert both.widths == alone.widths and both.estimated_cost == pytest.approx(alone.estimated_cost)
+    assert both.accuracy_after == alone.accuracy_after
+
+
+def test_qat_interrupt_and_resume_is_bit_identical(qat_reference, monkeypatch, tmp_path):
+    """Interrupted in the second fine-tuning epoch (after the ranges were recomputed once): the checkpoint holds
+    the activation ranges and the QAT layers, and the resumed run ends with the reference's weights."""
+    _fixed_measurement(monkeypatch)
+    ref_out, ref = qat_reference
+    out, ckpt = tmp_path / "out.onnx", tmp_path / "out.onnx.ckpt"
+
+    def on_event(kind, info):
+        if kind == "batch" and info["step"] == 30:  # 23 steps per epoch
+            checkpoint.request()
+
+    with pytest.raises(Interrupted):
+        compress(CNN, "0.5", out, CompressOptions(**QAT_OPTS), on_event=on_event, checkpoint=ckpt)
+    saved = checkpoint.load(ckpt)["frames"]
+    assert saved["qat"]["layers"] == CHOSEN
+    assert any(k.endswith("qat_act_scale") for k in saved["train"]["module"])
+    compress(CNN, "0.5", out, CompressOptions(**QAT_OPTS), resume=ckpt)
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(ref_out).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_fake_quant_of_matmul_weights_onnx2torch_passes_as_arguments():
+    """MatMul by a constant (the bridge promotes it to a parameter the module receives as an argument): its
+    per-column int8 weights match onnxruntime's DequantizeLinear too (axis 1 of the [K, N] weight)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((128, 16)).astype(np.float32)
+    q = quantize_layers(model, x, ["mm1", "mm2"])
+    deq = _dequantized_weights(q)
+    with fake_quantized(to_torch(model), ["mm1", "mm2"], x) as fq:
+        for name, weight in fq.weights().items():
+            ref, step = deq[name]
+            assert np.all(np.abs(weight - ref) <= step * (1 + 1e-6)) and np.mean(weight == ref) >= 0.999, name
+
+
+# ---- the measurement stored by `onnxecc profile --knobs width,precision` ------------------------------------------
+@pytest.fixture(scope="module")
+def precision_profile(tmp_path_factory, digits):
+    """The shipped digits_cnn profile plus a precision section measured once (`profiler.precision_section`)."""
+    from onnxecc.profiler import ModelInfo, precision_section
+
+    prof = load_profile(PROFILE, CNN)
+    prof.precision = precision_section(ModelInfo.of(CNN), prof, digits.x_train[:64])
+    return prof.save(tmp_path_factory.mktemp("prec") / "p.json")
+
+
+def test_compress_uses_the_stored_measurement(precision_profile, monkeypatch):
+    """No full-width measurement at compress time (it would raise); the report says where the measurement came
+    from, and the int8 choice is the stored one."""
+    def no_measure(*a, **k):
+        raise AssertionError("measured again although the profile stores the measurement")
+
+    monkeypatch.setattr(quantize, "measure_precision_cached", no_measure)
+    stored = load_profile(precision_profile, CNN).precision
+    result = compress(CNN, "0.5", None, CompressOptions(metric="latency", profile=str(precision_profile),
+                                                        data="digits", method="project", epochs=0,
+                                                        knobs=("width", "precision"), measure_latency=False))
+    section = result.precision
+    assert section["source"].startswith(f"profile {precision_profile}")
+    assert section["measured"]["int8_layers"] == stored["int8_layers"]
+    assert section["measured"]["fp32_ms"] == stored["fp32_ms"]
+    if stored["samples"]:
+        corr = section["correction_at_pruned_widths"]
+        assert corr["samples"] == len(stored["samples"])
+        assert corr["max_rel_error_after"] <= corr["max_rel_error_before"] + 1e-9
+
+
+def test_a_stored_measurement_of_other_layers_is_a_one_line_error_exit_2(precision_profile, tmp_path):
+    data = json.loads(precision_profile.read_text())
+    data["precision"]["layers"].pop(next(iter(data["precision"]["layers"])))  # one candidate not measured
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="precision section"):
+        compress(CNN, "0.5", None, CompressOptions(metric="latency", profile=str(bad), data="digits",
+                                                   method="project", epochs=0, knobs=("width", "precision")))
+    data["precision"]["provider"] = "CUDAExecutionProvider"
+    bad.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, "-m", "onnxecc", "compress", str(CNN), "--budget", "0.5", "--metric",
+                           "latency", "--profile", str(bad), "--data", "digits", "--epochs", "0", "--knobs",
+                           "width,precision", "-o", str(tmp_path / "out.onnx")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "precision.provider" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_scaled_cost_is_exact_at_full_width_and_corrected_at_pruned_widths():
+    """Every chosen layer's fitted coefficient is tiny (the fit put its cost elsewhere): the scaled model is still
+    the measured int8 latency at full width. Int8 timings at pruned widths that are slower than fp32 (fixed
+    Quantize/Dequantize overhead) pull the model up there."""
+    from onnxecc.precision import correct_at_widths
+
+    proto = ingest.load(CNN)
+    a = analyse(proto, "compress")
+    prof = load_profile(PROFILE, proto)
+    cost = cost_model("latency", proto, a.graph, a.layers, a.variables, prof)
+    names = [layer.name for layer in a.layers]
+    for n in names:
+        prof.fit.layers[n] = min(prof.fit.layers.get(n, 0.0), 1e-9) if n in names[1:3] else prof.fit.layers.get(n, 0)
+    layers = {n: {"int8": n in names[1:3], "saving_s": 10e-6, "noise_s": 0.1e-6, "reason": ""} for n in names}
+    measured = PrecisionProfile("CPUExecutionProvider", 1, 50e-6, 12e-6, 10e-6, layers)  # int8: 0.2× fp32
+    scaled, _ = scaled_cost(cost, prof, proto, a.graph, a.layers, a.variables, measured)
+    assert scaled(None) == pytest.approx(0.2 * cost(None), rel=1e-9)
+    quarter = {v: max(1, f // 4) for v, f in cost.full_widths.items()}
+    samples = [{"widths": [quarter[v] for v in sorted(quarter)], "fp32_ms": 1.0, "int8_ms": 1.05},
+               {"widths": [max(1, f // 2) for v, f in sorted(cost.full_widths.items())], "fp32_ms": 1.0,
+                "int8_ms": 0.6}]
+    corrected, info = correct_at_widths(scaled, cost, samples)
+    assert corrected(None) == pytest.approx(scaled(None), rel=1e-9)
+    assert info["max_rel_error_after"] < info["max_rel_error_before"]
+    assert corrected(quarter) > scaled(quarter)
+    assert all(t.coef >= 0 for t in corrected.terms) and corrected.constant >= 0
+    assert correct_at_widths(scaled, cost, []) == (scaled, None)

@@ -79,14 +79,23 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
             provider: str = "CPUExecutionProvider", provider_options: dict | None = None,
             meter: str | Meter = "latency", samples: int = DEFAULT_SAMPLES, seed: int = 0, threads: int = 1,
             warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, min_width: int = 1, step: int | str = "auto",
-            on_progress: Callable[[int, int, dict], None] | None = None) -> Profile:
+            on_progress: Callable[[int, int, dict], None] | None = None, knobs="width",
+            calibration: np.ndarray | None = None) -> Profile:
     """Measure `samples` width variants of `model` and fit the bilinear model; write the profile to `output`.
 
     If `output` already holds a profile of the same model structure with the same settings, its samples are
     kept and only the missing ones are measured (resume). `on_progress(done, total, sample)` is called after
     every sample. Widths are sampled on multiples of `step` ("auto": the kernel block of the provider, see
     `sampling.auto_step`; 1: any width) — the bilinear model is accurate on that grid, so compress with
-    `--round-to` equal to it."""
+    `--round-to` equal to it.
+
+    `knobs="width,precision"`: also measure int8 per layer (`precision_section`; latency meter only), stored in
+    the profile's `precision` section for `compress --knobs width,precision` (kept when resuming)."""
+    from onnxecc.quantize import parse_knobs
+
+    knobs = parse_knobs(knobs)
+    if "precision" in knobs and (meter if isinstance(meter, str) else meter.name) != "latency":
+        raise UserError("--knobs width,precision measures int8 latency: use it with --meter latency")
     if step == "auto" or step is None:
         step = sampling.auto_step(provider)
     try:
@@ -136,10 +145,51 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
         m.close()
     t0 = time.perf_counter()
     prof.fit = fit_samples(prof, info)
+    if "precision" in knobs and prof.precision is None:
+        prof.precision = precision_section(info, prof, calibration)
     prof.profiling_s += time.perf_counter() - t0
     if output is not None:
         prof.save(output)
     return prof
+
+
+PRECISION_SAMPLES = (1, 2, 3)  # the uniform 25/50/75 % anchors: int8 timed at pruned widths too (a few, cheap)
+
+
+def precision_section(info: ModelInfo, prof: Profile, calibration: np.ndarray | None = None) -> dict:
+    """The int8 measurement `compress --knobs width,precision` would make at compress time
+    (`onnxecc.quantize.measure_precision`: per-layer marginal savings and the choice, at full width), made here on
+    the target once, plus the chosen layers timed in int8 side by side with fp32 at the width anchors
+    `PRECISION_SAMPLES` (`samples`: widths per width variable, fp32_ms, int8_ms), from which `onnxecc.precision`
+    corrects the int8 cost model at pruned widths. Calibration: `calibration` (N×input), else 32 seeded random
+    inputs — the int8 kernels' speed does not depend on the calibrated ranges, and compress calibrates the
+    output on its own --data. JSON-able; tied to the model by its fingerprint, provider and threads."""
+    from onnxecc import quantize
+
+    provider, threads = prof.provider, int(prof.settings["threads"])
+    seed = int(prof.settings.get("seed", 0))
+    if calibration is None:
+        sess = runtime.session(info.model, provider, threads)
+        x = runtime.example_input(sess, batch=32, seed=seed)
+        how = f"{len(x)} seeded random inputs (seed {seed})"
+    else:
+        x = np.ascontiguousarray(calibration, dtype=np.float32)
+        how = f"{len(x)} inputs given"
+    measured = quantize.measure_precision(info.model, x, provider, threads)
+    samples = []
+    chosen = set(measured.chosen)
+    for index in PRECISION_SAMPLES if chosen else ():
+        s = sampling.sample(info.graph, index, seed, int(prof.settings.get("min_width", 1)),
+                            int(prof.settings.get("step", 1)))
+        variant = quantize.named(sampling.build(info.model, info.graph, s))
+        layers = [n for n in quantize.candidates(variant) if n in chosen]
+        fp32 = runtime.session(variant, provider, threads)
+        int8 = runtime.session(quantize.quantize_layers(variant, x, layers), provider, threads)
+        t32, t8 = quantize._pair(fp32, int8, x[:1], quantize._repeats(fp32, x[:1]))
+        samples.append({"index": s.index, "kind": s.kind, "widths": sampling.variable_widths(info.variables, s.keep),
+                        "fp32_ms": t32.median_s * 1e3, "int8_ms": t8.median_s * 1e3, "int8_layers": len(layers)})
+    return {"fingerprint": info.fingerprint, **measured.as_dict(), "calibration": how,
+            "machine": store.machine_info(), "samples": samples}
 
 
 NOISY = 0.1  # a measurement whose IQR exceeds this fraction of its median is taken again

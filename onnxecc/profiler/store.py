@@ -144,6 +144,9 @@ class Profile:
     tool_version: str = ""
     profiling_s: float = 0.0
     path: Path | None = None
+    # `--knobs width,precision`: the int8 measurement (`onnxecc.quantize.PrecisionProfile.as_dict` plus the model
+    # fingerprint, provider, threads, calibration and int8 samples at pruned widths); None for width-only profiles
+    precision: dict | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -155,6 +158,7 @@ class Profile:
             "variables": self.variables, "layers": self.layers,
             "fit": self.fit.as_dict() if self.fit is not None else None,
             "profiling_s": self.profiling_s,
+            **({"precision": self.precision} if self.precision is not None else {}),
             "samples": self.samples,
         }
 
@@ -288,8 +292,48 @@ def from_dict(data, path, *, require_fit: bool = True) -> Profile:
         meter=_get(data, "meter", dict, path), machine=data.get("machine") or {},
         settings=_get(data, "settings", dict, path), variables=variables, layers=layers, samples=samples,
         fit=fit_obj, tool_version=str(tool.get("version", "")), profiling_s=float(data.get("profiling_s") or 0.0),
-        path=Path(path),
+        path=Path(path), precision=_precision(data, fp, layers, path),
     )
+
+
+def _precision(data: dict, fp: str, layers: list, path) -> dict | None:
+    """The optional `precision` section, checked field by field (a hand-edited one is a one-line UserError, not a
+    KeyError deep in compress): it must be of this profile's model, provider and threads, list only its layers,
+    and hold positive timings."""
+    sec = data.get("precision")
+    if sec is None:
+        return None
+    if not isinstance(sec, dict):
+        raise _bad(path, "field 'precision' is not an object")
+    if _get(sec, "fingerprint", str, path, "precision.") != fp:
+        raise _bad(path, "precision.fingerprint is not the profile's model (the int8 measurement is of another model)")
+    if _get(sec, "provider", str, path, "precision.") != data.get("provider"):
+        raise _bad(path, f"precision.provider {sec['provider']!r} is not the profile's provider "
+                         f"{data.get('provider')!r}")
+    threads = (data.get("settings") or {}).get("threads")
+    if _get(sec, "threads", int, path, "precision.") != threads:
+        raise _bad(path, f"precision.threads {sec['threads']} is not the profile's threads {threads}")
+    for key in ("fp32_ms", "int8_all_ms", "chosen_ms"):
+        if _get(sec, key, _NUM, path, "precision.") <= 0:
+            raise _bad(path, f"precision.{key} must be a positive number of milliseconds")
+    names = {v["name"] for v in layers}
+    for name, v in _get(sec, "layers", dict, path, "precision.").items():
+        where = f"precision.layers[{name!r}]."
+        if name not in names:
+            raise _bad(path, f"precision.layers names {name!r}, not a compute layer of this profile's model")
+        _get(v, "int8", bool, path, where)
+        _get(v, "saving_ms", _NUM, path, where)
+        if _get(v, "noise_ms", _NUM, path, where) < 0:
+            raise _bad(path, f"{where}noise_ms must be ≥ 0")
+        _get(v, "reason", str, path, where)
+    for k, s in enumerate(_get(sec, "samples", list, path, "precision.")):
+        widths = _get(s, "widths", list, path, f"precision.samples[{k}].")
+        if len(widths) != len(data["variables"]) or not all(isinstance(w, int) and w > 0 for w in widths):
+            raise _bad(path, f"precision.samples[{k}].widths must list {len(data['variables'])} positive integers")
+        for key in ("fp32_ms", "int8_ms"):
+            if _get(s, key, _NUM, path, f"precision.samples[{k}].") <= 0:
+                raise _bad(path, f"precision.samples[{k}].{key} must be a positive number of milliseconds")
+    return sec
 
 
 def check_model(profile: Profile, fp: str, path) -> None:
