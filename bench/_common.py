@@ -132,6 +132,19 @@ def per_arch(archs, row, cfg: dict) -> list[dict]:
     return rows
 
 
+@contextmanager
+def torch_threads(n: int):
+    """torch pinned to `n` intra-op threads for an area's runs (every method timed alike), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -36,18 +36,12 @@ def config(quick: bool) -> dict:
 
 def run(quick: bool, **overrides) -> dict:
     cfg = _common.merge_config(config(quick), overrides, "methods")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(cfg["torch_threads"]))
     rows = []
-    try:
+    with _common.torch_threads(cfg["torch_threads"]):
         for name, budget in cfg["runs"]:
             for method in cfg["methods"]:
                 runs = [_run(name, str(budget), method, seed, cfg) for seed in cfg["seeds"]]
                 rows.append({"model": name, "budget": budget, "method": method, **_summary(runs), "runs": runs})
-    finally:
-        torch.set_num_threads(threads)
     checks = [c for r in rows for run in r["runs"] for c in run.get("zstep_checks", [])]
     gaps = [c["gap"] for c in checks]
     return {"config": cfg, "rows": rows,

@@ -46,12 +46,8 @@ def config(quick: bool) -> dict:
 
 def run(quick: bool, **overrides) -> dict:
     cfg = _common.merge_config(config(quick), overrides, "quantize")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(cfg["torch_threads"]))
     rows = []
-    try:
+    with _common.torch_threads(cfg["torch_threads"]):
         for name in cfg["models"]:
             path = _common.MODELS / f"{name}.onnx"
             prof = _with_precision(path, _common.MODELS.parent / "profiles" / f"{name}.cpu.json", None)
@@ -68,8 +64,6 @@ def run(quick: bool, **overrides) -> dict:
                 continue
             for budget in cfg["budgets"]:
                 rows.append(_pair_row(arch, path, str(prof), str(data), budget, {**cfg, "epochs": 0}, labels=False))
-    finally:
-        torch.set_num_threads(threads)
     notes = [
         "ORT CPUExecutionProvider, 1 thread, batch 1. method project. int8 layers: static QDQ quantization "
         "(per-channel int8 weights, uint8 activations, MinMax calibration on 128 samples of the data); "

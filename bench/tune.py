@@ -48,12 +48,8 @@ def config(quick: bool) -> dict:
 
 def run(quick: bool, **overrides) -> dict:
     cfg = _common.merge_config(config(quick), overrides, "tune")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(cfg["torch_threads"]))
     rows = []
-    try:
+    with _common.torch_threads(cfg["torch_threads"]):
         with tempfile.TemporaryDirectory() as tmp:
             data = validation_npz(Path(tmp) / "digits_validation.npz")
             for name in cfg["candidates"]:
@@ -61,8 +57,6 @@ def run(quick: bool, **overrides) -> dict:
                     accs = [_run(model, str(budget), CANDIDATES[name], seed, data, cfg) for seed in cfg["seeds"]]
                     rows.append({"candidate": name, "model": model, "budget": budget, "accuracies": accs,
                                  "mean": statistics.fmean(accs)})
-    finally:
-        torch.set_num_threads(threads)
     overall = {name: statistics.fmean(a for r in rows if r["candidate"] == name for a in r["accuracies"])
                for name in cfg["candidates"]}
     chosen = max(cfg["candidates"], key=lambda n: (overall[n], -cfg["candidates"].index(n)))

@@ -249,16 +249,23 @@ def test_qat_torch_model_tracks_the_qdq_model_better_than_fp32(digits):
     np.testing.assert_array_equal(run_torch(tm, x), fp32)
 
 
-def _fixed_measurement(monkeypatch, chosen=CHOSEN):
-    """A deterministic precision measurement (`chosen` int8, 40% faster): the wiring, not the timing, is tested."""
+def _fixed_measurement(monkeypatch, chosen=CHOSEN, pruned=None) -> list:
+    """A deterministic precision measurement (`chosen` int8, 40% faster): the wiring, not the timing, is tested.
+    `pruned`: the layers still saving when measured again on a pruned model (`only` given; default `chosen`).
+    Returns the list of `only` arguments the measurements were called with."""
+    calls = []
+
     def fake(model, calibration_x, provider="CPUExecutionProvider", threads=1, only=None, **kw):
+        calls.append(only)
+        keep = set(chosen if only is None or pruned is None else pruned)
         names = [n for n in candidates(model) if only is None or n in set(only)]
-        layers = {n: {"int8": n in chosen, "saving_s": 10e-6 if n in chosen else -1e-6, "noise_s": 0.1e-6,
+        layers = {n: {"int8": n in keep, "saving_s": 10e-6 if n in keep else -1e-6, "noise_s": 0.1e-6,
                       "reason": "fixed"} for n in names}
         return PrecisionProfile(provider, threads, 50e-6, 30e-6, 30e-6, layers, calibration_samples=len(calibration_x))
 
     monkeypatch.setattr(quantize, "measure_precision", fake)
     monkeypatch.setattr(quantize, "measure_precision_cached", fake)
+    return calls
 
 
 QAT_OPTS = dict(metric="latency", profile=str(PROFILE), data="digits", method="project", epochs=2,
@@ -291,17 +298,7 @@ def test_compress_fine_tunes_the_int8_layers_under_fake_quantization(qat_referen
 def test_int8_choice_at_the_pruned_widths_is_made_before_qat_trains_it(monkeypatch):
     """A layer that saves at full width but not at the output's widths is neither fake-quantized in training nor
     quantized in the output: the choice is measured once on the pruned model, before the fine-tuning."""
-    calls = []
-
-    def fake(model, calibration_x, provider="CPUExecutionProvider", threads=1, only=None, **kw):
-        calls.append(only)
-        keep = set(CHOSEN if only is None else CHOSEN[:1])  # pruned: only the first still saves
-        layers = {n: {"int8": n in keep, "saving_s": 10e-6 if n in keep else -1e-6, "noise_s": 0.1e-6,
-                      "reason": "fixed"} for n in candidates(model) if only is None or n in set(only)}
-        return PrecisionProfile(provider, threads, 50e-6, 30e-6, 30e-6, layers, calibration_samples=len(calibration_x))
-
-    monkeypatch.setattr(quantize, "measure_precision", fake)
-    monkeypatch.setattr(quantize, "measure_precision_cached", fake)
+    calls = _fixed_measurement(monkeypatch, pruned=CHOSEN[:1])  # pruned: only the first still saves
     result = compress(CNN, "0.5", None, CompressOptions(**QAT_OPTS))
     assert len(CHOSEN) > 1 and calls[0] is None and [c for c in calls[1:]] == [CHOSEN]  # full width, then once
     assert result.precision["qat_layers"] == CHOSEN[:1] == int8_nodes(result.model)
@@ -314,14 +311,7 @@ def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatc
     widths a wrong cost model chose)."""
     from onnxecc.compress import INT8_DROPPED
 
-    def fake(model, calibration_x, provider="CPUExecutionProvider", threads=1, only=None, **kw):
-        keep = set(CHOSEN if only is None else [])  # at any pruned width nothing saves
-        layers = {n: {"int8": n in keep, "saving_s": 10e-6 if n in keep else -1e-6, "noise_s": 0.1e-6,
-                      "reason": "fixed"} for n in candidates(model) if only is None or n in set(only)}
-        return PrecisionProfile(provider, threads, 50e-6, 30e-6, 30e-6, layers, calibration_samples=len(calibration_x))
-
-    monkeypatch.setattr(quantize, "measure_precision", fake)
-    monkeypatch.setattr(quantize, "measure_precision_cached", fake)
+    _fixed_measurement(monkeypatch, pruned=[])  # at any pruned width nothing saves
     both = compress(CNN, "0.3", None, CompressOptions(**QAT_OPTS))
     alone = compress(CNN, "0.3", None, CompressOptions(**{**QAT_OPTS, "knobs": ("width",)}))
     assert both.rounds[0]["next"] == INT8_DROPPED and both.precision["dropped"] == INT8_DROPPED
