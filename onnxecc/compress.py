@@ -491,7 +491,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
         qat = precision.fake_quant(mm.tm, opts.qat, total_epochs) if precision is not None else nullcontext()
         with qat as fq:  # QAT: the int8 layers fake-quantized, their activation ranges recomputed every epoch
             history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit,
-                                                                    on_epoch=fq.calibrate if fq else None)]
+                                                                    on_epoch=fq.epoch_done if fq else None)]
     return keep, mm.write_back(), history
 
 

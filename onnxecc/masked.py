@@ -62,13 +62,14 @@ class MaskedModel:
     # ---- training and evaluation ---------------------------------------------------------------------------
     def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,
               on_epoch=None) -> list[dict]:
-        """`on_epoch()` runs after every epoch (QAT recomputes its activation ranges there: `onnxecc.quantize`)."""
+        """`on_epoch(epoch)` runs after every epoch, numbered from 1 (QAT starts and recomputes its activation
+        ranges there: `onnxecc.quantize.FakeQuant.epoch_done`)."""
         cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {})})
         emit = emit or (lambda kind, info: None)
 
         def epoch_done(log):
             if on_epoch is not None:
-                on_epoch()
+                on_epoch(log.epoch)
             emit("epoch", log.__dict__)
 
         history = finetune(self.tm.module, self.data.x_train, self.teacher, self.data.y_train, cfg, self.masks,

@@ -34,6 +34,7 @@ from onnxecc.quantize import (
     int8_nodes,
     measure_precision,
     parse_knobs,
+    qat_start,
     quantize_layers,
 )
 
@@ -321,20 +322,21 @@ def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatc
 
 
 def test_qat_interrupt_and_resume_is_bit_identical(qat_reference, monkeypatch, tmp_path):
-    """Interrupted in the second fine-tuning epoch (after the ranges were recomputed once): the checkpoint holds
-    the activation ranges and the QAT layers, and the resumed run ends with the reference's weights."""
+    """Interrupted in the eighth of 12 fine-tuning epochs (QAT on since the sixth, ranges recomputed since): the
+    checkpoint holds the activation ranges, the QAT layers and that QAT is on, and the resumed run ends with the
+    reference's weights."""
     _fixed_measurement(monkeypatch)
     ref_out, ref = qat_reference
     out, ckpt = tmp_path / "out.onnx", tmp_path / "out.onnx.ckpt"
 
     def on_event(kind, info):
-        if kind == "batch" and info["step"] == 30:  # 23 steps per epoch
+        if kind == "batch" and info["step"] == 7 * 23 + 5:  # 23 steps per epoch
             checkpoint.request()
 
     with pytest.raises(Interrupted):
         compress(CNN, "0.5", out, CompressOptions(**QAT_OPTS), on_event=on_event, checkpoint=ckpt)
     saved = checkpoint.load(ckpt)["frames"]
-    assert saved["qat"]["layers"] == CHOSEN
+    assert saved["qat"]["layers"] == CHOSEN and saved["qat"]["active"] is True
     assert any(k.endswith("qat_act_scale") for k in saved["train"]["module"])
     compress(CNN, "0.5", out, CompressOptions(**QAT_OPTS), resume=ckpt)
     a = {t.name: numpy_helper.to_array(t) for t in onnx.load(ref_out).graph.initializer}
@@ -342,6 +344,25 @@ def test_qat_interrupt_and_resume_is_bit_identical(qat_reference, monkeypatch, t
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_delayed_qat_runs_fp32_until_its_start_epoch(digits):
+    """`start_epoch=2`: after epoch 1 the module is exactly the fp32 one; after epoch 2 it is exactly the one
+    fake-quantized from the start (same ranges: recomputed from the same weights)."""
+    model = ingest.load(CNN)
+    x = digits.x_test[:64]
+    tm = to_torch(model)
+    fp32 = run_torch(tm, x)
+    with fake_quantized(tm, CHOSEN, digits.x_train[:128]):
+        from_start = run_torch(tm, x)
+    with fake_quantized(tm, CHOSEN, digits.x_train[:128], start_epoch=2) as fq:
+        np.testing.assert_array_equal(run_torch(tm, x), fp32)
+        fq.epoch_done(1)
+        np.testing.assert_array_equal(run_torch(tm, x), fp32)
+        fq.epoch_done(2)
+        np.testing.assert_array_equal(run_torch(tm, x), from_start)
+    assert np.abs(from_start - fp32).max() > 0
+    assert qat_start(12) == 6 and qat_start(1) == 0
 
 
 def test_fake_quant_of_matmul_weights_onnx2torch_passes_as_arguments():
