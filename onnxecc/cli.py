@@ -261,11 +261,13 @@ def validate(
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="onnxruntime execution provider."),
     threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    hardware: str = typer.Option(None, "--hardware",
+                                 help="Accelerator JSON an energy budget was compressed for: re-count its energy."),
 ) -> None:
     """Run ORIGINAL and COMPRESSED side by side: agreement, accuracy, latency, budget re-check (exit 1 if missed)."""
     from onnxecc.validate import validate as run_validate
 
-    result = run_validate(original, compressed, data=data, provider=provider, threads=threads)
+    result = run_validate(original, compressed, data=data, provider=provider, threads=threads, hardware=hardware)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -283,8 +285,13 @@ def validate(
         if result.budget:
             b = result.budget
             verdict = {True: "[green]met[/]", False: "[red]violated[/]", None: "not re-checked"}[b["meets_budget"]]
-            console.print(f"budget ({b['metric']} ≤ {b['budget']:.6g}): {verdict}"
-                          + (f" — {b.get('how', '')} {b['cost']:.6g}" if b.get("cost") is not None else ""))
+            if "fraction" in b:  # a relative latency budget: the side-by-side ratio decides
+                console.print(f"budget (latency ≤ {b['fraction']:.3g}× the original): {verdict} — {b['how']} "
+                              f"{b['ratio']:.3f}")
+            else:
+                console.print(f"budget ({b['metric']} ≤ {b['budget']:.6g}): {verdict}"
+                              + (f" — {b.get('how', '')} {b['cost']:.6g}" if b.get("cost") is not None else
+                                 f" — {b.get('note', '')}"))
     if result.meets_budget is False:
         raise typer.Exit(1)
 

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 
 from onnxecc import ingest, runtime
+from onnxecc.budget import parse_budget
+from onnxecc.errors import UserError
 from onnxecc.layers import count_params, find_layers
 
 META_PREFIX = "onnxecc."
@@ -81,8 +83,12 @@ def analytic_cost(model: onnx.ModelProto, metric: str) -> float | None:
 
 def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data: str | None = None,
              provider: str = "CPUExecutionProvider", threads: int = 1, samples: int = 256,
-             seed: int = 0) -> ValidateResult:
-    """Compare two models in onnxruntime on the test split of `data` (or random inputs without data)."""
+             seed: int = 0, hardware: str | None = None) -> ValidateResult:
+    """Compare two models in onnxruntime on the test split of `data` (or random inputs without data).
+
+    `hardware` (the accelerator JSON an energy budget was compressed for, `--method wsp`): the modelled energy
+    is counted again on the compressed file; without it an energy budget is not re-checked."""
+    hw = _hardware(hardware) if hardware is not None else None  # a bad file fails before any session is built
     sess_o = runtime.session(runtime.on_disk(original, ingest.load(original)), provider, threads)  # checked, dropped
     comp_proto = ingest.load(compressed)
     sess_c = runtime.session(runtime.on_disk(compressed, comp_proto), provider, threads)
@@ -102,12 +108,24 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
         acc_o = float((out_o.argmax(1) == labels).mean())
         acc_c = float((out_c.argmax(1) == labels).mean())
     t_o, t_c = runtime.measure_pair(sess_o, sess_c, x[:1])
-    budget = _budget_check(comp_proto, t_c)
+    budget = _budget_check(comp_proto, t_o, t_c, hw)
     return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
                           float(diff.mean()), acc_o, acc_c, t_o, t_c, provider, budget)
 
 
-def _budget_check(model: onnx.ModelProto, latency: runtime.Timing) -> dict:
+def _hardware(path: str):
+    from onnxecc.hardware import load_hardware
+
+    return load_hardware(path)
+
+
+def _budget_check(model: onnx.ModelProto, latency_original: runtime.Timing, latency: runtime.Timing,
+                  hw=None) -> dict:
+    """The budget in the file's metadata, checked again. MACs and params: counted on the file. Latency: a budget
+    given as a fraction of the original is checked as the ratio of the two latencies measured side by side (what
+    compress's closed loop checks: an absolute time from another run of a shared machine drifts by 20 %), an
+    absolute one against the compressed model's median. Energy: modelled again with `hw`, which must be the
+    hardware file the model was compressed for (its SHA-256 is in the metadata)."""
     meta = read_metadata(model)
     if "metric" not in meta or "budget" not in meta:
         return {}
@@ -115,8 +133,33 @@ def _budget_check(model: onnx.ModelProto, latency: runtime.Timing) -> dict:
     cost = analytic_cost(model, metric)
     how = "counted"
     if cost is None and metric == "latency":
+        fraction = _fraction(meta.get("budget_text"), metric)
+        if fraction is not None:
+            ratio = latency.median_s / latency_original.median_s
+            return {"metric": metric, "budget": budget, "fraction": fraction, "ratio": ratio,
+                    "cost": latency.median_s, "how": "measured side by side with the original: latency ratio",
+                    "meets_budget": ratio <= fraction}
         cost, how = latency.median_s, "measured"
+    if cost is None and metric == "energy" and hw is not None and "hardware_sha256" in meta:
+        if meta["hardware_sha256"] != hw.sha256:
+            raise UserError(f"the compressed model's energy budget was set for hardware {meta.get('hardware')!r} "
+                            f"(file SHA-256 {meta['hardware_sha256'][:12]}…), not {hw.source} ({hw.sha256[:12]}…): "
+                            "pass the --hardware file it was compressed with")
+        from onnxecc.hardware import model_energy
+
+        cost, how = model_energy(model, hw).joules, f"modelled for {hw.name}"
     if cost is None:
+        hint = " (pass --hardware H.json, the file it was compressed for)" if metric == "energy" else ""
         return {"metric": metric, "budget": budget, "cost": None, "meets_budget": None,
-                "note": f"{metric} cannot be re-measured here; see the compress report"}
+                "note": f"{metric} cannot be re-measured here{hint}; see the compress report"}
     return {"metric": metric, "budget": budget, "cost": cost, "how": how, "meets_budget": cost <= budget}
+
+
+def _fraction(text, metric: str) -> float | None:
+    """The budget's fraction of the original cost when it was given as one (`--budget 0.3`), else None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return parse_budget(text, metric).fraction
+    except UserError:
+        return None

@@ -288,6 +288,22 @@ def c_validate_corrupt_compressed(d):
     return Case(["validate", _demo(d), str(d / "small.onnx")], "not a valid onnx")
 
 
+def c_validate_missing_hardware(d):
+    return Case(["validate", _demo(d), _demo(d), "--hardware", str(d / "hw.json")], "hw.json")
+
+
+def c_validate_other_hardware(d):
+    """An energy budget set for one accelerator file, re-checked with another one."""
+    model = onnx.load(DEMO)
+    model.metadata_props.add(key="onnxecc.metric", value='"energy"')
+    model.metadata_props.add(key="onnxecc.budget", value="1e-06")
+    model.metadata_props.add(key="onnxecc.hardware_sha256", value='"' + "0" * 64 + '"')
+    onnx.save(model, d / "small.onnx")
+    shutil.copy(REPO / "profiles" / "eyeriss.json", d / "hw.json")
+    return Case(["validate", _demo(d), str(d / "small.onnx"), "--hardware", str(d / "hw.json")],
+                "compressed with")
+
+
 def c_output_missing_dir(d):
     return Case(["compress", _demo(d), "--budget", "0.5", "-o", str(d / "nodir" / "out.onnx")], "does not exist")
 

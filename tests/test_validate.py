@@ -54,3 +54,20 @@ def test_budget_recheck_counts_macs_on_the_file(tmp_path, factor, meets):
     result = validate(DEMO_MODELS[1], path)
     assert result.meets_budget is meets
     assert result.budget["cost"] == macs
+
+
+@pytest.mark.parametrize("text,absolute,meets", [("30%", 1.0, False), ("1s", 1.0, True)])
+def test_latency_budget_recheck_relative_is_the_side_by_side_ratio(tmp_path, text, absolute, meets):
+    """A relative latency budget is re-checked as the measured ratio (the same model: ≈1, never ≤ 0.3) even
+    though its stored absolute target (1 s) would pass; an absolute one against the compressed median."""
+    model = ingest.load(DEMO_MODELS[0])
+    write_metadata(model, {"metric": "latency", "budget": absolute, "budget_text": text})
+    path = tmp_path / "m.onnx"
+    ingest.save(model, path)
+    result = validate(DEMO_MODELS[0], path)
+    assert result.meets_budget is meets
+    if text.endswith("%"):
+        ratio = result.latency_compressed.median_s / result.latency_original.median_s
+        assert result.budget["ratio"] == pytest.approx(ratio) and result.budget["fraction"] == 0.3
+    else:
+        assert result.budget["cost"] == result.latency_compressed.median_s and "fraction" not in result.budget

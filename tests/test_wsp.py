@@ -580,3 +580,29 @@ def test_int8_wsp_user_errors(tmp_path):
     with pytest.raises(UserError, match="--data"):
         compress(CNN, "0.3", tmp_path / "x.onnx", CompressOptions(hardware=str(EYERISS), **{**opts, "data": None}))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_validate_recounts_the_energy_budget_with_the_hardware_file(resdw_run, tmp_path):
+    """`validate --hardware`: the energy counted again on the file (independent recount), the stored budget
+    re-checked (met; violated once the metadata budget is lowered under it); another hardware file is refused,
+    and without one the budget is reported as not re-checked."""
+    from onnxecc import ingest
+    from onnxecc.errors import UserError
+    from onnxecc.validate import validate, write_metadata
+
+    result, out, _ = resdw_run
+    checked = validate(RESDW, out, hardware=str(EYERISS))
+    recount = _independent_energy(onnx.load(out)) * 1e-12
+    assert checked.meets_budget is True
+    assert checked.budget["cost"] == pytest.approx(recount, rel=1e-9)
+    assert checked.budget["budget"] == pytest.approx(result.budget_abs, rel=1e-12)
+    assert validate(RESDW, out).meets_budget is None
+    tight = ingest.load(out)
+    write_metadata(tight, {"budget": 0.5 * recount})
+    ingest.save(tight, tmp_path / "tight.onnx")
+    assert validate(RESDW, tmp_path / "tight.onnx", hardware=str(EYERISS)).meets_budget is False
+    other = json.loads(EYERISS.read_text())
+    other["name"] = "another accelerator"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="pass the --hardware file it was compressed with"):
+        validate(RESDW, out, hardware=str(tmp_path / "other.json"))
