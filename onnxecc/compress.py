@@ -255,7 +255,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
                       opts.min_width, opts.round_to, fmt)
     timings["analyse"] = time.perf_counter() - t0
 
-    warnings: list[str] = []
+    warnings: list[str] = [] if profile is None else _other_machine(profile, opts)
     history: list[dict] = []
     rounds: list[dict] = []
     keep = None
@@ -576,6 +576,19 @@ def _int8_did_not_survive(precision, out_model: onnx.ModelProto, fp32_cost, reac
 CHECK_ROUND_S = 0.03  # closed loop: shortest wall time of one measurement round of the original
 LOOSEN_BELOW = 0.9  # closed loop: an output measured under this share of the budget is over-pruned
 AIM = 0.98  # closed loop: the share of the budget a corrected internal budget aims at (2% margin for noise)
+
+
+def _other_machine(profile, opts: CompressOptions) -> list[str]:
+    """A warning when the profile was measured on another CPU than the one the closed loop measures on: its fit
+    may not hold here (the shipped AMD EPYC demo profiles on an Intel Xeon: outputs 0.42× for a 0.3 budget)."""
+    from onnxecc.profiler.store import machine_info
+
+    there, here = profile.machine.get("cpu"), machine_info().get("cpu")
+    if not there or not here or there == here or opts.provider != "CPUExecutionProvider":
+        return []
+    return [f"the profile was measured on {there} and this machine is {here}: its cost model may not fit here "
+            f"({'the closed loop measures here' if opts.closed_loop else 'nothing measures it here'}); profile the "
+            "model on the target with `onnxecc profile MODEL -o P.json`"]
 
 
 def _loosens(opts: CompressOptions, method: str, data) -> bool:

@@ -470,6 +470,25 @@ def test_shipped_profile_drives_compress(tmp_path):
     assert result.original_cost == pytest.approx(cost(None))
 
 
+def test_compress_warns_when_the_profile_was_measured_on_another_cpu(tmp_path):
+    """A profile carries the CPU it was measured on: compress says so when this machine's differs, and is
+    silent when they are the same."""
+    from onnxecc.compress import CompressOptions, compress
+    from onnxecc.profiler.store import machine_info
+
+    data = json.loads(SHIPPED.read_text())
+    warned = {}
+    for cpu in (machine_info()["cpu"], "Another CPU 9000"):
+        data["machine"]["cpu"] = cpu
+        prof = tmp_path / "p.json"
+        prof.write_text(json.dumps(data))
+        result = compress(CNN, "0.5", None, CompressOptions(metric="latency", profile=str(prof), epochs=0,
+                                                            measure_latency=False, closed_loop=False))
+        warned[cpu] = [w for w in result.warnings if "the profile was measured on" in w]
+    assert warned[machine_info()["cpu"]] == []
+    assert len(warned["Another CPU 9000"]) == 1 and "onnxecc profile" in warned["Another CPU 9000"][0]
+
+
 # ---- --knobs width,precision: the int8 measurement stored in the profile (issue #11) ----------------------------
 def test_profile_with_precision_round_trips_and_resumes(tmp_path):
     """`profile(..., knobs="width,precision")`: the precision section (per-layer int8 savings, the choice,
