@@ -54,16 +54,11 @@ def _row(name: str, metric: str, budget: str, cfg: dict) -> dict:
         opts.epochs = int(cfg["epochs"])
     import torch
 
-    threads = torch.get_num_threads()
-    if cfg["torch_threads"]:
-        torch.set_num_threads(int(cfg["torch_threads"]))
-    try:
+    with _common.torch_threads(cfg["torch_threads"] or torch.get_num_threads()):
         used = torch.get_num_threads()
         t = time.perf_counter()
         res = compress(str(path), budget, None, opts)
         wall = time.perf_counter() - t
-    finally:
-        torch.set_num_threads(threads)
     original = ingest.load(path)
     x = load_digits(cfg["seed"]).x_test[:1]
     latency = _common.latency_pair(original, res.model, x, rounds=cfg["rounds"], round_s=cfg["round_s"])

@@ -29,20 +29,14 @@ def config(quick: bool) -> dict:
 
 def run(quick: bool, **overrides) -> dict:
     cfg = _common.merge_config(config(quick), overrides, "peer")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = []
+    rows = []
+    with _common.torch_threads(1):
         for name in cfg["models"]:
             for tool in ("onnxecc", "torch-pruning"):
                 try:
                     rows.append(_row(name, tool, cfg))
                 except Exception as exc:
                     rows.append({"model": name, "tool": tool, "error": _common.error_text(exc)})
-    finally:
-        torch.set_num_threads(threads)
     return {"config": cfg, "rows": rows}
 
 

@@ -202,10 +202,6 @@ def keep_from_plain(keep: dict | None) -> dict | None:
 # ---- what a checkpoint was written for ----------------------------------------------------------------------
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -214,9 +210,10 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model_bytes: bytes, budget: str, options) -> dict[str, str]:
-    """Model bytes, budget and every option that affects the result (files named by options: their contents)."""
-    out = {"model": _sha256(model_bytes), "budget": str(budget)}
+def fingerprint(model_sha256: str, budget: str, options) -> dict[str, str]:
+    """The model's hash (`ingest.sha256`: streamed, a model over 2 GB cannot be serialised to bytes), the budget
+    and every option that affects the result (files named by options: their contents)."""
+    out = {"model": model_sha256, "budget": str(budget)}
     for f in dataclasses.fields(options):
         if f.name in IGNORED_OPTIONS:
             continue

@@ -203,8 +203,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     proto = ingest.load(model)
     ck = None
     if checkpoint is not None:
-        # the model's hash streamed (ingest.sha256): serialising it would copy it, and fails over 2 GB
-        fingerprint = {**checkpoints.fingerprint(b"", str(budget), opts), "model": ingest.sha256(proto)}
+        fingerprint = checkpoints.fingerprint(ingest.sha256(proto), str(budget), opts)
         if resumed is not None:
             checkpoints.check_fingerprint(Path(resume), resumed["fingerprint"], fingerprint)
         ck = checkpoints.Checkpointer(checkpoint, fingerprint, resumed)
