@@ -48,10 +48,16 @@ def export(arch: str, size: int) -> Path:
 
     tag = f"{arch}-{size}-ts-torch{torch.__version__.split('+')[0]}"
     path = cache_dir() / f"{tag}.onnx"
-    if path.exists():
-        return path
+    if not path.exists():
+        _export_onnx(zoo().build(arch), size, path)
+    return path
+
+
+def _export_onnx(model, size: int, path: Path) -> None:
+    """`model` (eval mode) written to `path` as ONNX, batch dynamic; atomically, so a cache never holds half."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = zoo().build(arch)
     x = torch.randn(1, 3, size, size)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -61,7 +67,79 @@ def export(arch: str, size: int) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+DIGITS_SIZE = 32  # digits upsampled for torchvision archs: every one of them downsamples 32× at most
+
+
+def digits_npz(size: int = DIGITS_SIZE) -> Path:
+    """The built-in digits as an npz for a 3×size×size model: bilinear upsampling, gray copied to 3 channels,
+    the train images first and the 359 test images last — exactly `load_digits(0)`'s split, which is the split
+    `load_npz` makes (the last 20 %), so accuracies on it are held out like the demo models'."""
+    path = cache_dir() / f"digits-3x{size}x{size}.npz"
+    if path.exists():
+        return path
+    import torch
+
+    from onnxecc.data import load_digits
+
+    d = load_digits(0)
+    x = torch.nn.functional.interpolate(torch.from_numpy(np.concatenate([d.x_train, d.x_test])), size=(size, size),
+                                        mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, x=x.numpy().astype(np.float32), y=np.concatenate([d.y_train, d.y_test]))
+    os.replace(tmp, path)
     return path
+
+
+def digits_trained(arch: str, epochs: int = 10, size: int = DIGITS_SIZE, seed: int = 0) -> tuple[Path, Path, dict]:
+    """`arch` (torchvision, weights=None, 10 classes) trained from scratch on `digits_npz(size)`'s training part
+    and exported — a real architecture with a real accuracy to lose, where the random-weight exports only give
+    agreement. Cached with its test accuracy in a JSON next to it. Returns (onnx, npz, {"accuracy", "train_s"})."""
+    import json
+
+    import torch
+    import torchvision
+
+    tag = f"{arch}-digits{size}-e{epochs}-seed{seed}-torch{torch.__version__.split('+')[0]}"
+    path, info_path, data = cache_dir() / f"{tag}.onnx", cache_dir() / f"{tag}.json", digits_npz(size)
+    if path.exists() and info_path.exists():
+        return path, data, json.loads(info_path.read_text())
+    from onnxecc.data import load_npz
+
+    d = load_npz(data)
+    x, y = torch.from_numpy(d.x_train), torch.from_numpy(d.y_train)
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = (len(x) + 63) // 64
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps)
+    t = time.perf_counter()
+    model.train()
+    with torch_threads(os.cpu_count() or 1):  # once per cache: not a timed comparison
+        _train(model, x, y, opt, sched, epochs)
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(d.x_test)).argmax(1).numpy() == d.y_test).mean()
+    info = {"accuracy": float(accuracy), "train_s": time.perf_counter() - t, "epochs": epochs, "size": size}
+    _export_onnx(model, size, path)
+    info_path.write_text(json.dumps(info))
+    return path, data, info
+
+
+def _train(model, x, y, opt, sched, epochs: int, batch: int = 64) -> None:
+    import torch
+
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), batch):
+            b = order[i:i + batch]
+            loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
 
 
 # ---- counting -----------------------------------------------------------------------------------------------
