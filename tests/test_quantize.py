@@ -306,15 +306,16 @@ def test_int8_choice_at_the_pruned_widths_is_made_before_qat_trains_it(monkeypat
     assert len(result.precision["at_output_widths"]) == 1
 
 
-def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatch):
+@pytest.mark.parametrize("max_rounds", [None, 1])
+def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatch, max_rounds):
     """Int8 saves at full width but at none of the pruned widths: the widths bought with those savings are chosen
     again with the fp32 latency model, so the output is exactly the width-alone run's (not an fp32 model whose
-    widths a wrong cost model chose)."""
+    widths a wrong cost model chose) — also when that happens in the last closed-loop round (max_rounds=1)."""
     from onnxecc.compress import INT8_DROPPED
 
     _fixed_measurement(monkeypatch, pruned=[])  # at any pruned width nothing saves
-    both = compress(CNN, "0.3", None, CompressOptions(**QAT_OPTS))
-    alone = compress(CNN, "0.3", None, CompressOptions(**{**QAT_OPTS, "knobs": ("width",)}))
+    both = compress(CNN, "0.3", None, CompressOptions(**QAT_OPTS, max_rounds=max_rounds))
+    alone = compress(CNN, "0.3", None, CompressOptions(**{**QAT_OPTS, "knobs": ("width",)}, max_rounds=max_rounds))
     assert both.rounds[0]["next"] == INT8_DROPPED and both.precision["dropped"] == INT8_DROPPED
     assert int8_nodes(both.model) == [] and any(INT8_DROPPED in w for w in both.warnings)
     assert both.widths == alone.widths and both.estimated_cost == pytest.approx(alone.estimated_cost)
