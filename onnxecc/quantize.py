@@ -589,11 +589,11 @@ class FakeQuant:
 
     Delayed start (`start_epoch`, see `qat_start`): before it the module runs in fp32. Just after pruning the
     network is broken (resnet18 on digits at 3×32×32, latency 0.5: distillation loss 16–19, 16–40 % training
-    accuracy) and ranges taken from it are wrong; fake-quantized from the first epoch it recovered to 72 % training
-    accuracy in 3 epochs where fp32 reached 96 %, and at latency 0.3 it ended at 51.5 % test accuracy against
-    98.3 % for width alone. So the first epochs recover in fp32 and QAT runs over the last ones, from ranges of
-    the recovered network and at the schedule's lower learning rates (the usual QAT recipe: start from a
-    converged float model).
+    accuracy) and ranges taken from it are wrong; fake-quantized from the first epoch it was at 72 % training
+    accuracy after 3 epochs where width alone (fp32) was at 96 %, and at latency 0.3 it ended at 51.5 % test
+    accuracy against 98.3 % for width alone. So the first epochs recover in fp32 and QAT runs over the last
+    ones, from ranges of the recovered network and at the schedule's lower learning rates (the usual QAT recipe:
+    start from a converged float model).
 
     State: each range is two buffers of the layer's module (`qat_act_scale`, `qat_act_zero_point`), so the
     training checkpoint saves them with the weights and a resumed run continues with the ranges of the
@@ -732,7 +732,7 @@ def fake_quantized(tm, layers, calibration_x: np.ndarray, start_epoch: int = 0):
     layers = saved["layers"] if saved is not None else list(layers)
     fq = FakeQuant(tm, layers, calibration_x, start_epoch=start_epoch) if layers else None
     if fq is not None and saved is not None:
-        fq.active = saved["active"]  # its ranges: the checkpoint's buffers, loaded with the weights
+        fq.active = saved.get("active", True)  # its ranges: the checkpoint's buffers, loaded with the weights
     try:
         with checkpoint.frame("qat", lambda: {"layers": layers, "active": fq is not None and fq.active}):
             yield fq

@@ -88,7 +88,11 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
 
     `hardware` (the accelerator JSON an energy budget was compressed for, `--method wsp`): the modelled energy
     is counted again on the compressed file; without it an energy budget is not re-checked."""
-    hw = _hardware(hardware) if hardware is not None else None  # a bad file fails before any session is built
+    hw = None
+    if hardware is not None:  # a bad file fails before any session is built
+        from onnxecc.hardware import load_hardware
+
+        hw = load_hardware(hardware)
     sess_o = runtime.session(runtime.on_disk(original, ingest.load(original)), provider, threads)  # checked, dropped
     comp_proto = ingest.load(compressed)
     sess_c = runtime.session(runtime.on_disk(compressed, comp_proto), provider, threads)
@@ -111,12 +115,6 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     budget = _budget_check(comp_proto, t_o, t_c, hw)
     return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
                           float(diff.mean()), acc_o, acc_c, t_o, t_c, provider, budget)
-
-
-def _hardware(path: str):
-    from onnxecc.hardware import load_hardware
-
-    return load_hardware(path)
 
 
 def _budget_check(model: onnx.ModelProto, latency_original: runtime.Timing, latency: runtime.Timing,
