@@ -12,28 +12,51 @@ from onnxecc.compress import CompressOptions, _loosens, _next_internal, _selecte
 PROFILE = REPO / "profiles" / "digits_cnn.cpu.json"
 
 
-def _wrong_profile(tmp_path, constant_scale: float, name: str):
-    data = json.loads(PROFILE.read_text())
-    data["fit"]["constant"] *= constant_scale
+@pytest.fixture(scope="module")
+def profile_here():
+    """The shipped digits_cnn latency profile measured on this machine's CPU (`profiles/digits_cnn.cpu*.json`: an
+    AMD EPYC and an Intel Xeon). These tests inject a known model error into a profile that fits the machine;
+    one of another CPU is already wrong by more than that (the EPYC profile on the Xeon: no round met 0.45 in
+    5), and one measured afresh per run moves the tests' margins (failed 2 of 6 runs)."""
+    from onnxecc.profiler import load_profile
+    from onnxecc.profiler.store import machine_info
+
+    here = machine_info().get("cpu")
+    for path in sorted(PROFILE.parent.glob("digits_cnn.cpu*.json")):
+        if load_profile(path, DEMO_MODELS[0]).machine.get("cpu") == here:
+            return path
+    pytest.skip(f"no shipped digits_cnn profile was measured on this CPU ({here}): profile it with `onnxecc "
+                "profile models/digits_cnn.onnx -o profiles/digits_cnn.cpu-NAME.json --step 16`")
+
+
+def _wrong_profile(tmp_path, source, name: str, constant_scale: float = 1.0, prunable_scale: float = 1.0):
+    """`source` with its fixed cost scaled, and its prunable terms (per-layer and linear, each 1 at full width)
+    scaled with what they lose moved into the fixed cost (the full model's estimate unchanged)."""
+    data = json.loads(source.read_text())
+    fit = data["fit"]
+    prunable = sum(fit["layers"].values()) + sum(fit["linear"].values())
+    fit["constant"] = fit["constant"] * constant_scale + (1 - prunable_scale) * prunable
+    fit["layers"] = {k: v * prunable_scale for k, v in fit["layers"].items()}
+    fit["linear"] = {k: v * prunable_scale for k, v in fit["linear"].items()}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
 
 
-def _optimistic_profile(tmp_path, constant_scale: float):
-    """The shipped profile with its fixed cost shrunk: it then believes pruning saves more than it does —
-    the kind of model error the measurement must catch."""
-    return _wrong_profile(tmp_path, constant_scale, "optimistic")
+def _optimistic_profile(tmp_path, source):
+    """The profile with no fixed cost: it then believes pruning saves more than it does — the kind of model
+    error the measurement must catch."""
+    return _wrong_profile(tmp_path, source, "optimistic", constant_scale=0.0)
 
 
-def _pessimistic_profile(tmp_path, constant_scale: float):
-    """The shipped profile with its fixed cost inflated: it then believes pruning saves less than it does and
-    over-prunes — the measurement shows the output far under the budget."""
-    return _wrong_profile(tmp_path, constant_scale, "pessimistic")
+def _pessimistic_profile(tmp_path, source):
+    """The profile believing half its prunable cost is fixed: it then believes pruning saves less than it does
+    and over-prunes — the measurement shows the output far under the budget."""
+    return _wrong_profile(tmp_path, source, "pessimistic", prunable_scale=0.5)
 
 
-def test_latency_budget_is_met_by_measurement():
-    result = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(metric="latency", profile=str(PROFILE)))
+def test_latency_budget_is_met_by_measurement(profile_here):
+    result = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(metric="latency", profile=str(profile_here)))
     last = result.rounds[-1]
     assert last["meets"] and last["measured"] <= last["budget"]
     assert result.meets_budget
@@ -41,21 +64,26 @@ def test_latency_budget_is_met_by_measurement():
     assert last["measured"] / last["measured_original"] <= 0.5
 
 
-def test_model_error_tightens_the_budget_until_the_measurement_meets_it(tmp_path):
-    profile = _optimistic_profile(tmp_path, 0.0)
+def test_model_error_tightens_the_budget_until_the_measurement_meets_it(tmp_path, profile_here):
+    """The injected error (no fixed cost) on a profile of this CPU: one of another CPU is wrong by more than that
+    already (the AMD EPYC one on an Intel Xeon: no round met 0.45 in 5); 0.6 stays clear of this Xeon's floor
+    (every group at its minimum width: 0.34 of the original). Up to 10 rounds: at 16-channel steps a tightened
+    budget can pick the same widths again (measured 0.604-0.606 for four rounds there)."""
+    profile = _optimistic_profile(tmp_path, profile_here)
     out = tmp_path / "m.onnx"
-    result = compress(DEMO_MODELS[0], "0.45", out, CompressOptions(metric="latency", profile=str(profile),
-                                                                   max_rounds=5))
+    result = compress(DEMO_MODELS[0], "0.6", out, CompressOptions(metric="latency", profile=str(profile),
+                                                                  max_rounds=10))
     assert len(result.rounds) >= 2, result.rounds  # the first round's measurement missed
     assert not result.rounds[0]["meets"] and result.rounds[0]["next"] == "over budget"
     assert result.rounds[1]["internal_budget"] < result.rounds[0]["internal_budget"]
-    assert _selected_round(result.rounds)["meets"] and result.meets_budget and out.exists()
+    assert _selected_round(result.rounds)["meets"] and result.meets_budget and out.exists(), [
+        (r["internal_budget"], r.get("ratio"), r.get("next")) for r in result.rounds]
 
 
-def test_over_pruning_loosens_the_budget_and_keeps_the_best_output_that_meets_it(tmp_path):
-    profile = _pessimistic_profile(tmp_path, 3.0)
+def test_over_pruning_loosens_the_budget_and_keeps_the_best_output_that_meets_it(tmp_path, profile_here):
+    profile = _pessimistic_profile(tmp_path, profile_here)
     out = tmp_path / "m.onnx"
-    result = compress(DEMO_MODELS[0], "0.5", out, CompressOptions(metric="latency", profile=str(profile),
+    result = compress(DEMO_MODELS[0], "0.8", out, CompressOptions(metric="latency", profile=str(profile),
                                                                   max_rounds=4))
     first = result.rounds[0]
     assert first["meets"] and first["of_budget"] < 0.9, result.rounds  # over-pruned by the pessimistic model
@@ -72,9 +100,9 @@ def test_over_pruning_loosens_the_budget_and_keeps_the_best_output_that_meets_it
     assert result.as_dict()["meets_budget"] is True
 
 
-def test_loosening_can_be_switched_off(tmp_path):
-    profile = _pessimistic_profile(tmp_path, 3.0)
-    result = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(metric="latency", profile=str(profile),
+def test_loosening_can_be_switched_off(tmp_path, profile_here):
+    profile = _pessimistic_profile(tmp_path, profile_here)
+    result = compress(DEMO_MODELS[0], "0.8", None, CompressOptions(metric="latency", profile=str(profile),
                                                                    closed_loop_loosen=False))
     assert len(result.rounds) == 1 and result.rounds[0]["meets"] and "next" not in result.rounds[0]
     assert result.meets_budget
@@ -89,8 +117,8 @@ def test_loosening_is_automatic_only_when_rounds_do_not_train():
     assert not _loosens(CompressOptions(closed_loop_loosen=False), "project", None)
 
 
-def test_a_miss_after_every_round_is_never_returned_under_the_requested_name(tmp_path):
-    profile = _optimistic_profile(tmp_path, 0.0)
+def test_a_miss_after_every_round_is_never_returned_under_the_requested_name(tmp_path, profile_here):
+    profile = _optimistic_profile(tmp_path, profile_here)
     out = tmp_path / "m.onnx"
     result = compress(DEMO_MODELS[0], "0.45", out, CompressOptions(metric="latency", profile=str(profile),
                                                                    max_rounds=1))
