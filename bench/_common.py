@@ -70,6 +70,7 @@ def _export_onnx(model, size: int, path: Path) -> None:
 
 
 DIGITS_SIZE = 32  # digits upsampled for torchvision archs: every one of them downsamples 32× at most
+TRAIN_BATCH = 64  # `digits_trained`: the batch its training and its learning-rate schedule count in
 
 
 def digits_npz(size: int = DIGITS_SIZE) -> Path:
@@ -113,7 +114,7 @@ def digits_trained(arch: str, epochs: int = 10, size: int = DIGITS_SIZE, seed: i
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = (len(x) + 63) // 64
+    steps = -(-len(x) // TRAIN_BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps)
     t = time.perf_counter()
     model.train()
@@ -128,13 +129,13 @@ def digits_trained(arch: str, epochs: int = 10, size: int = DIGITS_SIZE, seed: i
     return path, data, info
 
 
-def _train(model, x, y, opt, sched, epochs: int, batch: int = 64) -> None:
+def _train(model, x, y, opt, sched, epochs: int) -> None:
     import torch
 
     for _ in range(epochs):
         order = torch.randperm(len(x))
-        for i in range(0, len(x), batch):
-            b = order[i:i + batch]
+        for i in range(0, len(x), TRAIN_BATCH):
+            b = order[i:i + TRAIN_BATCH]
             loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
             opt.zero_grad()
             loss.backward()

@@ -159,10 +159,10 @@ def _profile_here(name: str, path) -> Path:
     Xeon: every demo output over a 0.3/0.5 budget after the closed loop's rounds)."""
     from bench import guarantee
     from onnxecc.profiler import load_profile
-    from onnxecc.profiler.store import machine_info
+    from onnxecc.profiler.store import same_cpu
 
     shipped = _common.MODELS.parent / "profiles" / f"{name}.cpu.json"
-    if load_profile(shipped, str(path)).machine.get("cpu") == machine_info().get("cpu"):
+    if same_cpu(load_profile(shipped, str(path)).machine):
         return shipped
     return guarantee._profile(name, path, guarantee.config(False), {})[0]
 

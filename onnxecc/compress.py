@@ -585,12 +585,12 @@ AIM = 0.98  # closed loop: the share of the budget a corrected internal budget a
 def _other_machine(profile, opts: CompressOptions) -> list[str]:
     """A warning when the profile was measured on another CPU than the one the closed loop measures on: its fit
     may not hold here (the shipped AMD EPYC demo profiles on an Intel Xeon: outputs 0.42× for a 0.3 budget)."""
-    from onnxecc.profiler.store import machine_info
+    from onnxecc.profiler.store import cpu_name, same_cpu
 
-    there, here = profile.machine.get("cpu"), machine_info().get("cpu")
-    if not there or not here or there == here or opts.provider != "CPUExecutionProvider":
+    if same_cpu(profile.machine) is not False or opts.provider != "CPUExecutionProvider":
         return []
-    return [f"the profile was measured on {there} and this machine is {here}: its cost model may not fit here "
+    return [f"the profile was measured on {profile.machine['cpu']} and this machine is {cpu_name()}: its cost "
+            "model may not fit here "
             f"({'the closed loop measures here' if opts.closed_loop else 'nothing measures it here'}); profile the "
             "model on the target with `onnxecc profile MODEL -o P.json`"]
 

@@ -481,18 +481,18 @@ def test_compress_warns_when_the_profile_was_measured_on_another_cpu(tmp_path):
     """A profile carries the CPU it was measured on: compress says so when this machine's differs, and is
     silent when they are the same."""
     from onnxecc.compress import CompressOptions, compress
-    from onnxecc.profiler.store import machine_info
+    from onnxecc.profiler.store import cpu_name
 
     data = json.loads(SHIPPED.read_text())
     warned = {}
-    for cpu in (machine_info()["cpu"], "Another CPU 9000"):
+    for cpu in (cpu_name(), "Another CPU 9000"):
         data["machine"]["cpu"] = cpu
         prof = tmp_path / "p.json"
         prof.write_text(json.dumps(data))
         result = compress(CNN, "0.5", None, CompressOptions(metric="latency", profile=str(prof), epochs=0,
                                                             measure_latency=False, closed_loop=False))
         warned[cpu] = [w for w in result.warnings if "the profile was measured on" in w]
-    assert warned[machine_info()["cpu"]] == []
+    assert warned[cpu_name()] == []
     assert len(warned["Another CPU 9000"]) == 1 and "onnxecc profile" in warned["Another CPU 9000"][0]
 
 

@@ -177,20 +177,30 @@ def _dumps(obj: dict) -> str:
     return head[:-2] + ',\n  "samples": [\n' + lines + ("\n  ]\n}\n" if samples else "  ]\n}\n")
 
 
-def machine_info() -> dict:
-    """Where the profile was measured (no host names or users)."""
-    import onnxruntime as ort
-
-    cpu = platform.processor() or ""
+def cpu_name() -> str:
+    """This machine's CPU model ("" when unknown)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "system": platform.system(), "release": platform.release(),
+    return platform.processor() or ""
+
+
+def same_cpu(machine: dict) -> bool | None:
+    """Whether `machine` (a profile's `machine` field) names this machine's CPU; None when either is unknown. A
+    latency model fitted on one CPU mispredicts another (the AMD EPYC demo profiles on an Intel Xeon)."""
+    there, here = machine.get("cpu"), cpu_name()
+    return None if not there or not here else there == here
+
+
+def machine_info() -> dict:
+    """Where the profile was measured (no host names or users)."""
+    import onnxruntime as ort
+
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "system": platform.system(), "release": platform.release(),
             "machine": platform.machine(), "python": platform.python_version(), "onnxruntime": ort.__version__,
             "numpy": np.__version__, "onnxruntime_providers": ort.get_available_providers()}
 
