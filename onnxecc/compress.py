@@ -556,12 +556,12 @@ def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compres
             "of_budget": t_c.median_s / allowed}
 
 
-INT8_DROPPED = ("no int8 layer saved latency at the pruned widths: the widths were chosen again with the fp32 "
-                "latency model (width alone)")
+INT8_DROPPED = ("the int8 layers, timed as one set, saved no latency at the pruned widths: the widths were chosen "
+                "again with the fp32 latency model (width alone)")
 
 
 def _int8_did_not_survive(precision, out_model: onnx.ModelProto, fp32_cost, reach) -> bool:
-    """Whether a round's output kept none of the int8 layers chosen at full width (measured again at its widths,
+    """Whether a round's output kept none of the int8 layers chosen at full width (timed again at its widths,
     `PrecisionPlan.apply`) although the widths were projected with their savings — then the output is an fp32
     model whose widths a wrong cost model chose (digits_resdw at latency 0.5: 9 layers in int8 at full width,
     none at half width; width+precision scored below width alone on 2 of 3 seeds), and width alone, if the fp32

@@ -10,9 +10,10 @@ ONNX side (onnx, onnxruntime and its `quantization` package, numpy — no torch)
   layer in int8 is timed side by side with the fp32 model; then, per layer, the model with that one layer back
   in fp32 side by side with the all-int8 model. The difference is the layer's *marginal* saving in context (it
   includes the Quantize/Dequantize boundaries it adds or removes, which is why a layer alone in int8 can be
-  slower than fp32 while a chain of int8 layers is faster). `choose_layers` keeps the layers whose int8 is
-  faster by more than the measurement noise; the chosen set is timed once more against fp32, and if it is not
-  faster as a whole nothing goes int8. The result is a `PrecisionProfile` (JSON, never pickle).
+  slower than fp32 while a chain of int8 layers is faster). Which layers go int8 is decided on whole sets
+  (`candidate_sets`): the layers faster one by one, and every layer but those measured slower, each timed
+  against fp32; the fastest wins, a smaller one within the noise of it preferred (`choose_set`); nothing goes
+  int8 when no set is faster. The result is a `PrecisionProfile` (JSON, never pickle).
 - `PrecisionPlan` (built by `plan_precision` for `compress --knobs width,precision`): the measured choice, the
   latency cost model with the int8 layers' terms scaled down (`onnxecc.precision.scaled_cost`: the width problem
   stays the same bilinear knapsack, so the budget buys more width), and `apply(model)`: quantize a pruned,
@@ -213,6 +214,7 @@ class PrecisionProfile:
     layers: dict[str, dict] = field(default_factory=dict)  # name -> saving_s, noise_s, int8, reason
     min_saving: float = MIN_SAVING
     calibration_samples: int = 0
+    sets: dict[str, dict] = field(default_factory=dict)  # label -> layers (count), ratio: the int8 sets timed whole
 
     @property
     def chosen(self) -> list[str]:
@@ -228,17 +230,19 @@ class PrecisionProfile:
                 "int8_all_ms": self.int8_all_s * 1e3, "chosen_ms": self.chosen_s * 1e3,
                 "ratio_all_int8": self.int8_all_s / self.fp32_s, "ratio_chosen": self.ratio,
                 "min_saving": self.min_saving, "calibration_samples": self.calibration_samples,
-                "int8_layers": self.chosen,
-                "layers": {n: {"int8": v["int8"], "saving_ms": v["saving_s"] * 1e3, "noise_ms": v["noise_s"] * 1e3,
-                               "saving_fraction": v["saving_s"] / self.fp32_s, "reason": v["reason"]}
+                "int8_layers": self.chosen, "sets": self.sets,
+                "layers": {n: {"int8": v["int8"], "saving_ms": _ms(v["saving_s"]), "noise_ms": _ms(v["noise_s"]),
+                               "saving_fraction": None if v["saving_s"] is None else v["saving_s"] / self.fp32_s,
+                               "reason": v["reason"]}
                            for n, v in self.layers.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> PrecisionProfile:
         return cls(d["provider"], int(d["threads"]), d["fp32_ms"] / 1e3, d["int8_all_ms"] / 1e3, d["chosen_ms"] / 1e3,
-                   {n: {"int8": bool(v["int8"]), "saving_s": v["saving_ms"] / 1e3, "noise_s": v["noise_ms"] / 1e3,
-                        "reason": v["reason"]} for n, v in d["layers"].items()},
-                   float(d.get("min_saving", MIN_SAVING)), int(d.get("calibration_samples", 0)))
+                   {n: {"int8": bool(v["int8"]), "saving_s": _s(v["saving_ms"]),
+                        "noise_s": _s(v["noise_ms"]), "reason": v["reason"]} for n, v in d["layers"].items()},
+                   float(d.get("min_saving", MIN_SAVING)), int(d.get("calibration_samples", 0)),
+                   {k: {"layers": int(v["layers"]), "ratio": float(v["ratio"])} for k, v in d.get("sets", {}).items()})
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic.write_json(path, self.as_dict())
@@ -251,14 +255,28 @@ class PrecisionProfile:
             raise UserError(f"{path}: not a precision measurement JSON ({exc})") from None
 
 
+def _floor(noise_s: float, reference_s: float, min_saving: float) -> float:
+    """A saving (or loss) smaller than this is not told from none: the noise, or `min_saving` of `reference_s`."""
+    return max(noise_s, min_saving * reference_s)
+
+
+def _ms(seconds: float | None) -> float | None:  # None: a saving not measured one by one (`measure_precision`)
+    return None if seconds is None else seconds * 1e3
+
+
+def _s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
+
+
 def choose_layers(savings: dict[str, tuple[float, float]], reference_s: float,
                   min_saving: float = MIN_SAVING) -> dict[str, tuple[bool, str]]:
-    """Pure choice: `savings[name] = (saving_s, noise_s)` — the measured latency with the layer in fp32 minus with
-    it in int8 (negative: int8 is slower) and the noise of that difference. A layer goes int8 when its saving
-    exceeds both the noise and `min_saving` × `reference_s` (the fp32 model's latency). → name → (int8?, why)."""
+    """Pure verdict per layer: `savings[name] = (saving_s, noise_s)` — the measured latency with the layer in fp32
+    minus with it in int8 (negative: int8 is slower) and the noise of that difference. A layer is faster in int8
+    when its saving exceeds both the noise and `min_saving` × `reference_s` (the fp32 model's latency). → name →
+    (faster?, why). Which layers run int8 is decided on sets (`candidate_sets`, `choose_set`)."""
     out = {}
     for name, (saving, noise) in savings.items():
-        floor = max(noise, min_saving * reference_s)
+        floor = _floor(noise, reference_s, min_saving)
         pct = 100 * saving / reference_s
         if saving > floor:
             out[name] = (True, f"int8 measured {saving * 1e6:.1f} µs faster ({pct:.1f}% of the fp32 latency; "
@@ -267,8 +285,37 @@ def choose_layers(savings: dict[str, tuple[float, float]], reference_s: float,
             out[name] = (False, f"int8 measured {-saving * 1e6:.1f} µs SLOWER than fp32 ({-pct:.1f}%): kept fp32")
         else:
             out[name] = (False, f"saving {saving * 1e6:.1f} µs is within the noise / {100 * min_saving:.1f}% floor "
-                                f"({floor * 1e6:.1f} µs): kept fp32")
+                                f"({floor * 1e6:.1f} µs)")
     return out
+
+
+FASTER, ALL_BUT_SLOWER = "faster one by one", "all but the slower"
+
+
+def candidate_sets(savings: dict[str, tuple[float, float]], reference_s: float,
+                   min_saving: float = MIN_SAVING) -> dict[str, list[str]]:
+    """The int8 sets worth timing as a whole (distinct, non-empty): the layers faster one by one, and every layer
+    but those measured slower. Why both: each marginal saving is measured with every other candidate in int8, so
+    a layer within the noise there is what keeps its neighbours' chain int8 — dropping it splits the chain with
+    Quantize/Dequantize pairs (mobilenet_v2 on ORT CPU: its 26 layers faster one by one ran 0.98× fp32 together,
+    all 53 0.68×); and a chain is not always the faster (resnet18: its 11 faster layers 0.55×, 20 of 21 0.63×)."""
+    faster = [n for n, (s, z) in savings.items() if s > _floor(z, reference_s, min_saving)]
+    kept = [n for n, (s, z) in savings.items() if s >= -_floor(z, reference_s, min_saving)]
+    sets = {FASTER: faster} if faster else {}
+    if kept and kept != faster:
+        sets[ALL_BUT_SLOWER] = kept
+    return sets
+
+
+def choose_set(ratios: dict[str, float], sizes: dict[str, int], tolerance: float) -> str | None:
+    """Pure choice among measured sets (`ratios`: latency over fp32's, side by side): the fastest, or a smaller
+    set within `tolerance` of it (fewer int8 layers, less quantization error, for no measurable speed); None when
+    no set is faster than fp32 by more than `tolerance`."""
+    ok = {k: r for k, r in ratios.items() if r < 1 - tolerance}
+    if not ok:
+        return None
+    best = min(ok.values())
+    return min((k for k, r in ok.items() if r <= best + tolerance), key=lambda k: (sizes[k], ok[k]))
 
 
 def _repeats(sess, x: np.ndarray) -> int:
@@ -292,11 +339,15 @@ def _pair(a, b, x: np.ndarray, repeats: int, rounds: int = 5) -> tuple[runtime.T
 def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provider: str = "CPUExecutionProvider",
                       threads: int = 1, x: np.ndarray | None = None, min_saving: float = MIN_SAVING,
                       on_layer=None, only=None) -> PrecisionProfile:
-    """Measure what int8 saves per layer of `model` on `provider` (see the module doc); choose the layers.
+    """Measure what int8 saves per layer of `model` on `provider` (see the module doc) and choose the int8 set.
 
     Every comparison is two sessions timed side by side (`runtime.measure_pair`, interleaved rounds), so a drift
-    of the machine hits both. `x` (batch 1; default the first calibration sample) is the timed input; `only`
-    restricts the candidates to these layer names."""
+    of the machine hits both. `x` (batch 1; default the first calibration sample) is the timed input.
+
+    `only` (the set chosen before, on the full model): measured again as one set on `model` (pruned), kept or
+    dropped whole — the cost model priced that set, and one by one the noise split resnet18's 11-layer chain into
+    subsets of 3–8 that ran 0.80–0.87× fp32 where all 11 ran 0.56–0.60×. Its layers' savings are then not measured
+    one by one (None)."""
     src = named(model)
     names = [n for n in candidates(src) if only is None or n in set(only)]
     x = np.ascontiguousarray(calibration_x[:1] if x is None else x, dtype=np.float32)
@@ -307,34 +358,63 @@ def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provide
         return PrecisionProfile(provider, threads, t, t, t, {}, min_saving, len(calibration_x))
     with tempfile.TemporaryDirectory(prefix="onnxecc-calib-") as tmp:
         cache = Path(tmp) / "ranges.json"
-        all_int8 = sess(quantize_layers(src, calibration_x, names, cache=cache))
+        quantized = lambda layers: sess(quantize_layers(src, calibration_x, layers, cache=cache))  # noqa: E731
+        all_int8 = quantized(names)
         repeats = _repeats(fp32, x)
         t_fp32, t_all = _pair(fp32, all_int8, x, repeats)
+        if only is not None:
+            return _set_verdict(provider, threads, t_fp32, t_all, names, min_saving, len(calibration_x))
         savings = {}
         for i, name in enumerate(names):
             rest = [n for n in names if n != name]
-            back = sess(quantize_layers(src, calibration_x, rest, cache=cache)) if rest else fp32
-            t_int8, t_back = _pair(all_int8, back, x, repeats)
+            t_int8, t_back = _pair(all_int8, quantized(rest) if rest else fp32, x, repeats)
             savings[name] = (t_back.median_s - t_int8.median_s, float(np.hypot(t_int8.iqr_s, t_back.iqr_s)))
             if on_layer is not None:
                 on_layer(i + 1, len(names), name, savings[name])
-        choice = choose_layers(savings, t_fp32.median_s, min_saving)
-        chosen = [n for n in names if choice[n][0]]
-        t_chosen = t_all.median_s
-        if chosen and chosen != names:
-            t_ref, t_c = _pair(fp32, sess(quantize_layers(src, calibration_x, chosen, cache=cache)), x, repeats)
-            t_chosen = t_c.median_s * t_fp32.median_s / t_ref.median_s  # on the scale of the first pair
-    layers = {n: {"int8": choice[n][0], "saving_s": savings[n][0], "noise_s": savings[n][1], "reason": choice[n][1]}
-              for n in names}
-    prof = PrecisionProfile(provider, threads, t_fp32.median_s, t_all.median_s,
-                            t_chosen if chosen else t_fp32.median_s, layers, min_saving, len(calibration_x))
-    if chosen and prof.ratio >= 1 - min_saving:  # the chosen set as a whole is no faster: nothing goes int8
-        for v in prof.layers.values():
-            if v["int8"]:
-                v["int8"] = False
-                v["reason"] += f"; but the chosen layers together measured {prof.ratio:.3f}× fp32: kept fp32"
-        prof.chosen_s = prof.fp32_s
-    return prof
+        sets = candidate_sets(savings, t_fp32.median_s, min_saving)
+        ratios, noise = {}, _relative_noise(t_fp32, t_all)
+        for label, layers in sets.items():
+            if layers == names:
+                ratios[label] = t_all.median_s / t_fp32.median_s
+            else:
+                t_ref, t_set = _pair(fp32, quantized(layers), x, repeats)
+                ratios[label], noise = t_set.median_s / t_ref.median_s, max(noise, _relative_noise(t_ref, t_set))
+    pick = choose_set(ratios, {k: len(v) for k, v in sets.items()}, max(min_saving, noise))
+    chosen = set(sets[pick]) if pick is not None else set()
+    verdict = choose_layers(savings, t_fp32.median_s, min_saving)
+    measured = "; ".join(f"{k} ({len(sets[k])}): {r:.3f}×" for k, r in ratios.items())
+    layers = {}
+    for n in names:
+        faster, why = verdict[n]
+        if n in chosen and not faster:
+            why += f"; int8 with the set '{pick}', which measured fastest as a whole ({measured} fp32)"
+        elif n not in chosen and faster:
+            why += (f"; but no set with it measured faster than fp32 ({measured}): kept fp32" if pick is None else
+                    f"; but the set '{pick}' measured faster without it ({measured} fp32): kept fp32")
+        elif n not in chosen and "kept fp32" not in why:
+            why += ": kept fp32"
+        layers[n] = {"int8": n in chosen, "saving_s": savings[n][0], "noise_s": savings[n][1], "reason": why}
+    chosen_s = ratios[pick] * t_fp32.median_s if pick is not None else t_fp32.median_s  # on the first pair's scale
+    return PrecisionProfile(provider, threads, t_fp32.median_s, t_all.median_s, chosen_s, layers, min_saving,
+                            len(calibration_x), {k: {"layers": len(v), "ratio": ratios[k]} for k, v in sets.items()})
+
+
+def _relative_noise(a: runtime.Timing, b: runtime.Timing) -> float:
+    """The noise of a side-by-side ratio b/a: both spreads, relative to a."""
+    return float(np.hypot(a.iqr_s, b.iqr_s)) / a.median_s
+
+
+def _set_verdict(provider: str, threads: int, t_fp32: runtime.Timing, t_set: runtime.Timing, names: list[str],
+                 min_saving: float, samples: int) -> PrecisionProfile:
+    """`measure_precision(only=…)`: the set kept whole when it is faster than fp32 by more than the noise."""
+    ratio, tolerance = t_set.median_s / t_fp32.median_s, max(min_saving, _relative_noise(t_fp32, t_set))
+    keep = ratio < 1 - tolerance
+    why = (f"the {len(names)} layers chosen on the full model measured {ratio:.3f}× fp32 together here"
+           + ("" if keep else f" (not faster by more than the noise, {tolerance:.1%}): kept fp32"))
+    layers = {n: {"int8": keep, "saving_s": None, "noise_s": None, "reason": why} for n in names}
+    return PrecisionProfile(provider, threads, t_fp32.median_s, t_set.median_s,
+                            t_set.median_s if keep else t_fp32.median_s, layers, min_saving, samples,
+                            sets={"chosen before": {"layers": len(names), "ratio": ratio}})
 
 
 _MEMO: dict[tuple, PrecisionProfile] = {}  # in-process: one measurement per model, data, provider and threads
@@ -425,9 +505,8 @@ class PrecisionPlan:
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` (pruned, fine-tuned) with int8 where it is faster *at these widths*: the layers `choose_at`
         measured before the fine-tuning, or, when it was not called (a round without training), the full-width
-        choice measured again on `model` (per layer in context, then the set against fp32 side by side; a saving
-        at full width need not survive pruning); those go int8, calibrated on `model`. `model` itself (fp32) when
-        none does."""
+        choice measured again on `model` as one set against fp32 side by side (a saving at full width need not
+        survive pruning); those go int8, calibrated on `model`. `model` itself (fp32) when the set does not save."""
         if not self.measured.chosen:
             return model
         chosen, self.at_widths = (self._measure_at(model) if self.at_widths is None else self.at_widths), None
@@ -452,10 +531,11 @@ class PrecisionPlan:
             "fine_tuning": self.fine_tuning(),
             "qat_layers": self.qat or [],
             "choice": "per layer, the latency with that layer back in fp32 minus with every candidate in int8, "
-                      "measured side by side on the full model and again on each closed-loop round's pruned model "
-                      "(at_output_widths; only the layers chosen on the full model are candidates there): the "
-                      "marginal saving in context; int8 where it is faster by more "
-                      f"than the noise and {100 * self.measured.min_saving:.1f}% of the fp32 latency",
+                      "measured side by side on the full model: the marginal saving in context; then whole sets "
+                      "timed against fp32 (the layers faster one by one by more than the noise and "
+                      f"{100 * self.measured.min_saving:.1f}% of the fp32 latency; every layer but those measured "
+                      "slower): the fastest, or a smaller one within the noise of it; on each closed-loop round's "
+                      "pruned model that set is timed again and kept or dropped whole (at_output_widths)",
             "source": self.source, "correction_at_pruned_widths": self.correction,
             "measured": m, "int8_layers": applied, "at_output_widths": self.rounds,
             "not_done": ["quantization-aware training: off (--no-qat): fine-tuning ran in fp32", *NOT_DONE[1:]]
