@@ -20,6 +20,7 @@ the int8 layers slower than fp32 are listed in the notes.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -37,10 +38,10 @@ def config(quick: bool) -> dict:
     if quick:
         return {"models": ["digits_cnn"], "archs": [], "budgets": [0.5], "epochs": 5, "seed": 0, "seeds": [0],
                 "rounds": 5, "round_s": 0.1, "torch_threads": 1, "arch_train_epochs": 12, "arch_epochs": 1,
-                "arch_torch_threads": 2}
+                "arch_torch_threads": 2, "arch_seeds": [0]}
     return {"models": ["digits_cnn", "digits_resdw"], "archs": ["resnet18", "mobilenet_v2"], "budgets": [0.3, 0.5],
             "epochs": None, "seed": 0, "seeds": [0, 1, 2], "rounds": 7, "round_s": 0.15, "torch_threads": 1,
-            "arch_train_epochs": 12, "arch_epochs": 2, "arch_torch_threads": 2}
+            "arch_train_epochs": 12, "arch_epochs": 2, "arch_torch_threads": 2, "arch_seeds": [0, 1, 2]}
 
 
 def run(quick: bool, **overrides) -> dict:
@@ -62,10 +63,11 @@ def run(quick: bool, **overrides) -> dict:
                 rows.append({"model": arch, "error": _common.error_text(exc)})
                 continue
             for budget in cfg["budgets"]:  # no PTQ column: every torchvision run is minutes (3 rounds that train)
-                with _common.torch_threads(cfg["arch_torch_threads"]):
-                    row = _pair_row(arch, path, str(prof), str(data), budget, {**cfg, "epochs": cfg["arch_epochs"]},
-                                    ptq=False)
-                rows.append({**row, "trained": trained})
+                for seed in cfg["arch_seeds"]:  # compress's seed; the trained model is the same
+                    with _common.torch_threads(cfg["arch_torch_threads"]):
+                        row = _pair_row(arch, path, str(prof), str(data), budget,
+                                        {**cfg, "epochs": cfg["arch_epochs"], "seed": seed}, ptq=False)
+                    rows.append({**row, "seed": seed, "trained": trained})
     notes = [
         "ORT CPUExecutionProvider, 1 thread, batch 1. method project. int8 layers: static QDQ quantization "
         "(per-channel int8 weights, uint8 activations, MinMax calibration on 128 samples of the data); "
@@ -75,7 +77,10 @@ def run(quick: bool, **overrides) -> dict:
         f"from scratch for {cfg['arch_train_epochs']} epochs on digits upsampled to 3×{_common.DIGITS_SIZE}×"
         f"{_common.DIGITS_SIZE} (the same held-out 359 images), profiled like area `guarantee`, fine-tuned "
         f"{cfg['arch_epochs']} epochs by compress with {cfg['arch_torch_threads']} torch threads (ORT still timed "
-        "on 1); one seed, no PTQ column (each run is minutes).",
+        f"on 1); seeds {cfg['arch_seeds']}, no PTQ column (each run is minutes).",
+        "mean rows: accuracy over the seeds; paired = held-out images width+precision classified right and width "
+        "alone wrong / the reverse, summed over the seeds, with the exact two-sided sign-test p (McNemar): one test "
+        "image is 0.28%, and a difference of a few images between two runs of the same knob is run-to-run noise.",
     ]
     for name in cfg["models"]:
         used = next((r["profile"] for r in rows if r["model"] == name and "profile" in r), None)
@@ -107,21 +112,43 @@ def run(quick: bool, **overrides) -> dict:
 
 
 def _means(rows: list[dict]) -> list[dict]:
-    """Per demo model and budget: each variant's accuracy averaged over the seeds (reachable rows only)."""
+    """Per model and budget: each variant's accuracy averaged over the seeds (reachable rows only), and the paired
+    image counts of width+precision against width alone (`_paired`)."""
     out = {}
     for r in rows:
         if "seed" not in r or any("unreachable" in r.get(k, {}) for k in ("width", "width+precision")):
             continue
-        m = out.setdefault((r["model"], r["budget"]), {"model": r["model"], "budget": r["budget"], "n": 0})
+        m = out.setdefault((r["model"], r["budget"]), {"model": r["model"], "budget": r["budget"], "n": 0,
+                                                       "better": 0, "worse": 0})
         m["n"] += 1
         for k in KNOBS:
             if r.get(k) and r[k].get("accuracy") is not None:
                 m[k] = m.get(k, 0.0) + r[k]["accuracy"]
+        better, worse = _paired(r["width"].get("wrong"), r["width+precision"].get("wrong"))
+        m["better"], m["worse"] = m["better"] + better, m["worse"] + worse
     for m in out.values():
         for k in KNOBS:
             if k in m:
                 m[k] /= m["n"]
+        m["p"] = sign_test_p(m["better"], m["worse"])
     return list(out.values())
+
+
+def _paired(wrong_width, wrong_both) -> tuple[int, int]:
+    """(images width+precision got right and width alone wrong, the reverse), from each run's wrong test images."""
+    if wrong_width is None or wrong_both is None:
+        return 0, 0
+    a, b = set(wrong_width), set(wrong_both)
+    return len(a - b), len(b - a)
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Exact two-sided sign test (McNemar's on the discordant images): the chance of a split at least this uneven
+    if either knob were as likely to win each image."""
+    n, k = better + worse, min(better, worse)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def _with_precision(path, prof, data) -> str:
@@ -133,7 +160,7 @@ def _with_precision(path, prof, data) -> str:
 
     from onnxecc.profiler import ModelInfo, load_profile, precision_section
 
-    out = _common.cache_dir() / "profiles" / (Path(prof).stem + ".precision.json")
+    out = _common.cache_dir() / "profiles" / (Path(prof).stem + ".int8sets.json")  # the set choice (`candidate_sets`)
     try:
         if load_profile(out, str(path)).precision is not None:
             return str(out)
@@ -158,13 +185,10 @@ def _profile_here(name: str, path) -> Path:
     settings): a latency model fitted on another machine mispredicts this one (the AMD EPYC profiles on an Intel
     Xeon: every demo output over a 0.3/0.5 budget after the closed loop's rounds)."""
     from bench import guarantee
-    from onnxecc.profiler import load_profile
-    from onnxecc.profiler.store import same_cpu
+    from onnxecc.profiler.store import for_this_cpu
 
-    shipped = _common.MODELS.parent / "profiles" / f"{name}.cpu.json"
-    if same_cpu(load_profile(shipped, str(path)).machine):
-        return shipped
-    return guarantee._profile(name, path, guarantee.config(False), {})[0]
+    shipped = sorted((_common.MODELS.parent / "profiles").glob(f"{name}.cpu*.json"))
+    return for_this_cpu(shipped, str(path)) or guarantee._profile(name, path, guarantee.config(False), {})[0]
 
 
 def _arch_setup(arch: str, cfg: dict):
@@ -187,8 +211,9 @@ def _pair_row(name: str, path, profile: str, data: str, budget: float, cfg: dict
 
 
 def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bool = True) -> dict:
-    from onnxecc import ingest
+    from onnxecc import ingest, runtime
     from onnxecc.compress import CompressOptions, compress
+    from onnxecc.data import load_data
     from onnxecc.errors import UserError
 
     opts = CompressOptions(metric="latency", profile=profile, data=data, method="project", seed=cfg["seed"],
@@ -203,12 +228,15 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
     wall = time.perf_counter() - t
     x = _input(data, path)
     fresh = _common.latency_pair(ingest.load(path), res.model, x, rounds=cfg["rounds"], round_s=cfg["round_s"])
+    test = load_data(data, num_classes=None)
+    predicted = runtime.run_batched(runtime.session(res.model), test.x_test).argmax(1)
     chosen = next((r for r in res.rounds if r.get("selected")), res.rounds[-1] if res.rounds else {})
     out = {"accuracy": res.accuracy_after, "accuracy_before": res.accuracy_before,
            "agreement": res.agreement, "closed_ratio": chosen.get("ratio"), "fresh_ratio": fresh["ratio"],
            "noisy": fresh["noisy"], "meets": res.meets_budget, "rounds": len(res.rounds), "wall_s": wall,
            "estimated_fraction": res.estimated_cost / res.original_cost,
-           "widths": {str(g): k for g, (k, _) in res.widths.items()}}
+           "widths": {str(g): k for g, (k, _) in res.widths.items()},
+           "wrong": np.flatnonzero(predicted != test.y_test).tolist()}  # held-out images, for the paired count
     if res.precision:
         layers = res.precision["measured"]["layers"]
         out["int8_layers"] = res.precision["int8_layers"]
@@ -216,6 +244,7 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
         out["candidates"] = len(layers)
         out["ratio_all_int8"] = res.precision["measured"]["ratio_all_int8"]
         out["ratio_chosen_full_width"] = res.precision["measured"]["ratio_chosen"]
+        out["sets_full_width"] = res.precision["measured"].get("sets", {})
         out["per_layer"] = {n: {"saving_us": v["saving_ms"] * 1e3, "saving_fraction": v["saving_fraction"],
                                 "precision": v["precision"], "cost_factor": v["cost_factor"]}
                             for n, v in layers.items()}
@@ -267,8 +296,9 @@ def table(result: dict) -> Table:
         if m["n"] < 2:
             continue
         better = m["width+precision"] >= m["width"] - 1e-12
+        paired = f" (+{m.get('better', 0)}/−{m.get('worse', 0)} images, p={m.get('p', 1.0):.2f})"
         t.add_row(f"{m['model']} (mean of {m['n']})", str(m["budget"]), f"{100 * m['width']:.2f}%",
-                  f"{100 * m['width+precision']:.2f}%", "", "yes" if better else "[red]no[/]",
+                  f"{100 * m['width+precision']:.2f}%", "", ("yes" if better else "[red]no[/]") + paired,
                   f"{100 * m['ptq']:.2f}%" if "ptq" in m else "", "")
     return t
 

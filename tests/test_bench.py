@@ -98,3 +98,15 @@ def test_latency_table_renders_errors_and_noise():
     console.print(latency.table(result))
     text = console.file.getvalue()
     assert "1.20?" in text and "error" in text
+
+
+def test_quantize_paired_sign_test_matches_scipy():
+    """The quantize area's paired verdict: exact two-sided sign test, checked against scipy's binomial test."""
+    from scipy.stats import binomtest
+
+    from bench.quantize import _paired, sign_test_p
+
+    for better, worse in [(0, 0), (3, 0), (0, 3), (2, 5), (7, 7), (1, 12), (20, 9)]:
+        want = binomtest(min(better, worse), better + worse, 0.5).pvalue if better + worse else 1.0
+        assert sign_test_p(better, worse) == pytest.approx(want, rel=1e-12)
+    assert _paired([1, 2, 3], [3, 4]) == (2, 1) and _paired(None, [1]) == (0, 0)

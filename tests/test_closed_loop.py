@@ -18,12 +18,10 @@ def profile_here():
     AMD EPYC and an Intel Xeon). These tests inject a known model error into a profile that fits the machine;
     one of another CPU is already wrong by more than that (the EPYC profile on the Xeon: no round met 0.45 in
     5), and one measured afresh per run moves the tests' margins (failed 2 of 6 runs)."""
-    from onnxecc.profiler import load_profile
-    from onnxecc.profiler.store import cpu_name, same_cpu
+    from onnxecc.profiler.store import cpu_name, for_this_cpu
 
-    for path in sorted(PROFILE.parent.glob("digits_cnn.cpu*.json")):
-        if same_cpu(load_profile(path, DEMO_MODELS[0]).machine):
-            return path
+    if (path := for_this_cpu(sorted(PROFILE.parent.glob("digits_cnn.cpu*.json")), DEMO_MODELS[0])) is not None:
+        return path
     pytest.skip(f"no shipped digits_cnn profile was measured on this CPU ({cpu_name()}): profile it with `onnxecc "
                 "profile models/digits_cnn.onnx -o profiles/digits_cnn.cpu-NAME.json --step 16`")
 

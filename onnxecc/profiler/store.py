@@ -196,6 +196,13 @@ def same_cpu(machine: dict) -> bool | None:
     return None if not there or not here else there == here
 
 
+def for_this_cpu(paths, model) -> Path | None:
+    """The first of the profiles `paths` (of `model`) measured on this machine's CPU; None when none was."""
+    from onnxecc.profiler import load_profile
+
+    return next((Path(p) for p in paths if same_cpu(load_profile(p, model).machine)), None)
+
+
 def machine_info() -> dict:
     """Where the profile was measured (no host names or users)."""
     import onnxruntime as ort
