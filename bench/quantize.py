@@ -4,11 +4,13 @@ Per model and latency budget, `onnxecc.compress(..., metric="latency", method="p
 K = ("width",) and ("width", "precision"), the same data, epochs and seed; where it fine-tunes, width + precision
 also with `qat=False` (the `PTQ` column: fp32 fine-tuning, then post-training quantization) next to the default
 quantization-aware fine-tuning. The precision measurement at full width is memoised in the process, so both runs
-start from the same int8 choice and keep sets; the choice re-measured at the output's widths may still differ.
-Demo models (digits_cnn, digits_resdw): the shipped CPU latency profiles, `--data digits` (fine-tuning, held-out
-accuracy). Torchvision archs (resnet18, mobilenet_v2): trained from scratch on digits upsampled to 3×32×32
-(`_common.digits_trained`; the same 359 held-out test images), profiled with the `guarantee` area's settings
-(cached), that npz as `--data`. Every output is timed again side by side with the original
+start from the same int8 set; timed again at the output's widths, it may be kept or dropped differently.
+Demo models (digits_cnn, digits_resdw): the shipped CPU latency profiles of this CPU (else measured here),
+`--data digits` (fine-tuning, held-out accuracy), seeds 0–2. Torchvision archs (resnet18, mobilenet_v2): trained
+from scratch on digits upsampled to 3×32×32 (`_common.digits_trained`; the same 359 held-out test images),
+profiled with the `guarantee` area's settings (cached), that npz as `--data`, compress seeds 0–2
+(`arch_seeds`). Per model and budget the seeds are averaged and the two knobs compared image by image
+(`_means`: paired counts, sign-test p). Every output is timed again side by side with the original
 (`_common.latency_pair`): the `fresh` column. The precision runs' per-layer measured int8 savings
 (marginal, in context, at full width) are kept in the JSON; layers measured *slower* in int8 are listed in the
 notes — the profile detected them and they stayed fp32. Each profile is used with a precision section added once
