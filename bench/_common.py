@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxecc import atomic
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 MODELS = REPO / "models"
@@ -125,7 +127,7 @@ def digits_trained(arch: str, epochs: int = 10, size: int = DIGITS_SIZE, seed: i
         accuracy = (model(torch.from_numpy(d.x_test)).argmax(1).numpy() == d.y_test).mean()
     info = {"accuracy": float(accuracy), "train_s": time.perf_counter() - t, "epochs": epochs, "size": size}
     _export_onnx(model, size, path)
-    info_path.write_text(json.dumps(info))
+    atomic.write_json(info_path, info)  # after the model: a cache hit needs both, each whole
     return path, data, info
 
 

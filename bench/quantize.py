@@ -77,9 +77,12 @@ def run(quick: bool, **overrides) -> dict:
         "closed = closed-loop measured latency ratio of the returned output (the verdict); fresh = timed again side "
         f"by side ({cfg['rounds']} rounds). Torchvision rows: the architecture (weights=None, 10 classes) trained "
         f"from scratch for {cfg['arch_train_epochs']} epochs on digits upsampled to 3×{_common.DIGITS_SIZE}×"
-        f"{_common.DIGITS_SIZE} (the same held-out 359 images), profiled like area `guarantee`, fine-tuned "
-        f"{cfg['arch_epochs']} epochs by compress with {cfg['arch_torch_threads']} torch threads (ORT still timed "
-        f"on 1); seeds {cfg['arch_seeds']}, no PTQ column (each run is minutes).",
+        f"{_common.DIGITS_SIZE} (the same held-out 359 images), profiled like area `guarantee`, compress "
+        f"--epochs {cfg['arch_epochs']} (method project trains that plus the 10 epochs ecc's ADMM would spend) "
+        f"with {cfg['arch_torch_threads']} torch threads (ORT still timed on 1); seeds {cfg['arch_seeds']}, no "
+        "PTQ column (each run is minutes).",
+        "Fine-tuning rate: --lr auto (one probe epoch at 2e-3, 5e-4, 1.25e-4 from the pruned weights, the lowest "
+        "training loss wins; each run's probe losses are in the JSON, `lr_probe`).",
         "mean rows: accuracy over the seeds; paired = held-out images width+precision classified right and width "
         "alone wrong / the reverse, summed over the seeds, with the exact two-sided sign-test p (McNemar): one test "
         "image is 0.28%, and a difference of a few images between two runs of the same knob is run-to-run noise.",
@@ -238,7 +241,8 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
            "noisy": fresh["noisy"], "meets": res.meets_budget, "rounds": len(res.rounds), "wall_s": wall,
            "estimated_fraction": res.estimated_cost / res.original_cost,
            "widths": {str(g): k for g, (k, _) in res.widths.items()},
-           "wrong": np.flatnonzero(predicted != test.y_test).tolist()}  # held-out images, for the paired count
+           "wrong": np.flatnonzero(predicted != test.y_test).tolist(),  # held-out images, for the paired count
+           "lr_probe": [{k: h[k] for k in ("lr", "loss", "chosen")} for h in res.history if h.get("phase") == "lr_probe"]}
     if res.precision:
         layers = res.precision["measured"]["layers"]
         out["int8_layers"] = res.precision["int8_layers"]

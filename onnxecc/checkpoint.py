@@ -117,6 +117,17 @@ def frame(name: str, state: Callable[[], dict]):
 
 
 @contextmanager
+def suspended() -> Iterator[None]:
+    """No checkpointer inside: a training run here is not saved or stopped (a short probe whose state no resume
+    could restore); a SIGINT meanwhile stays requested and stops the next run that has one."""
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+@contextmanager
 def active(ck: Checkpointer | None) -> Iterator[Checkpointer | None]:
     """Make `ck` current; in the main thread the first SIGINT becomes `ck.requested`, a second one raises
     KeyboardInterrupt. The previous handler is restored on exit."""

@@ -103,7 +103,9 @@ def compress(
     hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
     epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate (Adam, cosine decay)."),
+    lr: str = typer.Option("auto", "--lr", help="Learning rate (Adam): auto = the final fine-tuning's rate chosen "
+                                                "by a one-epoch probe of 2e-3, 5e-4, 1.25e-4 (training phases: "
+                                                "2e-3); a number fixes every phase's rate."),
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     round_to: int = typer.Option(None, "--round-to",
@@ -166,7 +168,8 @@ def compress(
     from onnxecc.compress import compress as run_compress
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
-                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, admm_iterations=admm_iterations,
+                              epochs=epochs, lr=_lr(lr), batch_size=batch_size, seed=seed,
+                              admm_iterations=admm_iterations,
                               admm_epochs=admm_epochs, rho=rho, admm_decay=admm_decay, admm_w_step=admm_w_step,
                               provider=provider,
                               threads=threads,
@@ -465,6 +468,16 @@ def _without_option(args: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             out.append(arg)
     return out
+
+
+def _lr(text: str) -> float | None:
+    """--lr: auto → None (the probe chooses), else a positive number."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--lr {text!r}: give auto or a number such as 5e-4") from None
 
 
 def _resume_command(path) -> str:

@@ -44,7 +44,7 @@ class CompressOptions:
     hardware: str | None = None  # accelerator description JSON, for --method wsp
     data: str | None = None
     epochs: int = 30
-    lr: float = 2e-3
+    lr: float | None = None  # None (--lr auto): the final fine-tuning's rate by a probe (`_finetune_lr`)
     batch_size: int = 64
     seed: int = 0
     round_to: int | None = None  # None: the profile's width step, else the CPU kernels' channel block (8/16)
@@ -405,6 +405,8 @@ def _check_options(opts: CompressOptions) -> None:
     bad_round = opts.round_to is not None and opts.round_to < 1
     if opts.epochs < 0 or bad_round or opts.min_width < 1 or (opts.max_rounds or 1) < 1:
         raise UserError("--epochs must be ≥ 0; --round-to, --min-width and --max-rounds ≥ 1")
+    if opts.lr is not None and not opts.lr > 0:
+        raise UserError(f"--lr must be > 0 (or auto), got {opts.lr}")
     if opts.admm_w_step not in ("prox", "penalty"):
         raise UserError(f"unknown --admm-w-step '{opts.admm_w_step}': choose prox or penalty")
     if opts.importance not in ("auto", "fisher", "l2"):
@@ -453,13 +455,14 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
     fisher = _uses_fisher(opts, data)
     ck = checkpoints.current()  # interrupt and resume: the phase, the keep sets in force, the history
     saved = ck.take("select") if ck is not None else None
-    now = {"phase": "admm" if method == "ecc" else method, "keep": None}
+    now = {"phase": "admm" if method == "ecc" else method, "keep": None, "lr": None}
     state = lambda: {"phase": now["phase"], "keep": checkpoints.keep_to_plain(now["keep"]),  # noqa: E731
-                     "history": history, "total_epochs": total_epochs}
+                     "history": history, "total_epochs": total_epochs, "lr": now["lr"]}
     with checkpoints.frame("select", state):
         if saved is not None and saved["phase"] == "finetune":  # resumed in the final fine-tuning
             keep, total_epochs = checkpoints.keep_from_plain(saved["keep"]), saved["total_epochs"]
             history += saved["history"]
+            now["lr"] = saved.get("lr")
         elif method == "project":
             keep = distributed.on_main(lambda: problem.project(
                 target, fisher=mm.fisher(problem.producer_tensors()) if fisher else None)[0])
@@ -491,10 +494,13 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
         mm.set_keep(keep)
         if precision is not None and total_epochs > 0:  # int8 at these widths, measured before QAT trains it
             precision.choose_at(prune_channels(mm.write_back(), keep, problem.graph))
-        emit("stage", {"name": "finetune", "epochs": total_epochs})
+        if now["lr"] is None:  # the probe trains from the pruned weights, in fp32, and restores them
+            now["lr"], tried = _finetune_lr(mm, opts, total_epochs, emit)
+            history += [{"phase": "lr_probe", **t} for t in tried]
+        emit("stage", {"name": "finetune", "epochs": total_epochs, "lr": now["lr"]})
         qat = precision.fake_quant(mm.tm, opts.qat, total_epochs) if precision is not None else nullcontext()
         with qat as fq:  # QAT: the int8 layers fake-quantized, their activation ranges recomputed every epoch
-            history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit,
+            history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit, lr=now["lr"],
                                                                     on_epoch=fq.epoch_done if fq else None)]
     return keep, mm.write_back(), history
 
@@ -526,11 +532,23 @@ def _uses_fisher(opts: CompressOptions, data) -> bool:
     return opts.importance != "l2" and data is not None
 
 
+def _finetune_lr(mm, opts: CompressOptions, epochs: int, emit) -> tuple[float, list[dict]]:
+    """The final fine-tuning's rate: --lr when given, else the probe's choice (`MaskedModel.choose_lr`), run
+    outside the checkpointer (a resumed fine-tuning keeps the rate it started with; see `_select`)."""
+    from onnxecc.finetune import PROBE_LRS, training_lr
+
+    if opts.lr is not None or epochs <= 0:
+        return training_lr(opts.lr), []
+    emit("stage", {"name": "lr probe", "candidates": list(PROBE_LRS)})
+    with checkpoints.suspended():
+        return mm.choose_lr(PROBE_LRS)
+
+
 def _masked_model(problem: Problem, data, opts: CompressOptions):
-    from onnxecc.finetune import TrainConfig
+    from onnxecc.finetune import TrainConfig, training_lr
     from onnxecc.masked import MaskedModel
 
-    config = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
+    config = TrainConfig(epochs=opts.epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed,
                          temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
     return MaskedModel(problem.proto, problem.graph, data, config)
 

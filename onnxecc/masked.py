@@ -12,11 +12,18 @@ import numpy as np
 import onnx
 import torch
 
-from onnxecc import runtime
+from onnxecc import distributed, runtime
 from onnxecc.bridge import TorchModel, to_torch, write_back
 from onnxecc.channels import ChannelGraph
-from onnxecc.finetune import Mask, TrainConfig, finetune
+from onnxecc.finetune import Mask, TrainConfig, distillation_loss, finetune
 from onnxecc.importance import channel_masks
+
+PROBE_SAMPLES = 1024  # the rate probe's training samples (16 batches of 64): digits' 35 %-vs-97 % split shows there
+
+
+def _spread(n: int, count: int) -> np.ndarray:
+    """Up to `count` indices spread evenly over range(n): a file ordered by class is not read from one class."""
+    return np.unique(np.linspace(0, n - 1, min(n, count)).round().astype(np.int64))
 
 
 class MaskedModel:
@@ -61,10 +68,11 @@ class MaskedModel:
 
     # ---- training and evaluation ---------------------------------------------------------------------------
     def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,
-              on_epoch=None) -> list[dict]:
+              on_epoch=None, lr_schedule: str | None = None) -> list[dict]:
         """`on_epoch(epoch)` runs after every epoch, numbered from 1 (QAT starts and recomputes its activation
         ranges there: `onnxecc.quantize.FakeQuant.epoch_done`)."""
-        cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {})})
+        cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {}),
+                             **({"lr_schedule": lr_schedule} if lr_schedule else {})})
         emit = emit or (lambda kind, info: None)
 
         def epoch_done(log):
@@ -77,6 +85,47 @@ class MaskedModel:
                            on_batch=lambda step, total: emit("batch", {"step": step, "total": total}),
                            penalty=penalty, after_step=after_step)
         return history.as_dict()
+
+    def choose_lr(self, candidates, samples: int = PROBE_SAMPLES) -> tuple[float, list[dict]]:
+        """The fine-tuning learning rate for the current (pruned) weights: from these weights, one pass over up to
+        `samples` training samples at each candidate (constant rate), and the lowest distillation loss on those
+        samples afterwards wins; the weights are restored. Returns (rate, [{"lr", "loss", "chosen"} per
+        candidate]).
+
+        Why a probe: the rate a pruned network needs depends on how much pruning broke it, which no fixed default
+        knows — a lightly pruned network is knocked off its minimum by a rate that a heavily pruned one needs to
+        recover (numbers at `onnxecc.finetune.PROBE_LRS`). The first steps already tell them apart (35 % vs 97 %
+        training accuracy after one epoch there); the loss is measured after them, not averaged over them. The
+        samples are capped so that the probe costs a few batches on a large dataset, not epochs."""
+        every = _spread(len(self.data.x_train), samples)
+        x, teacher = self.data.x_train[every], self.teacher[every]
+        y = self.data.y_train[every] if self.data.y_train is not None else None
+        start = self.state()
+        tried = []
+        for lr in candidates:
+            self.load_state(start)
+            config = TrainConfig(**{**self.config.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant"})
+            finetune(self.tm.module, x, teacher, y, config, self.masks)
+            tried.append({"lr": lr, "loss": self.loss(every)})
+        self.load_state(start)
+        best = distributed.on_main(lambda: min(tried, key=lambda t: t["loss"])["lr"])  # every rank trains with it
+        return best, [{**t, "chosen": t["lr"] == best} for t in tried]
+
+    @torch.no_grad()
+    def loss(self, samples: np.ndarray, batch: int = 512) -> float:
+        """The training objective (`finetune.distillation_loss`) in eval mode on the training samples at the
+        indices `samples`."""
+        self.tm.module.eval()
+        y = self.data.y_train
+        weight = self.config.distill_weight if y is not None else 1.0
+        total = 0.0
+        for i in range(0, len(samples), batch):
+            idx = samples[i:i + batch]
+            out = self.tm.module(torch.as_tensor(self.data.x_train[idx]))
+            labels = torch.as_tensor(y[idx], dtype=torch.long) if y is not None else None
+            total += float(distillation_loss(out, torch.as_tensor(self.teacher[idx], dtype=torch.float32), labels,
+                                             self.config.temperature, weight)) * len(idx)
+        return total / max(1, len(samples))
 
     @torch.no_grad()
     def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> float:

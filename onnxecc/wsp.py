@@ -618,7 +618,7 @@ class _Trainer:
         step); every proj_interval batches and after the last one the weights — in the joint phase the weights
         and the masks (`project_joint`) — are projected to the budget `schedule(t)` returns (t: 0 → 1 over the
         first `_DECAY_SHARE` of the phase's projections)."""
-        from onnxecc.finetune import TrainConfig, finetune
+        from onnxecc.finetune import TrainConfig, finetune, training_lr
 
         opts, data = self.opts, self.data
         masks = [s for s in self.states if s.mask is not None and s.mask.requires_grad]
@@ -630,7 +630,8 @@ class _Trainer:
         else:
             offset, start = self._step, len(self.history)
             self._phase, self._loop_start, self._done = phase, (offset, start), 0
-        config = TrainConfig(epochs=epochs, lr=opts.lr, batch_size=opts.batch_size, temperature=opts.temperature,
+        lr = training_lr(opts.lr)
+        config = TrainConfig(epochs=epochs, lr=lr, batch_size=opts.batch_size, temperature=opts.temperature,
                              distill_weight=opts.distill_weight, device=opts.device, lr_schedule="constant",
                              seed=opts.seed + start, shuffle_seed=opts.seed + 7 * start)
 
@@ -653,7 +654,7 @@ class _Trainer:
         finetune(self.tm.module, data.x_train, teacher, data.y_train, config,
                  on_epoch=lambda log: self.emit("epoch", {**log.__dict__, "phase": phase}), on_batch=on_batch,
                  after_step=after_step,
-                 param_groups=[{"params": [s.mask for s in masks], "lr": opts.lr * _MASK_LR_SCALE}] if masks else ())
+                 param_groups=[{"params": [s.mask for s in masks], "lr": lr * _MASK_LR_SCALE}] if masks else ())
 
     def project_final(self) -> None:
         """Project the weights to the target (the masks are fixed by now); shrink the masks first if the inputs and
@@ -700,7 +701,7 @@ class _Trainer:
 
     def _finetune(self, epochs: int, teacher: np.ndarray) -> None:
         torch = self.torch
-        from onnxecc.finetune import Mask, TrainConfig, finetune
+        from onnxecc.finetune import Mask, TrainConfig, finetune, training_lr
 
         opts = self.opts
         if self._phase != "finetune":  # else resumed in it (`_restore`): the supports and start step saved then
@@ -708,7 +709,7 @@ class _Trainer:
             self._weight_masks = [(s.param.detach() != 0).cpu() for s in self.states]
         weight_masks = [Mask(s.param, m.to(s.param.device, s.param.dtype)) for s, m in
                         zip(self.states, self._weight_masks, strict=True)]
-        config = TrainConfig(epochs=epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed + 1,
+        config = TrainConfig(epochs=epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed + 1,
                              temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
         offset = self._loop_start[0]
 

@@ -182,6 +182,14 @@ def c_budget_zero(d):
     return Case(_compress(d, budget="0"), "budget")
 
 
+def c_lr_not_a_number(d):
+    return Case(_compress(d, "--lr", "fast"), "--lr")
+
+
+def c_lr_zero(d):
+    return Case(_compress(d, "--lr", "0"), "--lr")
+
+
 def c_budget_negative(d):
     return Case(_compress(d, budget="-0.5"), "budget")
 
