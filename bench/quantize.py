@@ -242,7 +242,8 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
            "estimated_fraction": res.estimated_cost / res.original_cost,
            "widths": {str(g): k for g, (k, _) in res.widths.items()},
            "wrong": np.flatnonzero(predicted != test.y_test).tolist(),  # held-out images, for the paired count
-           "lr_probe": [{k: h[k] for k in ("lr", "loss", "chosen")} for h in res.history if h.get("phase") == "lr_probe"]}
+           "lr_probe": [{k: h[k] for k in ("lr", "loss", "chosen")} for h in res.history
+                        if h.get("phase") == "lr_probe"]}
     if res.precision:
         layers = res.precision["measured"]["layers"]
         out["int8_layers"] = res.precision["int8_layers"]
