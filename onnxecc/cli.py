@@ -104,8 +104,9 @@ def compress(
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
     epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
     lr: str = typer.Option("auto", "--lr", help="Learning rate (Adam): auto = the final fine-tuning's rate chosen "
-                                                "by a one-epoch probe of 2e-3, 5e-4, 1.25e-4 (training phases: "
-                                                "2e-3); a number fixes every phase's rate."),
+                                                "by a probe of 2e-3, 5e-4, 1.25e-4 (one pass over up to 1024 "
+                                                "training samples each; training phases: 2e-3); a number fixes "
+                                                "every phase's rate."),
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     round_to: int = typer.Option(None, "--round-to",

@@ -68,11 +68,10 @@ class MaskedModel:
 
     # ---- training and evaluation ---------------------------------------------------------------------------
     def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,
-              on_epoch=None, lr_schedule: str | None = None) -> list[dict]:
+              on_epoch=None) -> list[dict]:
         """`on_epoch(epoch)` runs after every epoch, numbered from 1 (QAT starts and recomputes its activation
         ranges there: `onnxecc.quantize.FakeQuant.epoch_done`)."""
-        cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {}),
-                             **({"lr_schedule": lr_schedule} if lr_schedule else {})})
+        cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {})})
         emit = emit or (lambda kind, info: None)
 
         def epoch_done(log):
