@@ -81,8 +81,9 @@ def run(quick: bool, **overrides) -> dict:
         f"--epochs {cfg['arch_epochs']} (method project trains that plus the 10 epochs ecc's ADMM would spend) "
         f"with {cfg['arch_torch_threads']} torch threads (ORT still timed on 1); seeds {cfg['arch_seeds']}, no "
         "PTQ column (each run is minutes).",
-        "Fine-tuning rate: --lr auto (one probe epoch at 2e-3, 5e-4, 1.25e-4 from the pruned weights, the lowest "
-        "training loss wins; each run's probe losses are in the JSON, `lr_probe`).",
+        "Fine-tuning rate: --lr auto (from the pruned weights, one pass over up to 1024 training samples at each of "
+        "2e-3, 5e-4, 1.25e-4, the lowest loss on them afterwards wins; each run's probe losses are in the JSON, "
+        "`lr_probe`).",
         "mean rows: accuracy over the seeds; paired = held-out images width+precision classified right and width "
         "alone wrong / the reverse, summed over the seeds, with the exact two-sided sign-test p (McNemar): one test "
         "image is 0.28%, and a difference of a few images between two runs of the same knob is run-to-run noise.",
