@@ -165,9 +165,9 @@ NOISY = 0.10  # relative IQR (across rounds) above which a latency is flagged as
 def latency_pair(original, other, x: np.ndarray, rounds: int = 5, round_s: float = 0.2,
                  min_repeats: int = 5, max_repeats: int = 200, retries: int = 2) -> dict:
     """ORT CPU, 1 thread: `original` and `other` (protos or sessions) timed side by side with
-    `onnxecc.runtime.measure_pair` (interleaved rounds, median of per-round medians). Repeats per round are
-    chosen so one round of the original lasts about `round_s`. If either model's IQR across rounds exceeds
-    `NOISY` of its median (a burst of load from other processes), the pair is measured again, up to `retries`
+    `onnxecc.runtime.measure_pair` (interleaved rounds; the ratio is the median of per-round ratios). Repeats per
+    round are chosen so one round of the original lasts about `round_s`. If the per-round ratios' IQR exceeds
+    `NOISY` of their median (a burst of load from other processes), the pair is measured again, up to `retries`
     times, and the least noisy attempt is kept. Returns medians, IQRs, the ratio and the noise."""
     from onnxecc import runtime
 
@@ -178,16 +178,17 @@ def latency_pair(original, other, x: np.ndarray, rounds: int = 5, round_s: float
     best, attempts = None, 0
     while attempts <= max(0, retries):
         attempts += 1
-        ta, tb = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
-        noise = max(ta.iqr_s / ta.median_s, tb.iqr_s / tb.median_s)
-        if best is None or noise < best[2]:
-            best = (ta, tb, noise)
+        pair = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
+        noise = pair.ratio_iqr / pair.ratio
+        if best is None or noise < best[1]:
+            best = (pair, noise)
         if noise <= NOISY:
             break
-    ta, tb, noise = best
+    pair, noise = best
+    ta, tb = pair.a, pair.b
     return {"original_ms": ta.median_s * 1e3, "original_iqr_ms": ta.iqr_s * 1e3,
             "other_ms": tb.median_s * 1e3, "other_iqr_ms": tb.iqr_s * 1e3,
-            "ratio": tb.median_s / ta.median_s, "noise": noise, "noisy": noise > NOISY, "attempts": attempts,
+            "ratio": pair.ratio, "noise": noise, "noisy": noise > NOISY, "attempts": attempts,
             "rounds": rounds, "repeats": repeats}
 
 

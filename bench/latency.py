@@ -13,9 +13,9 @@ Per architecture (torchvision, weights=None, exported at size×size with a dynam
   (no data, no fine-tuning), with round_to 1 and round_to 8.
 
 For each: the MACs ratio (`onnxecc.layers.find_layers` counts) and the ORT CPU latency ratio, 1 thread, batch 1,
-measured side by side with the original by `onnxecc.runtime.measure_pair` (interleaved rounds, median of the
-per-round medians), so load from other processes hits both models alike; a pair whose IQR across rounds stays
-above 10% of the median after two re-measurements is flagged noisy ('?').
+measured side by side with the original by `onnxecc.runtime.measure_pair` (interleaved rounds, the median of
+the per-round ratios), so load from other processes hits both models alike; a pair whose per-round ratios' IQR
+stays above 10% of their median after two re-measurements is flagged noisy ('?').
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ def compress(
     if result.latency_before is not None:
         table.add_row("ORT CPU latency (1 thread)", f"{result.latency_before.median_s * 1e3:.3f} ms",
                       f"{result.latency_after.median_s * 1e3:.3f} ms",
-                      f"{result.latency_after.median_s / result.latency_before.median_s:.3f}")
+                      f"{result.latency_ratio:.3f}")
     console.print(table)
     verdict = "[green]meets the budget[/]" if result.meets_budget else "[red]misses the budget[/]"
     console.print(f"budget {result.budget.describe(result.original_cost)}: {verdict} "

@@ -90,6 +90,7 @@ class CompressResult:
     agreement: float | None = None  # top-1 agreement with the original on the evaluation inputs
     latency_before: runtime.Timing | None = None
     latency_after: runtime.Timing | None = None
+    latency_ratio: float | None = None  # after / before, the median of per-round ratios (`runtime.Pair`)
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -128,8 +129,7 @@ class CompressResult:
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
             "top1_agreement": self.agreement,
             "latency_before": timing(self.latency_before), "latency_after": timing(self.latency_after),
-            "latency_ratio": (self.latency_after.median_s / self.latency_before.median_s
-                              if self.latency_after and self.latency_before else None),
+            "latency_ratio": self.latency_ratio,
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
             "precision": self.precision,
         }
@@ -555,11 +555,18 @@ def _masked_model(problem: Problem, data, opts: CompressOptions):
 
 def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compressed: onnx.ModelProto,
                        budget: Budget, target: float) -> dict | None:
-    """Measure latency on the target provider, side by side with the original (fraction budgets compare
-    ratios, so a drift of the machine hits both). None when the metric is not measured here.
-    `ratio` = compressed / original median; `of_budget` = compressed median / the allowed latency. Runs per
-    round: at least 20, more for a fast model (one round of the original lasts ≥ `CHECK_ROUND_S`, up to 200
-    runs), so that a sub-millisecond model's median is not a handful of milliseconds of a shared machine."""
+    """Measure latency on the target provider, side by side with the original. None when the metric is not
+    measured here. A fraction budget is checked on `ratio`, the median of per-round ratios (`runtime.Pair`: a
+    change of the machine's speed hits both halves of a round); `measured` is then the ratio times the original's
+    median, the compressed model's latency on the original's scale (`measured_median`: its own median). An
+    absolute budget is checked on the compressed model's median. `of_budget` = measured / allowed.
+
+    A miss, or a verdict within the noise of the budget, is measured again (`CONFIRM_ROUNDS` more rounds, pooled
+    with the first ones; `first_look` keeps the first verdict): a miss re-trains and prunes deeper, and on a VM
+    whose speed changes in spells one 5-round look timed the same mobilenet_v2 QDQ file at 0.37 and 0.62 of the
+    original. Runs per round: at least 20, more for a fast model (one round of the original lasts at least
+    `CHECK_ROUND_S`, up to 200 runs), so that a sub-millisecond model's median is not a handful of
+    milliseconds of a shared machine."""
     if opts.metric != "latency" or not opts.closed_loop:
         return None
     sess_o = runtime.session(original, opts.provider, opts.threads)
@@ -567,11 +574,26 @@ def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compres
     x = runtime.example_input(sess_o, batch=1, seed=opts.seed)
     probe = runtime.measure_latency(sess_o, x, warmup=2, repeats=3).median_s
     repeats = int(np.clip(CHECK_ROUND_S / max(probe, 1e-9), 20, 200))
-    t_o, t_c = runtime.measure_pair(sess_o, sess_c, x, repeats=repeats)
-    allowed = budget.fraction * t_o.median_s if budget.fraction is not None else target
-    return {"measured": t_c.median_s, "measured_original": t_o.median_s, "budget": allowed,
-            "iqr": t_c.iqr_s, "meets": t_c.median_s <= allowed, "ratio": t_c.median_s / t_o.median_s,
-            "of_budget": t_c.median_s / allowed}
+    pair = runtime.measure_pair(sess_o, sess_c, x, rounds=CHECK_ROUNDS, repeats=repeats)
+    verdict = _latency_verdict(pair, budget, target)
+    if not verdict["meets"] or verdict["of_budget"] > 1 - verdict["noise_of_budget"]:
+        first = {k: verdict[k] for k in ("ratio", "of_budget", "meets")} | {"rounds": CHECK_ROUNDS}
+        pair = pair + runtime.measure_pair(sess_o, sess_c, x, rounds=CONFIRM_ROUNDS, repeats=repeats)
+        verdict = _latency_verdict(pair, budget, target) | {"first_look": first}
+    return verdict
+
+
+def _latency_verdict(pair: runtime.Pair, budget: Budget, target: float) -> dict:
+    """`_closed_loop_check`'s record of one side-by-side measurement (original a, compressed b)."""
+    t_o, t_c, ratio = pair.a, pair.b, pair.ratio
+    if budget.fraction is not None:
+        allowed, measured = budget.fraction * t_o.median_s, ratio * t_o.median_s
+        noise = pair.ratio_iqr / budget.fraction
+    else:
+        allowed, measured, noise = target, t_c.median_s, t_c.iqr_s / target
+    return {"measured": measured, "measured_original": t_o.median_s, "measured_median": t_c.median_s,
+            "budget": allowed, "iqr": t_c.iqr_s, "ratio_iqr": pair.ratio_iqr, "meets": measured <= allowed,
+            "ratio": ratio, "of_budget": measured / allowed, "noise_of_budget": noise, "timed_rounds": len(pair.ratios)}
 
 
 INT8_DROPPED = ("the int8 layers, timed as one set, saved no latency at the pruned widths: the widths were chosen "
@@ -596,6 +618,8 @@ def _int8_did_not_survive(precision, out_model: onnx.ModelProto, fp32_cost, reac
 
 
 CHECK_ROUND_S = 0.03  # closed loop: shortest wall time of one measurement round of the original
+CHECK_ROUNDS = 7  # closed loop: side-by-side rounds of a first look
+CONFIRM_ROUNDS = 14  # closed loop: more rounds when the first look missed or is within its noise of the budget
 LOOSEN_BELOW = 0.9  # closed loop: an output measured under this share of the budget is over-pruned
 AIM = 0.98  # closed loop: the share of the budget a corrected internal budget aims at (2% margin for noise)
 
@@ -727,4 +751,5 @@ def _evaluate(result: CompressResult, original: onnx.ModelProto, data, opts: Com
         result.accuracy_before = float((out_o.argmax(1) == y).mean())
         result.accuracy_after = float((out_c.argmax(1) == y).mean())
     if opts.measure_latency:
-        result.latency_before, result.latency_after = runtime.measure_pair(sess_o, sess_c, x[:1])
+        pair = runtime.measure_pair(sess_o, sess_c, x[:1])
+        result.latency_before, result.latency_after, result.latency_ratio = pair.a, pair.b, pair.ratio

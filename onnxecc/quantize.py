@@ -323,17 +323,17 @@ def _repeats(sess, x: np.ndarray) -> int:
     return int(np.clip(MEASURE_ROUND_S / max(probe, 1e-9), 20, 200))
 
 
-def _pair(a, b, x: np.ndarray, repeats: int, rounds: int = 5) -> tuple[runtime.Timing, runtime.Timing]:
-    """`runtime.measure_pair`, measured again (up to twice) when either side is noisy; the steadier kept."""
-    best = None
+def _pair(a, b, x: np.ndarray, repeats: int, rounds: int = 5) -> runtime.Pair:
+    """`runtime.measure_pair`, measured again (up to twice) when its ratio is noisy; the steadier kept."""
+    best, best_noise = None, np.inf
     for _ in range(3):
-        ta, tb = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
-        noise = max(ta.iqr_s / ta.median_s, tb.iqr_s / tb.median_s)
-        if best is None or noise < best[2]:
-            best = (ta, tb, noise)
+        pair = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
+        noise = pair.ratio_iqr / pair.ratio
+        if noise < best_noise:
+            best, best_noise = pair, noise
         if noise <= 0.05:
             break
-    return best[0], best[1]
+    return best
 
 
 def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provider: str = "CPUExecutionProvider",
@@ -361,27 +361,28 @@ def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provide
         quantized = lambda layers: sess(quantize_layers(src, calibration_x, layers, cache=cache))  # noqa: E731
         all_int8 = quantized(names)
         repeats = _repeats(fp32, x)
-        t_fp32, t_all = _pair(fp32, all_int8, x, repeats)
+        p_all = _pair(fp32, all_int8, x, repeats)
         if only is not None:
-            return _set_verdict(provider, threads, t_fp32, t_all, names, min_saving, len(calibration_x))
+            return _set_verdict(provider, threads, p_all, names, min_saving, len(calibration_x))
+        t_fp32 = p_all.a.median_s
         savings = {}
         for i, name in enumerate(names):
             rest = [n for n in names if n != name]
-            t_int8, t_back = _pair(all_int8, quantized(rest) if rest else fp32, x, repeats)
-            savings[name] = (t_back.median_s - t_int8.median_s, float(np.hypot(t_int8.iqr_s, t_back.iqr_s)))
+            p = _pair(all_int8, quantized(rest) if rest else fp32, x, repeats)  # the layer back in fp32 / all int8
+            savings[name] = ((p.ratio - 1) * p.a.median_s, p.ratio_iqr * p.a.median_s)
             if on_layer is not None:
                 on_layer(i + 1, len(names), name, savings[name])
-        sets = candidate_sets(savings, t_fp32.median_s, min_saving)
-        ratios, noise = {}, _relative_noise(t_fp32, t_all)
+        sets = candidate_sets(savings, t_fp32, min_saving)
+        ratios, noise = {}, p_all.ratio_iqr
         for label, layers in sets.items():
             if layers == names:
-                ratios[label] = t_all.median_s / t_fp32.median_s
+                ratios[label] = p_all.ratio
             else:
-                t_ref, t_set = _pair(fp32, quantized(layers), x, repeats)
-                ratios[label], noise = t_set.median_s / t_ref.median_s, max(noise, _relative_noise(t_ref, t_set))
+                p = _pair(fp32, quantized(layers), x, repeats)
+                ratios[label], noise = p.ratio, max(noise, p.ratio_iqr)
     pick = choose_set(ratios, {k: len(v) for k, v in sets.items()}, max(min_saving, noise))
     chosen = set(sets[pick]) if pick is not None else set()
-    verdict = choose_layers(savings, t_fp32.median_s, min_saving)
+    verdict = choose_layers(savings, t_fp32, min_saving)
     measured = "; ".join(f"{k} ({len(sets[k])}): {r:.3f}×" for k, r in ratios.items())
     layers = {}
     for n in names:
@@ -394,27 +395,23 @@ def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provide
         elif n not in chosen and "kept fp32" not in why:
             why += ": kept fp32"
         layers[n] = {"int8": n in chosen, "saving_s": savings[n][0], "noise_s": savings[n][1], "reason": why}
-    chosen_s = ratios[pick] * t_fp32.median_s if pick is not None else t_fp32.median_s  # on the first pair's scale
-    return PrecisionProfile(provider, threads, t_fp32.median_s, t_all.median_s, chosen_s, layers, min_saving,
+    chosen_s = ratios[pick] * t_fp32 if pick is not None else t_fp32  # on the first pair's scale
+    return PrecisionProfile(provider, threads, t_fp32, p_all.ratio * t_fp32, chosen_s, layers, min_saving,
                             len(calibration_x), {k: {"layers": len(v), "ratio": ratios[k]} for k, v in sets.items()})
 
 
-def _relative_noise(a: runtime.Timing, b: runtime.Timing) -> float:
-    """The noise of a side-by-side ratio b/a: both spreads, relative to a."""
-    return float(np.hypot(a.iqr_s, b.iqr_s)) / a.median_s
-
-
-def _set_verdict(provider: str, threads: int, t_fp32: runtime.Timing, t_set: runtime.Timing, names: list[str],
-                 min_saving: float, samples: int) -> PrecisionProfile:
-    """`measure_precision(only=…)`: the set kept whole when it is faster than fp32 by more than the noise."""
-    ratio, tolerance = t_set.median_s / t_fp32.median_s, max(min_saving, _relative_noise(t_fp32, t_set))
+def _set_verdict(provider: str, threads: int, pair: runtime.Pair, names: list[str], min_saving: float,
+                 samples: int) -> PrecisionProfile:
+    """`measure_precision(only=…)`: the set (`pair.b`) kept whole when it is faster than fp32 (`pair.a`) by more
+    than the noise of the side-by-side ratio."""
+    ratio, tolerance = pair.ratio, max(min_saving, pair.ratio_iqr)
     keep = ratio < 1 - tolerance
     why = (f"the {len(names)} layers chosen on the full model measured {ratio:.3f}× fp32 together here"
            + ("" if keep else f" (not faster by more than the noise, {tolerance:.1%}): kept fp32"))
     layers = {n: {"int8": keep, "saving_s": None, "noise_s": None, "reason": why} for n in names}
-    return PrecisionProfile(provider, threads, t_fp32.median_s, t_set.median_s,
-                            t_set.median_s if keep else t_fp32.median_s, layers, min_saving, samples,
-                            sets={"chosen before": {"layers": len(names), "ratio": ratio}})
+    t_fp32 = pair.a.median_s
+    return PrecisionProfile(provider, threads, t_fp32, ratio * t_fp32, ratio * t_fp32 if keep else t_fp32, layers,
+                            min_saving, samples, sets={"chosen before": {"layers": len(names), "ratio": ratio}})
 
 
 _MEMO: dict[tuple, PrecisionProfile] = {}  # in-process: one measurement per model, data, provider and threads

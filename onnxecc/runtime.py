@@ -108,21 +108,59 @@ def measure_latency(sess: ort.InferenceSession, x: np.ndarray, warmup: int = 10,
     return Timing(float(med), float(q3 - q1), repeats)
 
 
+@dataclass
+class Pair:
+    """Two models timed side by side (`measure_pair`): per-round medians of each. `ratio` is the median of the
+    per-round ratios b/a, not the ratio of the medians: a shared machine changes speed for seconds at a time (an
+    AMD EPYC VM here ran the same model at 0.42 and 0.72 ms in alternating spells), which moves both halves of a
+    round alike, so each round's ratio cancels it where two medians taken from different rounds do not."""
+
+    a_rounds: list[float]
+    b_rounds: list[float]
+    repeats: int  # runs per round and model
+
+    @property
+    def a(self) -> Timing:
+        return _summary(self.a_rounds, self.repeats)
+
+    @property
+    def b(self) -> Timing:
+        return _summary(self.b_rounds, self.repeats)
+
+    @property
+    def ratios(self) -> np.ndarray:
+        return np.asarray(self.b_rounds) / np.asarray(self.a_rounds)
+
+    @property
+    def ratio(self) -> float:
+        return float(np.median(self.ratios))
+
+    @property
+    def ratio_iqr(self) -> float:
+        """The noise of `ratio`: the interquartile range of the per-round ratios."""
+        q1, q3 = np.percentile(self.ratios, [25, 75])
+        return float(q3 - q1)
+
+    def __add__(self, more: Pair) -> Pair:
+        """The rounds of both measurements pooled (the same two models, timed again)."""
+        return Pair(self.a_rounds + more.a_rounds, self.b_rounds + more.b_rounds, self.repeats)
+
+
+def _summary(values: list[float], repeats: int) -> Timing:
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return Timing(float(med), float(q3 - q1), len(values) * repeats)
+
+
 def measure_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray, rounds: int = 5,
-                 repeats: int = 20) -> tuple[Timing, Timing]:
-    """Time two models interleaved, round by round, so drifts of the machine hit both alike."""
+                 repeats: int = 20) -> Pair:
+    """Time two models interleaved, round by round, so drifts of the machine hit both alike (see `Pair`)."""
     ta, tb = [], []
     measure_latency(a, x, warmup=10, repeats=1)
     measure_latency(b, x, warmup=10, repeats=1)
     for _ in range(rounds):
         ta.append(measure_latency(a, x, warmup=2, repeats=repeats).median_s)
         tb.append(measure_latency(b, x, warmup=2, repeats=repeats).median_s)
-
-    def summary(values):
-        q1, med, q3 = np.percentile(values, [25, 50, 75])
-        return Timing(float(med), float(q3 - q1), rounds * repeats)
-
-    return summary(ta), summary(tb)
+    return Pair(ta, tb, repeats)
 
 
 def example_input(sess: ort.InferenceSession, batch: int = 1, seed: int = 0) -> np.ndarray:

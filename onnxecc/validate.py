@@ -30,6 +30,7 @@ class ValidateResult:
     accuracy_compressed: float | None
     latency_original: runtime.Timing
     latency_compressed: runtime.Timing
+    latency_ratio: float  # compressed / original: the median of per-round ratios (`runtime.Pair`)
     provider: str
     budget: dict = field(default_factory=dict)  # metric, budget, cost, meets_budget (empty if no metadata)
 
@@ -44,7 +45,7 @@ class ValidateResult:
             "accuracy_compressed": self.accuracy_compressed, "provider": self.provider,
             "latency_original": self.latency_original.as_dict(),
             "latency_compressed": self.latency_compressed.as_dict(),
-            "latency_ratio": self.latency_compressed.median_s / self.latency_original.median_s,
+            "latency_ratio": self.latency_ratio,
             "budget": self.budget, "meets_budget": self.meets_budget,
         }
 
@@ -111,19 +112,19 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     if labels is not None:
         acc_o = float((out_o.argmax(1) == labels).mean())
         acc_c = float((out_c.argmax(1) == labels).mean())
-    t_o, t_c = runtime.measure_pair(sess_o, sess_c, x[:1])
-    budget = _budget_check(comp_proto, t_o, t_c, hw)
+    pair = runtime.measure_pair(sess_o, sess_c, x[:1])
+    budget = _budget_check(comp_proto, pair, hw)
     return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
-                          float(diff.mean()), acc_o, acc_c, t_o, t_c, provider, budget)
+                          float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget)
 
 
-def _budget_check(model: onnx.ModelProto, latency_original: runtime.Timing, latency: runtime.Timing,
-                  hw=None) -> dict:
+def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None) -> dict:
     """The budget in the file's metadata, checked again. MACs and params: counted on the file. Latency: a budget
-    given as a fraction of the original is checked as the ratio of the two latencies measured side by side (what
-    compress's closed loop checks: an absolute time from another run of a shared machine drifts by 20 %), an
-    absolute one against the compressed model's median. Energy: modelled again with `hw`, which must be the
-    hardware file the model was compressed for (its SHA-256 is in the metadata)."""
+    given as a fraction of the original is checked as the ratio of the two latencies measured side by side (the
+    median of per-round ratios, `runtime.Pair`, as compress's closed loop checks it: an absolute time from another
+    run of a shared machine drifts by 20 %), an absolute one against the compressed model's median. Energy:
+    modelled again with `hw`, which must be the hardware file the model was compressed for (its SHA-256 is in the
+    metadata)."""
     meta = read_metadata(model)
     if "metric" not in meta or "budget" not in meta:
         return {}
@@ -133,11 +134,11 @@ def _budget_check(model: onnx.ModelProto, latency_original: runtime.Timing, late
     if cost is None and metric == "latency":
         fraction = _fraction(meta.get("budget_text"), metric)
         if fraction is not None:
-            ratio = latency.median_s / latency_original.median_s
+            ratio = latency.ratio
             return {"metric": metric, "budget": budget, "fraction": fraction, "ratio": ratio,
-                    "cost": latency.median_s, "how": "measured side by side with the original: latency ratio",
+                    "cost": latency.b.median_s, "how": "measured side by side with the original: latency ratio",
                     "meets_budget": ratio <= fraction}
-        cost, how = latency.median_s, "measured"
+        cost, how = latency.b.median_s, "measured"
     if cost is None and metric == "energy" and hw is not None and "hardware_sha256" in meta:
         if meta["hardware_sha256"] != hw.sha256:
             raise UserError(f"the compressed model's energy budget was set for hardware {meta.get('hardware')!r} "

@@ -185,9 +185,10 @@ def precision_section(info: ModelInfo, prof: Profile, calibration: np.ndarray | 
         layers = [n for n in quantize.candidates(variant) if n in chosen]
         fp32 = runtime.session(variant, provider, threads)
         int8 = runtime.session(quantize.quantize_layers(variant, x, layers), provider, threads)
-        t32, t8 = quantize._pair(fp32, int8, x[:1], quantize._repeats(fp32, x[:1]))
+        pair = quantize._pair(fp32, int8, x[:1], quantize._repeats(fp32, x[:1]))
+        fp32_ms = pair.a.median_s * 1e3
         samples.append({"index": s.index, "kind": s.kind, "widths": sampling.variable_widths(info.variables, s.keep),
-                        "fp32_ms": t32.median_s * 1e3, "int8_ms": t8.median_s * 1e3, "int8_layers": len(layers)})
+                        "fp32_ms": fp32_ms, "int8_ms": pair.ratio * fp32_ms, "int8_layers": len(layers)})
     return {"fingerprint": info.fingerprint, **measured.as_dict(), "calibration": how,
             "machine": store.machine_info(), "samples": samples}
 
