@@ -67,7 +67,7 @@ def profile_path(export, cfg: dict):
     from importlib import metadata
 
     ort = metadata.version("onnxruntime")
-    tag = f"{export.stem}-ort{ort}-s{cfg['samples']}-w{cfg['warmup']}-r{cfg['repeats']}-seed{cfg['seed']}"
+    tag = f"{export.stem}-ort{ort}-s{cfg['samples']}-w{cfg['warmup']}-r{cfg['repeats']}-seed{cfg['seed']}-paired"
     return _common.cache_dir() / "profiles" / f"{tag}.json"
 
 

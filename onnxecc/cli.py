@@ -325,6 +325,10 @@ def profile(
                                    "widths) for compress --knobs width,precision."),
     data: str = typer.Option(None, "--data", help="With --knobs width,precision: FILE.npz (array x) to calibrate "
                                                   "the int8 layers on (default: random inputs)."),
+    paired: bool = typer.Option(True, "--paired/--no-paired",
+                                help="Time each variant in rounds alternating with the full model and keep the "
+                                     "ratio (a machine whose speed changes for seconds at a time moves the ratio "
+                                     "less than the level); twice the measuring time."),
 ) -> None:
     """Measure width variants of MODEL on this device and fit the bilinear latency/energy model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -355,7 +359,7 @@ def profile(
         result = run_profile(model, output, provider=provider, provider_options=options or None, meter=meter,
                              samples=samples, seed=seed, threads=threads, warmup=warmup, repeats=repeats,
                              min_width=min_width, step=step, on_progress=on_progress, knobs=knobs,
-                             calibration=_calibration(data))
+                             calibration=_calibration(data), paired=paired)
     finally:
         if started:
             progress.stop()

@@ -69,10 +69,12 @@ def _features(graph, variables: Variables, costs: list[BilinearCost]) -> fitting
     return fitting.Features(costs, full, prunable)
 
 
-def _settings(provider, provider_options, meter: Meter, threads, warmup, repeats, seed, min_width, step) -> dict:
-    return {"provider": provider, "provider_options": provider_options or {}, "meter": meter.spec,
-            "threads": int(threads), "warmup": int(warmup), "repeats": int(repeats), "seed": int(seed),
-            "min_width": int(min_width), "step": int(step), "batch": 1}
+def _settings(provider, provider_options, meter: Meter, threads, warmup, repeats, seed, min_width, step,
+              paired: bool) -> dict:
+    settings = {"provider": provider, "provider_options": provider_options or {}, "meter": meter.spec,
+                "threads": int(threads), "warmup": int(warmup), "repeats": int(repeats), "seed": int(seed),
+                "min_width": int(min_width), "step": int(step), "batch": 1}
+    return {**settings, "paired": True} if paired else settings  # absent: profiles from before pairing resume
 
 
 def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, *,
@@ -80,7 +82,7 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
             meter: str | Meter = "latency", samples: int = DEFAULT_SAMPLES, seed: int = 0, threads: int = 1,
             warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, min_width: int = 1, step: int | str = "auto",
             on_progress: Callable[[int, int, dict], None] | None = None, knobs="width",
-            calibration: np.ndarray | None = None) -> Profile:
+            calibration: np.ndarray | None = None, paired: bool = True) -> Profile:
     """Measure `samples` width variants of `model` and fit the bilinear model; write the profile to `output`.
 
     If `output` already holds a profile of the same model structure with the same settings, its samples are
@@ -88,6 +90,11 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
     every sample. Widths are sampled on multiples of `step` ("auto": the kernel block of the provider, see
     `sampling.auto_step`; 1: any width) — the bilinear model is accurate on that grid, so compress with
     `--round-to` equal to it.
+
+    `paired` (default): each variant is timed in rounds alternating with the full model, and its value is the
+    median of the per-round ratios times the full model's median over the whole profile (`_measure_paired`): a
+    machine whose speed changes for seconds at a time (a shared VM, a phone's DVFS) then moves the ratio, not
+    the level of whichever samples fell into a slow spell. Twice the measuring time.
 
     `knobs="width,precision"`: also measure int8 per layer (`precision_section`; latency meter only), stored in
     the profile's `precision` section for `compress --knobs width,precision` (kept when resuming)."""
@@ -114,7 +121,7 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
         m.close()
         raise UserError("--meter cputime times the calling thread only: use it with --threads 1")
     try:
-        settings = _settings(provider, provider_options, m, threads, warmup, repeats, seed, min_width, step)
+        settings = _settings(provider, provider_options, m, threads, warmup, repeats, seed, min_width, step, paired)
         prof = _start(info, output, m, settings, model)
         measured = {x["index"] for x in prof.samples}
         todo = [s for s in sampling.plan(info.graph, samples, seed, min_width, step) if s.index not in measured]
@@ -122,7 +129,7 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
         total = done + len(todo)
         if on_progress:
             on_progress(done, total, {})
-        x = None
+        x, reference = None, None
         for s in todo:
             t0 = time.perf_counter()
             variant = sampling.build(info.model, info.graph, s)
@@ -130,9 +137,17 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
             if x is None:
                 x = runtime.example_input(sess, batch=1, seed=seed)
             feed = {sess.get_inputs()[0].name: x}
-            meas, tries = _measure(m, lambda sess=sess, feed=feed: sess.run(None, feed), warmup, repeats)
+            run = lambda sess=sess, feed=feed: sess.run(None, feed)  # noqa: E731
+            if paired:
+                if reference is None:
+                    full = runtime.session(info.model, provider, threads, provider_options)
+                    reference = lambda full=full, feed=feed: full.run(None, feed)  # noqa: E731
+                meas, tries = _measure_paired(m, reference, run, warmup, repeats)
+            else:
+                meas, tries = _measure(m, run, warmup, repeats)
+                meas = meas.as_dict()
             record = {"index": s.index, "kind": s.kind, "widths": sampling.variable_widths(info.variables, s.keep),
-                      **meas.as_dict(), "tries": tries, "seconds": round(time.perf_counter() - t0, 4)}
+                      **meas, "tries": tries, "seconds": round(time.perf_counter() - t0, 4)}
             prof.samples.append(record)
             prof.samples.sort(key=lambda r: r["index"])
             prof.profiling_s += time.perf_counter() - t0
@@ -144,6 +159,8 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
     finally:
         m.close()
     t0 = time.perf_counter()
+    if paired:
+        on_reference_scale(prof.samples)
     prof.fit = fit_samples(prof, info)
     if "precision" in knobs and prof.precision is None:
         prof.precision = precision_section(info, prof, calibration)
@@ -207,6 +224,48 @@ def _measure(m: Meter, run, warmup: int, repeats: int):
         if best.value > 0 and best.iqr <= NOISY * best.value:
             break
     return best, tries
+
+
+PAIR_ROUNDS = 5  # paired profiling: rounds of (full model, variant) per sample
+
+
+def _measure_paired(m: Meter, reference, run, warmup: int, repeats: int) -> tuple[dict, int]:
+    """`run` (a variant) and `reference` (the full model) measured in `PAIR_ROUNDS` alternating rounds of about
+    `repeats / PAIR_ROUNDS` runs each; again (as `_measure`) while the per-round ratios spread more than
+    `NOISY`. The record's `value` is the ratio times this sample's reference median until `on_reference_scale`
+    puts every sample on the profile's common reference."""
+    per = max(1, -(-repeats // PAIR_ROUNDS))
+    best = None
+    for tries in range(1, MAX_TRIES + 1):
+        refs, vals = [], []
+        for k in range(PAIR_ROUNDS):
+            w = warmup if tries == 1 and k == 0 else min(warmup, 2)
+            refs.append(m.measure(reference, w, per).value)
+            vals.append(m.measure(run, w, per).value)
+        ratios = np.asarray(vals) / np.asarray(refs)
+        q1, ratio, q3 = np.percentile(ratios, [25, 50, 75])
+        ref = float(np.median(refs))
+        rec = {"value": float(ratio) * ref, "iqr": float(q3 - q1) * ref, "ratio": float(ratio),
+               "ratio_iqr": float(q3 - q1), "reference": ref, "unpaired_value": float(np.median(vals)),
+               "repeats": per * PAIR_ROUNDS, "rounds": PAIR_ROUNDS}
+        spread = lambda r: r["ratio_iqr"] / max(r["ratio"], 1e-300)  # noqa: E731
+        if best is None or spread(rec) < spread(best):
+            best = rec
+        if best["ratio"] > 0 and spread(best) <= NOISY:
+            break
+    return best, tries
+
+
+def on_reference_scale(samples: list[dict]) -> float:
+    """Put paired samples on one scale: value = ratio × the median of every sample's reference (the full model,
+    timed next to each), so no sample carries the level of the spell it was measured in. → that median."""
+    paired = [s for s in samples if "ratio" in s]
+    if not paired:
+        return float("nan")
+    level = float(np.median([s["reference"] for s in paired]))
+    for s in paired:
+        s["value"], s["iqr"] = s["ratio"] * level, s["ratio_iqr"] * level
+    return level
 
 
 def _start(info: ModelInfo, output, m: Meter, settings: dict, source) -> Profile:
