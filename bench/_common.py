@@ -175,17 +175,8 @@ def latency_pair(original, other, x: np.ndarray, rounds: int = 5, round_s: float
     b = other if hasattr(other, "run") else runtime.session(other, threads=1)
     probe = runtime.measure_latency(a, x, warmup=2, repeats=3).median_s
     repeats = int(np.clip(round_s / max(probe, 1e-6), min_repeats, max_repeats))
-    best, attempts = None, 0
-    while attempts <= max(0, retries):
-        attempts += 1
-        pair = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
-        noise = pair.ratio_iqr / pair.ratio
-        if best is None or noise < best[1]:
-            best = (pair, noise)
-        if noise <= NOISY:
-            break
-    pair, noise = best
-    ta, tb = pair.a, pair.b
+    pair, attempts = runtime.steadiest_pair(a, b, x, rounds, repeats, NOISY, tries=max(0, retries) + 1)
+    ta, tb, noise = pair.a, pair.b, pair.noise
     return {"original_ms": ta.median_s * 1e3, "original_iqr_ms": ta.iqr_s * 1e3,
             "other_ms": tb.median_s * 1e3, "other_iqr_ms": tb.iqr_s * 1e3,
             "ratio": pair.ratio, "noise": noise, "noisy": noise > NOISY, "attempts": attempts,

@@ -325,15 +325,7 @@ def _repeats(sess, x: np.ndarray) -> int:
 
 def _pair(a, b, x: np.ndarray, repeats: int, rounds: int = 5) -> runtime.Pair:
     """`runtime.measure_pair`, measured again (up to twice) when its ratio is noisy; the steadier kept."""
-    best, best_noise = None, np.inf
-    for _ in range(3):
-        pair = runtime.measure_pair(a, b, x, rounds=rounds, repeats=repeats)
-        noise = pair.ratio_iqr / pair.ratio
-        if noise < best_noise:
-            best, best_noise = pair, noise
-        if noise <= 0.05:
-            break
-    return best
+    return runtime.steadiest_pair(a, b, x, rounds, repeats, noisy=0.05)[0]
 
 
 def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provider: str = "CPUExecutionProvider",

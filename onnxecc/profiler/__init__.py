@@ -262,30 +262,26 @@ def _paired_rounds(m: Meter, reference, run, warmup: int, per: int) -> tuple[dic
             w = warmup if tries == 1 and k == 0 else min(warmup, 2)
             refs.append(m.measure(reference, w, per).value)
             vals.append(m.measure(run, w, per).value)
-        ratios = np.asarray(vals) / np.asarray(refs)
-        q1, ratio, q3 = np.percentile(ratios, [25, 50, 75])
-        ref = float(np.median(refs))
-        rec = {"value": float(ratio) * ref, "iqr": float(q3 - q1) * ref, "ratio": float(ratio),
-               "ratio_iqr": float(q3 - q1), "reference": ref, "unpaired_value": float(np.median(vals)),
-               "repeats": per * PAIR_ROUNDS, "rounds": PAIR_ROUNDS}
-        spread = lambda r: r["ratio_iqr"] / max(r["ratio"], 1e-300)  # noqa: E731
-        if best is None or spread(rec) < spread(best):
-            best = rec
-        if best["ratio"] > 0 and spread(best) <= NOISY:
+        pair = runtime.Pair(refs, vals, per)
+        if best is None or pair.noise < best.noise:
+            best = pair
+        if best.ratio > 0 and best.noise <= NOISY:
             break
-    return best, tries
+    ref = best.a.median_s
+    return {"value": best.ratio * ref, "iqr": best.ratio_iqr * ref, "ratio": best.ratio, "ratio_iqr": best.ratio_iqr,
+            "reference": ref, "unpaired_value": best.b.median_s, "repeats": per * PAIR_ROUNDS,
+            "rounds": PAIR_ROUNDS}, tries
 
 
-def on_reference_scale(samples: list[dict]) -> float:
+def on_reference_scale(samples: list[dict]) -> None:
     """Put paired samples on one scale: value = ratio × the median of every sample's reference (the full model,
-    timed next to each), so no sample carries the level of the spell it was measured in. → that median."""
+    timed next to each), so no sample carries the level of the spell it was measured in."""
     paired = [s for s in samples if "ratio" in s]
     if not paired:
-        return float("nan")
+        return
     level = float(np.median([s["reference"] for s in paired]))
     for s in paired:
         s["value"], s["iqr"] = s["ratio"] * level, s["ratio_iqr"] * level
-    return level
 
 
 def _start(info: ModelInfo, output, m: Meter, settings: dict, source) -> Profile:
