@@ -141,6 +141,10 @@ def compress(
                              help="With --knobs width,precision: fine-tune with the int8 layers fake-quantized "
                                   "(quantization-aware training); --no-qat: fp32 fine-tuning, then post-training "
                                   "quantization."),
+    recalibrate: bool = typer.Option(True, "--recalibrate/--no-recalibrate",
+                                     help="Before fine-tuning, give each convolution's output channels the original "
+                                          "model's mean and spread on 512 training inputs again (re-estimating the "
+                                          "BatchNorm that export folded away)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
     checkpoint: str = typer.Option(None, "--checkpoint",
                                    help="Where Ctrl-C saves the training state (default: OUTPUT.ckpt)."),
@@ -177,7 +181,7 @@ def compress(
                               max_rounds=max_rounds, verify_projection=verify_projection,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
-                              knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat)
+                              knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}

@@ -69,6 +69,7 @@ class CompressOptions:
     max_rounds: int | None = None  # closed-loop rounds; None: 6 when a round only projects (seconds), else 3
     knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.quantize)
     qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (quantize.FakeQuant)
+    recalibrate: bool = True  # before fine-tuning: conv outputs' mean and spread back to the original's
 
 
 @dataclass
@@ -492,6 +493,11 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
         distributed.check_same(keep, "channel keep sets")  # several processes: every rank masks the same channels
         now.update(phase="finetune", keep=keep)
         mm.set_keep(keep)
+        if opts.recalibrate and total_epochs > 0:  # before the probe: it judges the rates from where training starts
+            info = mm.recalibrate()  # again on resume (the probe may have been interrupted); the history has it once
+            if not any(h["phase"] == "recalibrate" for h in history):
+                emit("stage", {"name": "recalibrate", **info})
+                history.append({"phase": "recalibrate", **info})
         if precision is not None and total_epochs > 0:  # int8 at these widths, measured before QAT trains it
             precision.choose_at(prune_channels(mm.write_back(), keep, problem.graph))
         if now["lr"] is None:  # the probe trains from the pruned weights, in fp32, and restores them

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from onnxecc import distributed, runtime
+from onnxecc import distributed, recalibrate, runtime
 from onnxecc.bridge import TorchModel, to_torch, write_back
 from onnxecc.channels import ChannelGraph
 from onnxecc.finetune import Mask, TrainConfig, distillation_loss, finetune
@@ -35,6 +35,9 @@ class MaskedModel:
         self.tm: TorchModel = to_torch(proto)
         self.teacher = runtime.run_batched(runtime.session(proto), data.x_train)
         self.masks: list[Mask] = []
+        # the original model's per-channel statistics, before any training moves the weights (`recalibrate`)
+        self._calibration = torch.as_tensor(data.x_train[_spread(len(data.x_train), recalibrate.CALIBRATION_SAMPLES)])
+        self._reference_stats = recalibrate.channel_stats(self.tm.module, self._calibration)
 
     # ---- values in the ONNX layout (what importance and projection read) -----------------------------------
     def onnx_values(self, names) -> dict[str, np.ndarray]:
@@ -65,6 +68,18 @@ class MaskedModel:
                 self.masks.append(Mask(tensor, mask))
             with torch.no_grad():
                 tensor.mul_(mask.to(tensor.dtype))
+
+    def recalibrate(self) -> dict:
+        """Give every convolution's live output channels the original model's mean and standard deviation again
+        (`onnxecc.recalibrate`), keeping the pruned channels zero. Returns what it did, with the training loss
+        before and after on the rate probe's samples (the report shows both; the loss is not what it optimises)."""
+        every = _spread(len(self.data.x_train), PROBE_SAMPLES)
+        before = self.loss(every)
+        layers = recalibrate.recalibrate(self.tm.module, self._calibration, self._reference_stats)
+        for m in self.masks:
+            m.apply()
+        return {"layers": layers, "samples": len(self._calibration), "loss_before": before,
+                "loss_after": self.loss(every)}
 
     # ---- training and evaluation ---------------------------------------------------------------------------
     def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,

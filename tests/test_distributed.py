@@ -26,6 +26,9 @@ OPTS = dict(method="ecc", data="digits", epochs=1, admm_iterations=1, admm_epoch
 CLI_OPTS = ["--method", "ecc", "--data", "digits", "--epochs", "1", "--admm-iterations", "1", "--admm-epochs", "1",
             "--importance", "l2"]
 WEIGHT_RTOL = 1e-4  # max|a − b| / max|a| per tensor; measured 1.8e-5 (the widest conv), most tensors ≤ 1e-6
+# the recalibration's per-channel statistics are float32 sums over 512 inputs whose order follows the thread count
+# (one process: torch's default, two: one thread each); its scales carry that into every loss: measured 4.6e-6
+LOSS_RTOL = 1e-5
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -53,7 +56,7 @@ def one_process(tmp_path_factory):
 
 
 def test_two_processes_match_one_process(one_process, tmp_path):
-    """`onnxecc compress --nproc 2` (gloo): same widths, weights within WEIGHT_RTOL, same losses to 1e-6."""
+    """`onnxecc compress --nproc 2` (gloo): same widths, weights within WEIGHT_RTOL, same losses to LOSS_RTOL."""
     ref_out, ref = one_process
     out, report = tmp_path / "two.onnx", tmp_path / "two.json"
     proc = subprocess.run([sys.executable, "-m", "onnxecc", "compress", str(MODEL), "--budget", "0.5", *CLI_OPTS,
@@ -67,7 +70,7 @@ def test_two_processes_match_one_process(one_process, tmp_path):
     assert [h["phase"] for h in two["history"]] == [h["phase"] for h in ref.history]
     for a, b in zip(ref.history, two["history"]):
         if a.get("loss") is not None:
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)  # global sums, all-reduced
+            assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)  # global sums, all-reduced
         if a.get("train_accuracy") is not None:
             assert b["train_accuracy"] == pytest.approx(a["train_accuracy"], abs=1.5 / 1437)
     assert abs(two["accuracy_after"] - ref.accuracy_after) <= 1 / 359 + 1e-12  # at most one test image
@@ -113,7 +116,7 @@ def test_interrupted_two_process_run_resumes_in_one_process(one_process, tmp_pat
     assert result.widths == ref.widths
     for a, b in zip(ref.history, result.history):
         if a.get("loss") is not None:
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+            assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
     assert not ckpt.exists()
 
 

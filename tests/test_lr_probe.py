@@ -62,4 +62,9 @@ def test_compress_fine_tunes_at_the_probed_rate_unless_lr_is_given():
     assert min(probes, key=lambda h: h["loss"])["chosen"]
     fixed = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(**opts, lr=1e-3))
     assert not [h for h in fixed.history if h.get("phase") == "lr_probe"]
-    assert [h["phase"] for h in fixed.history] == ["finetune"]
+    assert [h["phase"] for h in fixed.history] == ["recalibrate", "finetune"]
+    recalibrated = fixed.history[0]
+    assert recalibrated["layers"] > 0 and recalibrated["loss_before"] != recalibrated["loss_after"]
+    plain = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(**opts, lr=1e-3, recalibrate=False))
+    assert [h["phase"] for h in plain.history] == ["finetune"]
+    assert plain.history[0]["loss"] != fixed.history[1]["loss"]  # it trained from other weights

@@ -1,0 +1,90 @@
+"""Give every convolution's output channels the original model's statistics again after pruning, before fine-tuning.
+
+Exporters fold BatchNorm into the preceding convolution, so the network that ONNX hands us has no
+normalisation left: when pruning removes a layer's input channels, its kept outputs drift off the mean and
+shrink below the spread that the folded BatchNorm had set, the shrinking compounds layer after layer, and
+fine-tuning starts from a network whose output barely depends on its input. Re-estimating BatchNorm
+statistics after pruning is what makes a pruned network trainable again (EagleEye, ECCV 2020, "adaptive
+BN"); with BatchNorm folded, the same is a per-channel affine correction of each convolution — weights and
+bias scaled so the output's standard deviation, bias shifted so its mean, on calibration data equal what
+the original model's output had there.
+
+Measured (mobilenet_v2 trained on digits, 97.8 %; latency budget 0.5 on an AMD EPYC VM; 12 epochs of
+fine-tuning; held-out accuracy / final training loss):
+
+    widths, compress seed       not recalibrated   mean only        mean and std (this)
+    projection (Fisher), 0      59.3 % / 2.03      97.2 % / 0.36    97.5 % / 0.11
+    projection (Fisher), 1      97.2 % / 0.21      86.4 % / 1.04    96.4 % / 0.09
+    uniform, 0                  54.6 % / 1.95      82.2 % / 0.70    89.7 % / 0.06
+
+Without it, whether fine-tuning escapes the near-constant start is a matter of the seed; matching the mean
+alone leaves the shrunken spread (the training loss before fine-tuning stayed 4.79 of 4.80 at the
+projection's widths; 4.28 with the spread matched).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CALIBRATION_SAMPLES = 512  # training inputs whose per-channel statistics are matched
+_DEAD = 1e-6  # a live channel whose output varies less than this on the calibration inputs is only shifted
+
+Stats = tuple[torch.Tensor, torch.Tensor]  # per output channel: mean, standard deviation
+
+
+def _convolutions(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The convolutions with a bias (where a folded BatchNorm lives), in definition order."""
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(m, torch.nn.modules.conv._ConvNd) and m.bias is not None]
+
+
+def _stats(out: torch.Tensor) -> Stats:
+    per_channel = out.detach().transpose(0, 1).flatten(1)  # every axis but the channel axis (1)
+    return per_channel.mean(1), per_channel.std(1)
+
+
+@torch.no_grad()
+def channel_stats(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Stats]:
+    """Per convolution (by module name): each output channel's mean and standard deviation over the inputs `x`."""
+    stats: dict[str, Stats] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: stats.__setitem__(n, _stats(out)))
+             for n, m in _convolutions(module)]
+    try:
+        module.eval()
+        module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def recalibrate(module: torch.nn.Module, x: torch.Tensor, reference: dict[str, Stats]) -> int:
+    """Correct every live output channel of every convolution so that, on `x`, its mean and standard deviation
+    equal `reference` (the original model's `channel_stats`). One forward pass: each layer is corrected as the
+    pass reaches it, so later layers see the corrected inputs. Channels whose weights are all zero (pruned) are
+    left as they are. Returns the number of convolutions corrected."""
+    done: set[str] = set()
+
+    def correct(m, out, name):
+        if name not in reference or name in done:  # a module called twice is corrected on its first call
+            return None
+        done.add(name)
+        alive = m.weight.flatten(1).abs().sum(1) > 0
+        ref_mean, ref_std = (r.to(out.dtype) for r in reference[name])
+        mean, std = _stats(out)
+        scale = torch.where(alive & (std > _DEAD), ref_std / std.clamp_min(_DEAD), torch.ones_like(std))
+        shift = torch.where(alive, ref_mean - scale * mean, torch.zeros_like(mean))
+        m.weight.mul_(scale.view(-1, *[1] * (m.weight.dim() - 1)))
+        m.bias.mul_(scale).add_(shift)
+        per_channel = [1, -1] + [1] * (out.dim() - 2)
+        return out * scale.view(per_channel) + shift.view(per_channel)
+
+    hooks = [m.register_forward_hook(lambda m, _i, out, n=n: correct(m, out, n)) for n, m in _convolutions(module)]
+    try:
+        module.eval()
+        module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(done)
