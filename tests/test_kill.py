@@ -69,8 +69,8 @@ def test_sigkill_compress_leaves_no_partial_model(tmp_path):
     delays = [rng.uniform(0.2, 6.0) for _ in range(4)] + [None]  # None: right when the temp file appears
     for i, delay in enumerate(delays):
         out = tmp_path / f"out{i}.onnx"
-        proc = _start(["compress", str(MODEL), "--budget", "0.5", "--data", "digits", "--epochs", "3",
-                       "-o", str(out)], tmp_path)
+        proc = _start(["compress", str(MODEL), "--budget", "0.5", "--data", "digits", "--epochs", "1",
+                       "--admm-iterations", "1", "--admm-epochs", "1", "-o", str(out)], tmp_path)  # every phase, short
         _kill_at(proc, delay, out)
         _check_model(out)
 

@@ -354,8 +354,9 @@ def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatc
     from onnxecc.compress import INT8_DROPPED
 
     _fixed_measurement(monkeypatch, pruned=[])  # at any pruned width nothing saves
-    both = compress(CNN, "0.3", None, CompressOptions(**QAT_OPTS, max_rounds=max_rounds))
-    alone = compress(CNN, "0.3", None, CompressOptions(**{**QAT_OPTS, "knobs": ("width",)}, max_rounds=max_rounds))
+    short = {**QAT_OPTS, "epochs": 1, "admm_iterations": 1, "admm_epochs": 1}  # 2 epochs: the widths are the point
+    both = compress(CNN, "0.3", None, CompressOptions(**short, max_rounds=max_rounds))
+    alone = compress(CNN, "0.3", None, CompressOptions(**{**short, "knobs": ("width",)}, max_rounds=max_rounds))
     assert both.rounds[0]["next"] == INT8_DROPPED and both.precision["dropped"] == INT8_DROPPED
     assert int8_nodes(both.model) == [] and any(INT8_DROPPED in w for w in both.warnings)
     assert both.widths == alone.widths and both.estimated_cost == pytest.approx(alone.estimated_cost)

@@ -238,7 +238,7 @@ def test_package_never_unpickles_user_files():
 def test_cli_sigint_exits_130_and_the_printed_command_resumes(tmp_path):
     out = tmp_path / "out.onnx"
     args = ["compress", str(MODEL), "--budget", "0.5", "--data", "digits", "--method", "ecc", "--importance", "l2",
-            "--admm-iterations", "1", "--admm-epochs", "1", "--epochs", "12", "-o", str(out)]
+            "--admm-iterations", "1", "--admm-epochs", "1", "--epochs", "4", "-o", str(out)]
     env = {**os.environ, "COLUMNS": "400", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "onnxecc", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
