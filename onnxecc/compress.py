@@ -556,7 +556,7 @@ def _masked_model(problem: Problem, data, opts: CompressOptions):
 
     config = TrainConfig(epochs=opts.epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed,
                          temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
-    return MaskedModel(problem.proto, problem.graph, data, config)
+    return MaskedModel(problem.proto, problem.graph, data, config, recalibration=opts.recalibrate)
 
 
 def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compressed: onnx.ModelProto,

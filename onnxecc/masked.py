@@ -27,7 +27,8 @@ def _spread(n: int, count: int) -> np.ndarray:
 
 
 class MaskedModel:
-    def __init__(self, proto: onnx.ModelProto, graph: ChannelGraph, data, config: TrainConfig):
+    def __init__(self, proto: onnx.ModelProto, graph: ChannelGraph, data, config: TrainConfig,
+                 recalibration: bool = True):
         self.proto = proto
         self.graph = graph
         self.data = data
@@ -35,9 +36,13 @@ class MaskedModel:
         self.tm: TorchModel = to_torch(proto)
         self.teacher = runtime.run_batched(runtime.session(proto), data.x_train)
         self.masks: list[Mask] = []
-        # the original model's per-channel statistics, before any training moves the weights (`recalibrate`)
-        self._calibration = torch.as_tensor(data.x_train[_spread(len(data.x_train), recalibrate.CALIBRATION_SAMPLES)])
-        self._reference_stats = recalibrate.channel_stats(self.tm.module, self._calibration)
+        # the original model's per-channel statistics, before any training moves the weights (`recalibrate`);
+        # one forward pass over the calibration samples, skipped when the caller will not recalibrate
+        self._calibration = self._reference_stats = None
+        if recalibration:
+            every = _spread(len(data.x_train), recalibrate.CALIBRATION_SAMPLES)
+            self._calibration = torch.as_tensor(data.x_train[every])
+            self._reference_stats = recalibrate.channel_stats(self.tm.module, self._calibration)
 
     # ---- values in the ONNX layout (what importance and projection read) -----------------------------------
     def onnx_values(self, names) -> dict[str, np.ndarray]:
@@ -73,6 +78,8 @@ class MaskedModel:
         """Give every convolution's live output channels the original model's mean and standard deviation again
         (`onnxecc.recalibrate`), keeping the pruned channels zero. Returns what it did, with the training loss
         before and after on the rate probe's samples (the report shows both; the loss is not what it optimises)."""
+        if self._reference_stats is None:
+            raise RuntimeError("this MaskedModel was built with recalibration=False: no reference statistics")
         every = _spread(len(self.data.x_train), PROBE_SAMPLES)
         before = self.loss(every)
         layers = recalibrate.recalibrate(self.tm.module, self._calibration, self._reference_stats)

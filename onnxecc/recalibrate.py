@@ -43,18 +43,23 @@ def _stats(out: torch.Tensor) -> Stats:
     return per_channel.mean(1), per_channel.std(1)
 
 
-@torch.no_grad()
-def channel_stats(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Stats]:
-    """Per convolution (by module name): each output channel's mean and standard deviation over the inputs `x`."""
-    stats: dict[str, Stats] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: stats.__setitem__(n, _stats(out)))
-             for n, m in _convolutions(module)]
+def _forward_with_hooks(module: torch.nn.Module, x: torch.Tensor, hook) -> None:
+    """One eval-mode pass of `x`, calling `hook(name, conv, out)` on every biased convolution's output (what it
+    returns, unless None, replaces that output downstream)."""
+    handles = [m.register_forward_hook(lambda m, _i, out, n=n: hook(n, m, out)) for n, m in _convolutions(module)]
     try:
         module.eval()
         module(x)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def channel_stats(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Stats]:
+    """Per convolution (by module name): each output channel's mean and standard deviation over the inputs `x`."""
+    stats: dict[str, Stats] = {}
+    _forward_with_hooks(module, x, lambda n, _m, out: stats.__setitem__(n, _stats(out)))
     return stats
 
 
@@ -66,7 +71,7 @@ def recalibrate(module: torch.nn.Module, x: torch.Tensor, reference: dict[str, S
     left as they are. Returns the number of convolutions corrected."""
     done: set[str] = set()
 
-    def correct(m, out, name):
+    def correct(name, m, out):
         if name not in reference or name in done:  # a module called twice is corrected on its first call
             return None
         done.add(name)
@@ -80,11 +85,5 @@ def recalibrate(module: torch.nn.Module, x: torch.Tensor, reference: dict[str, S
         per_channel = [1, -1] + [1] * (out.dim() - 2)
         return out * scale.view(per_channel) + shift.view(per_channel)
 
-    hooks = [m.register_forward_hook(lambda m, _i, out, n=n: correct(m, out, n)) for n, m in _convolutions(module)]
-    try:
-        module.eval()
-        module(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(module, x, correct)
     return len(done)
