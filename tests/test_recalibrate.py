@@ -23,7 +23,8 @@ def _conv_stats(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.nda
     names = [n.output[0] for n in model.graph.node if n.op_type == "Conv" and len(n.input) == 3 and n.input[2]]
     del model.graph.output[:]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    outs = runtime.session(model).run(names, {runtime.session(model).get_inputs()[0].name: x})
+    sess = runtime.session(model)
+    outs = sess.run(names, {sess.get_inputs()[0].name: x})
     per_channel = [np.moveaxis(o, 1, 0).reshape(o.shape[1], -1).astype(np.float64) for o in outs]
     return {n: (c.mean(1), c.std(1, ddof=1)) for n, c in zip(names, per_channel)}
 
