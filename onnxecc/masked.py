@@ -40,7 +40,8 @@ class MaskedModel:
         # one forward pass over the calibration samples, skipped when the caller will not recalibrate
         self._calibration = self._reference_stats = None
         if recalibration:
-            every = _spread(len(data.x_train), recalibrate.CALIBRATION_SAMPLES)
+            count = recalibrate.calibration_size(self.tm.module, torch.as_tensor(data.x_train[:1]), len(data.x_train))
+            every = _spread(len(data.x_train), count)
             self._calibration = torch.as_tensor(data.x_train[every])
             self._reference_stats = recalibrate.channel_stats(self.tm.module, self._calibration)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import DEMO_MODELS
 
 from onnxecc import recalibrate, runtime
@@ -52,3 +53,23 @@ def test_live_channels_get_the_original_statistics_back_and_pruned_ones_stay_zer
         np.testing.assert_allclose(after[n][1][alive], std[alive], rtol=1e-3, atol=1e-5, err_msg=n)
         assert np.all(after[n][0][~alive] == 0) and np.all(after[n][1][~alive] == 0)
     assert info["loss_after"] == pytest.approx(mm.loss(_spread(len(data.x_train), 1024)), rel=1e-6)
+
+
+@pytest.mark.parametrize("path", DEMO_MODELS, ids=lambda p: p.stem)
+def test_calibration_batch_is_bounded_by_the_largest_convolution_output(path, monkeypatch):
+    """The bound is twice the largest biased Conv output of one sample, taken here from the ONNX shape analysis
+    (`find_layers`), not from torch: a budget of k such pairs gives k samples, clamped to [MIN, CALIBRATION_SAMPLES]."""
+    from onnxecc.bridge import to_torch
+    from onnxecc.layers import find_layers
+
+    proto = onnx.load(path)
+    largest = max(layer.cout * int(np.prod(layer.out_spatial)) * 4 for layer in find_layers(proto)
+                  if layer.op == "Conv" and layer.bias)
+    module, x = to_torch(proto).module, load_digits(0).x_train
+    sample = torch.as_tensor(x[:1])
+    for pairs in (recalibrate.MIN_CALIBRATION_SAMPLES + 5, 3):
+        monkeypatch.setattr(recalibrate, "ACTIVATION_BYTES", pairs * 2 * largest + 1)
+        assert recalibrate.calibration_size(module, sample, len(x)) == max(recalibrate.MIN_CALIBRATION_SAMPLES, pairs)
+    monkeypatch.setattr(recalibrate, "ACTIVATION_BYTES", 1 << 40)
+    assert recalibrate.calibration_size(module, sample, len(x)) == recalibrate.CALIBRATION_SAMPLES
+    assert recalibrate.calibration_size(module, sample, 100) == 100
