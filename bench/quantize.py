@@ -1,23 +1,24 @@
 """Area `quantize`: precision as a second knob (issue #11) — width alone vs width + int8 at one latency budget.
 
-Per model and latency budget, `onnxecc.compress(..., metric="latency", method="project", knobs=K)` with
+Per model and latency budget, `onnxecc.compress(..., metric="latency", method=M, knobs=K)` with
 K = ("width",) and ("width", "precision"), the same data, epochs and seed; where it fine-tunes, width + precision
 also with `qat=False` (the `PTQ` column: fp32 fine-tuning, then post-training quantization) next to the default
 quantization-aware fine-tuning. The precision measurement at full width is memoised in the process, so both runs
 start from the same int8 set; timed again at the output's widths, it may be kept or dropped differently.
-Demo models (digits_cnn, digits_resdw): the shipped CPU latency profiles of this CPU (else measured here),
-`--data digits` (fine-tuning, held-out accuracy), seeds 0–2. Torchvision archs (resnet18, mobilenet_v2): trained
-from scratch on digits upsampled to 3×32×32 (`_common.digits_trained`; the same 359 held-out test images),
-profiled with the `guarantee` area's settings (cached), that npz as `--data`, compress seeds 0–2
-(`arch_seeds`). Per model and budget the seeds are averaged and the two knobs compared image by image
-(`_means`: paired counts, sign-test p). Every output is timed again side by side with the original
-(`_common.latency_pair`): the `fresh` column. The precision runs' per-layer measured int8 savings
-(marginal, in context, at full width) are kept in the JSON; layers measured *slower* in int8 are listed in the
-notes — the profile detected them and they stayed fp32. Each profile is used with a precision section added once
-(`_with_precision`: what `onnxecc profile --knobs width,precision` stores — int8 per layer at full width and at
-the 25/50/75 % width anchors, cached), so compress takes the full-width measurement from the profile
-(`source`) and refits the int8 cost model at pruned widths (`correction`); widths where the profile measured
-the int8 layers slower than fp32 are listed in the notes.
+Demo models (digits_cnn, digits_resdw): the shipped CPU latency profiles of this CPU (else measured here), `--data
+digits` (fine-tuning, held-out accuracy), seeds 0–2, method project. Torchvision archs (resnet18, mobilenet_v2):
+trained from scratch on digits upsampled to 3×32×32 (`_common.digits_trained`; the same 359 held-out test images),
+profiled with the `guarantee` area's settings (cached), that npz as `--data`, compress seeds 0–2 (`arch_seeds`),
+method project (`arch_method`: `--set arch_method=ecc` runs compress's default with data instead; at latency 0.3 it
+was no steadier on mobilenet_v2 — 55/79/26 % vs project's 60/40/85 % — and took 1.7× as long). Per model and budget
+the seeds are averaged and the two knobs compared image by image (`_means`: paired counts, sign-test p). Every
+output is timed again side by side with the original (`_common.latency_pair`): the `fresh` column. The precision
+runs' per-layer measured int8 savings (marginal, in context, at full width) are kept in the JSON; layers measured
+*slower* in int8 are listed in the notes — the profile detected them and they stayed fp32. Each profile is used with
+a precision section added once (`_with_precision`: what `onnxecc profile --knobs width,precision` stores — int8 per
+layer at full width and at the 25/50/75 % width anchors, cached), so compress takes the full-width measurement from
+the profile (`source`) and refits the int8 cost model at pruned widths (`correction`); widths where the profile
+measured the int8 layers slower than fp32 are listed in the notes.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def config(quick: bool) -> dict:
     if quick:
         return {"models": ["digits_cnn"], "archs": [], "budgets": [0.5], "epochs": 5, "seed": 0, "seeds": [0],
                 "rounds": 5, "round_s": 0.1, "torch_threads": 1, "arch_train_epochs": 12, "arch_epochs": 1,
-                "arch_torch_threads": 2, "arch_seeds": [0]}
+                "arch_torch_threads": 2, "arch_seeds": [0], "method": "project", "arch_method": "project"}
     return {"models": ["digits_cnn", "digits_resdw"], "archs": ["resnet18", "mobilenet_v2"], "budgets": [0.3, 0.5],
             "epochs": None, "seed": 0, "seeds": [0, 1, 2], "rounds": 7, "round_s": 0.15, "torch_threads": 1,
-            "arch_train_epochs": 12, "arch_epochs": 2, "arch_torch_threads": 2, "arch_seeds": [0, 1, 2]}
+            "arch_train_epochs": 12, "arch_epochs": 2, "arch_torch_threads": 2, "arch_seeds": [0, 1, 2],
+            "method": "project", "arch_method": "project"}
 
 
 def run(quick: bool, **overrides) -> dict:
@@ -68,17 +70,19 @@ def run(quick: bool, **overrides) -> dict:
                 for seed in cfg["arch_seeds"]:  # compress's seed; the trained model is the same
                     with _common.torch_threads(cfg["arch_torch_threads"]):
                         row = _pair_row(arch, path, str(prof), str(data), budget,
-                                        {**cfg, "epochs": cfg["arch_epochs"], "seed": seed}, ptq=False)
+                                        {**cfg, "epochs": cfg["arch_epochs"], "seed": seed,
+                                         "method": cfg["arch_method"]}, ptq=False)
                     rows.append({**row, "seed": seed, "trained": trained})
     notes = [
-        "ORT CPUExecutionProvider, 1 thread, batch 1. method project. int8 layers: static QDQ quantization "
+        f"ORT CPUExecutionProvider, 1 thread, batch 1. method {cfg['method']} (demo models), {cfg['arch_method']} "
+        "(torchvision archs). int8 layers: static QDQ quantization "
         "(per-channel int8 weights, uint8 activations, MinMax calibration on 128 samples of the data); "
         "width+precision fine-tunes them under fake quantization (QAT), PTQ (--no-qat) in fp32.",
         "closed = closed-loop measured latency ratio of the returned output (the verdict); fresh = timed again side "
         f"by side ({cfg['rounds']} rounds). Torchvision rows: the architecture (weights=None, 10 classes) trained "
         f"from scratch for {cfg['arch_train_epochs']} epochs on digits upsampled to 3×{_common.DIGITS_SIZE}×"
         f"{_common.DIGITS_SIZE} (the same held-out 359 images), profiled like area `guarantee`, compress "
-        f"--epochs {cfg['arch_epochs']} (method project trains that plus the 10 epochs ecc's ADMM would spend) "
+        f"--epochs {cfg['arch_epochs']} (after ecc's 10 epochs of ADMM; method project trains as many in all) "
         f"with {cfg['arch_torch_threads']} torch threads (ORT still timed on 1); seeds {cfg['arch_seeds']}, no "
         "PTQ column (each run is minutes).",
         "Fine-tuning rate: --lr auto (from the pruned weights, one pass over up to 1024 training samples at each of "
@@ -222,7 +226,7 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
     from onnxecc.data import load_data
     from onnxecc.errors import UserError
 
-    opts = CompressOptions(metric="latency", profile=profile, data=data, method="project", seed=cfg["seed"],
+    opts = CompressOptions(metric="latency", profile=profile, data=data, method=cfg["method"], seed=cfg["seed"],
                            measure_latency=False, knobs=knobs, qat=qat)
     if cfg["epochs"] is not None:
         opts.epochs = int(cfg["epochs"])
