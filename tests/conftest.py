@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch is imported: two workers share the two cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

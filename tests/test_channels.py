@@ -392,7 +392,10 @@ def test_inspect_reports_groups(monkeypatch):
     assert {grp["frozen_by"] for grp in frozen} == {"graph input 'input'", "graph output 'logits'"}
     json.dumps(result)
 
-    monkeypatch.setenv("COLUMNS", "300")
+    from onnxecc import cli
+
+    # rich fixed the console's width when onnxecc.cli was imported (80 without a terminal, as under pytest-xdist)
+    monkeypatch.setattr(cli.console, "width", 300)
     out = CliRunner().invoke(app, ["inspect", path])
     assert out.exit_code == 0, out.output
     assert "in grp" in out.output and "channel groups" in out.output
