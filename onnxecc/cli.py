@@ -143,8 +143,8 @@ def compress(
                                   "quantization."),
     recalibrate: bool = typer.Option(True, "--recalibrate/--no-recalibrate",
                                      help="Before fine-tuning, give each convolution's output channels the original "
-                                          "model's mean and spread on 512 training inputs again (re-estimating the "
-                                          "BatchNorm that export folded away)."),
+                                          "model's mean and spread on up to 512 training inputs again (re-estimating "
+                                          "the BatchNorm that export folded away)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
     checkpoint: str = typer.Option(None, "--checkpoint",
                                    help="Where Ctrl-C saves the training state (default: OUTPUT.ckpt)."),
