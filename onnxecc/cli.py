@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 
@@ -16,7 +17,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress an ONNX model so that it meets a hard resource budget.")
 console = Console()
 err_console = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "sigint": False}
+
+
+def _remember_sigint(signum, frame) -> None:
+    """Python's own Ctrl-C handler (raise KeyboardInterrupt) that also remembers it fired: a library may turn the
+    KeyboardInterrupt raised inside it into an error of its own (seen once in CI: a sweep interrupted mid-point
+    ended in numpy's TypeError 'Cannot compare structured arrays'), which is still the user's Ctrl-C, not an
+    internal error."""
+    _state["sigint"] = True
+    signal.default_int_handler(signum, frame)
 
 
 @app.callback()
@@ -440,7 +450,9 @@ def sweep(
     try:
         result = run_sweep(model, budgets.split(","), methods.split(","), output, options, plot=plot,
                            on_event=on_event, plot_x=plot_x)
-    except KeyboardInterrupt:  # exit here: main() would see typer's return value (130) and exit 0
+    except (KeyboardInterrupt, Exception) as exc:  # exit here: main() would see typer's 130 and exit 0
+        if not (isinstance(exc, KeyboardInterrupt) or _state["sigint"]):
+            raise
         err_console.print(f"interrupted: {output}/sweep.json lists the finished points; rerun the same command "
                           "to continue")
         raise SystemExit(130) from None
@@ -497,7 +509,10 @@ def _resume_command(path) -> str:
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2; internal errors exit 1."""
+    """Entry point: user errors print one line and exit 2; internal errors exit 1; Ctrl-C exits 130."""
+    _state["sigint"] = False
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _remember_sigint)
     try:
         code = app(standalone_mode=False)  # returns typer.Exit / Ctrl-C codes instead of exiting
         if isinstance(code, int) and code:
@@ -523,6 +538,9 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, Abort):
+            sys.exit(130)
+        if _state["sigint"]:  # an error that a Ctrl-C caused inside a library (`_remember_sigint`)
+            err_console.print(f"interrupted ({type(exc).__name__} from inside a library)", highlight=False)
             sys.exit(130)
         if _state["debug"]:
             traceback.print_exc()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import DEMO_MODELS, REPO
 
 from onnxecc.compress import CompressOptions
@@ -91,3 +92,31 @@ def test_interrupted_cli_sweep_resumes_where_it_stopped(tmp_path):
         if row["name"] in finished:
             assert os.stat(row["model"]).st_mtime_ns == finished[row["name"]]  # not recomputed
     assert f"{len(finished)} reused or skipped" in rerun.stdout
+
+
+def _library_that_turns_ctrl_c_into_its_own_error(*_args, **_kwargs):
+    """What the CI run above once met mid-point: Ctrl-C raised inside numpy's C code, which reported a TypeError."""
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        raise TypeError("Cannot compare structured arrays unless they have a common dtype") from None
+
+
+def test_ctrl_c_that_a_library_turns_into_another_error_still_exits_130(tmp_path, monkeypatch, capsys):
+    import onnxecc.sweep
+    from onnxecc import cli
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (main() adds its own)
+    try:
+        monkeypatch.setattr(onnxecc.sweep, "sweep", _library_that_turns_ctrl_c_into_its_own_error)
+        monkeypatch.setattr(sys, "argv", ["onnxecc", "sweep", str(MODEL), "--budgets", "0.5", "-o", str(tmp_path)])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 130 and "interrupted: " in capsys.readouterr().err
+        # the same error without a Ctrl-C is an internal error (exit 1), not an interruption
+        monkeypatch.setattr(onnxecc.sweep, "sweep", lambda *a, **k: (_ for _ in ()).throw(TypeError("a bug")))
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 1 and "internal error: TypeError: a bug" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, previous)
