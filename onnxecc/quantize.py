@@ -260,6 +260,13 @@ def _floor(noise_s: float, reference_s: float, min_saving: float) -> float:
     return max(noise_s, min_saving * reference_s)
 
 
+def _sign(saving_s: float, noise_s: float, reference_s: float, min_saving: float) -> int:
+    """1: int8 measured faster, -1: slower, 0: not told apart (`_floor`) — the one rule behind `choose_layers`'
+    verdicts and `candidate_sets`' sets."""
+    floor = _floor(noise_s, reference_s, min_saving)
+    return 1 if saving_s > floor else -1 if saving_s < -floor else 0
+
+
 def _ms(seconds: float | None) -> float | None:  # None: a saving not measured one by one (`measure_precision`)
     return None if seconds is None else seconds * 1e3
 
@@ -276,14 +283,15 @@ def choose_layers(savings: dict[str, tuple[float, float]], reference_s: float,
     (faster?, why). Which layers run int8 is decided on sets (`candidate_sets`, `choose_set`)."""
     out = {}
     for name, (saving, noise) in savings.items():
-        floor = _floor(noise, reference_s, min_saving)
         pct = 100 * saving / reference_s
-        if saving > floor:
+        sign = _sign(saving, noise, reference_s, min_saving)
+        if sign > 0:
             out[name] = (True, f"int8 measured {saving * 1e6:.1f} µs faster ({pct:.1f}% of the fp32 latency; "
                                f"noise {noise * 1e6:.1f} µs)")
-        elif saving < -floor:
+        elif sign < 0:
             out[name] = (False, f"int8 measured {-saving * 1e6:.1f} µs SLOWER than fp32 ({-pct:.1f}%): kept fp32")
         else:
+            floor = _floor(noise, reference_s, min_saving)
             out[name] = (False, f"saving {saving * 1e6:.1f} µs is within the noise / {100 * min_saving:.1f}% floor "
                                 f"({floor * 1e6:.1f} µs)")
     return out
@@ -299,8 +307,9 @@ def candidate_sets(savings: dict[str, tuple[float, float]], reference_s: float,
     a layer within the noise there is what keeps its neighbours' chain int8 — dropping it splits the chain with
     Quantize/Dequantize pairs (mobilenet_v2 on ORT CPU: its 26 layers faster one by one ran 0.98× fp32 together,
     all 53 0.68×); and a chain is not always the faster (resnet18: its 11 faster layers 0.55×, 20 of 21 0.63×)."""
-    faster = [n for n, (s, z) in savings.items() if s > _floor(z, reference_s, min_saving)]
-    kept = [n for n, (s, z) in savings.items() if s >= -_floor(z, reference_s, min_saving)]
+    signs = {n: _sign(s, z, reference_s, min_saving) for n, (s, z) in savings.items()}
+    faster = [n for n, sign in signs.items() if sign > 0]
+    kept = [n for n, sign in signs.items() if sign >= 0]
     sets = {FASTER: faster} if faster else {}
     if kept and kept != faster:
         sets[ALL_BUT_SLOWER] = kept
