@@ -229,7 +229,9 @@ def compress(
             err_console.print(f"interrupted: checkpoint saved to {exc.path}; resume with: "
                               f"{_resume_command(exc.path)}", highlight=False, soft_wrap=True, markup=False)
         raise SystemExit(130) from None
-    except KeyboardInterrupt:  # outside training, or a second Ctrl-C: nothing new was saved
+    except (KeyboardInterrupt, Exception) as exc:  # outside training, a second Ctrl-C, or a Ctrl-C that a library
+        if not (isinstance(exc, KeyboardInterrupt) or _state["sigint"]):  # turned into its own error: nothing new
+            raise  # was saved
         if progress.live.is_started:
             progress.stop()
         err_console.print("interrupted: no checkpoint written (not training, or Ctrl-C twice); no output written"
@@ -454,7 +456,7 @@ def sweep(
         if not (isinstance(exc, KeyboardInterrupt) or _state["sigint"]):
             raise
         err_console.print(f"interrupted: {output}/sweep.json lists the finished points; rerun the same command "
-                          "to continue")
+                          "to continue", highlight=False, soft_wrap=True, markup=False)  # a path stays whole
         raise SystemExit(130) from None
 
     def num(v, spec):

@@ -102,19 +102,27 @@ def _library_that_turns_ctrl_c_into_its_own_error(*_args, **_kwargs):
         raise TypeError("Cannot compare structured arrays unless they have a common dtype") from None
 
 
-def test_ctrl_c_that_a_library_turns_into_another_error_still_exits_130(tmp_path, monkeypatch, capsys):
-    import onnxecc.sweep
+@pytest.mark.parametrize("command, told", [("sweep", "lists the finished points"),
+                                           ("compress", "no checkpoint written")])
+def test_ctrl_c_that_a_library_turns_into_another_error_still_exits_130(command, told, tmp_path, monkeypatch,
+                                                                        capsys):
+    import importlib
+
     from onnxecc import cli
 
+    module = importlib.import_module(f"onnxecc.{command}")  # the CLI imports its function from there when run
+    argv = {"sweep": ["--budgets", "0.5", "-o", str(tmp_path)],
+            "compress": ["--budget", "0.5", "-o", str(tmp_path / "out.onnx")]}[command]
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (main() adds its own)
     try:
-        monkeypatch.setattr(onnxecc.sweep, "sweep", _library_that_turns_ctrl_c_into_its_own_error)
-        monkeypatch.setattr(sys, "argv", ["onnxecc", "sweep", str(MODEL), "--budgets", "0.5", "-o", str(tmp_path)])
+        monkeypatch.setattr(module, command, _library_that_turns_ctrl_c_into_its_own_error)
+        monkeypatch.setattr(sys, "argv", ["onnxecc", command, str(MODEL), *argv])
         with pytest.raises(SystemExit) as exit_:
             cli.main()
-        assert exit_.value.code == 130 and "interrupted: " in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit_.value.code == 130 and "interrupted: " in err and told in err  # the command's own message
         # the same error without a Ctrl-C is an internal error (exit 1), not an interruption
-        monkeypatch.setattr(onnxecc.sweep, "sweep", lambda *a, **k: (_ for _ in ()).throw(TypeError("a bug")))
+        monkeypatch.setattr(module, command, lambda *a, **k: (_ for _ in ()).throw(TypeError("a bug")))
         with pytest.raises(SystemExit) as exit_:
             cli.main()
         assert exit_.value.code == 1 and "internal error: TypeError: a bug" in capsys.readouterr().err
