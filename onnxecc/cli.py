@@ -29,6 +29,11 @@ def _remember_sigint(signum, frame) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def _is_ctrl_c(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, or any error raised after a Ctrl-C (`_remember_sigint`): the user's interruption."""
+    return isinstance(exc, KeyboardInterrupt) or _state["sigint"]
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
     _state["debug"] = debug
@@ -229,9 +234,9 @@ def compress(
             err_console.print(f"interrupted: checkpoint saved to {exc.path}; resume with: "
                               f"{_resume_command(exc.path)}", highlight=False, soft_wrap=True, markup=False)
         raise SystemExit(130) from None
-    except (KeyboardInterrupt, Exception) as exc:  # outside training, a second Ctrl-C, or a Ctrl-C that a library
-        if not (isinstance(exc, KeyboardInterrupt) or _state["sigint"]):  # turned into its own error: nothing new
-            raise  # was saved
+    except (KeyboardInterrupt, Exception) as exc:  # outside training, or a second Ctrl-C: nothing new was saved
+        if not _is_ctrl_c(exc):
+            raise
         if progress.live.is_started:
             progress.stop()
         err_console.print("interrupted: no checkpoint written (not training, or Ctrl-C twice); no output written"
@@ -453,7 +458,7 @@ def sweep(
         result = run_sweep(model, budgets.split(","), methods.split(","), output, options, plot=plot,
                            on_event=on_event, plot_x=plot_x)
     except (KeyboardInterrupt, Exception) as exc:  # exit here: main() would see typer's 130 and exit 0
-        if not (isinstance(exc, KeyboardInterrupt) or _state["sigint"]):
+        if not _is_ctrl_c(exc):
             raise
         err_console.print(f"interrupted: {output}/sweep.json lists the finished points; rerun the same command "
                           "to continue", highlight=False, soft_wrap=True, markup=False)  # a path stays whole
@@ -541,7 +546,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, Abort):
             sys.exit(130)
-        if _state["sigint"]:  # an error that a Ctrl-C caused inside a library (`_remember_sigint`)
+        if _is_ctrl_c(exc):  # an error that a Ctrl-C caused inside a library (`_remember_sigint`)
             err_console.print(f"interrupted ({type(exc).__name__} from inside a library)", highlight=False)
             sys.exit(130)
         if _state["debug"]:
