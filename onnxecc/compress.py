@@ -27,6 +27,7 @@ from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost
 from onnxecc.errors import UserError
 from onnxecc.problem import Problem
 from onnxecc.projection import check_reachable
+from onnxecc.quantize import Int8Dropped
 from onnxecc.surgery import prune_channels
 from onnxecc.validate import analytic_cost, write_metadata
 
@@ -270,6 +271,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
                                           round_to=opts.round_to, fmt=fmt)
         if precision is not None:  # the int8 model, else a fallback that reaches the budget (quantize.PrecisionPlan)
             problem.cost = cost = precision.reachable_cost(reach)
+            precision.fp32_reaches = _reaches(reach, fp32_cost)
         else:
             reach(cost)
         if data is None:
@@ -295,23 +297,29 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
                 "round": r, "internal": b, "rounds": rounds, "int8_dropped": d,
                 "outputs": {k: _pack_output(o) for k, o in outputs.items()}}
             trains = not _projection_only(method, data, opts)
-            with checkpoints.active(ck if trains else None), checkpoints.frame("compress", round_state):
-                keep, trained, history = _select(method, problem, internal, data, opts, emit, precision)
-            emit("stage", {"name": "prune"})
-            out_model = prune_channels(trained, keep, graph)
-            if precision is not None:  # the closed loop measures the QDQ model that is written
-                out_model = precision.apply(out_model)
-            estimated = cost(variables_widths(variables, keep))
-            record = {"round": round_, "internal_budget": internal, "estimated_cost": estimated}
-            rounds.append(record)
-            if precision is not None and _int8_did_not_survive(precision, out_model, fp32_cost, reach):
+            try:
+                with checkpoints.active(ck if trains else None), checkpoints.frame("compress", round_state):
+                    if precision is not None and trains and not (ck is not None and ck.peek("select")):
+                        _plan_int8(problem, internal, precision)  # before it trains: int8 at the planned widths
+                    keep, trained, history = _select(method, problem, internal, data, opts, emit, precision)
+                emit("stage", {"name": "prune"})
+                out_model = prune_channels(trained, keep, graph)
+                if precision is not None:  # the closed loop measures the QDQ model that is written
+                    out_model = precision.apply(out_model)
+            except Int8Dropped as drop:
                 # the widths were bought with int8 savings that pruning took away: choose them again as width alone
                 # (in one more round even after the last: resnet18 at latency 0.3 lost its int8 in the third round
                 # and, kept, measured 0.42)
-                int8_dropped, precision, problem.cost, cost = precision.as_dict(out_model), None, fp32_cost, fp32_cost
-                record["next"], internal, since = INT8_DROPPED, target, len(rounds)
+                rounds.append({"round": round_, "internal_budget": internal, "estimated_cost": cost(
+                    variables_widths(variables, drop.keep if drop.keep is not None else keep)),
+                    "next": INT8_DROPPED, "int8_measured": drop.when})
+                int8_dropped, precision, problem.cost, cost = precision.as_dict(drop.model), None, fp32_cost, fp32_cost
+                internal, since = target, len(rounds)
                 max_rounds += 1
                 continue
+            estimated = cost(variables_widths(variables, keep))
+            record = {"round": round_, "internal_budget": internal, "estimated_cost": estimated}
+            rounds.append(record)
             check = distributed.on_main(  # rank 0 measures, every rank follows its verdict
                 lambda m=out_model: _closed_loop_check(opts, runtime.on_disk(model, proto), m, parsed, target))
             if check is None:
@@ -499,7 +507,8 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
                 emit("stage", {"name": "recalibrate", **info})
                 history.append({"phase": "recalibrate", **info})
         if precision is not None and total_epochs > 0:  # int8 at these widths, measured before QAT trains it
-            precision.choose_at(prune_channels(mm.write_back(), keep, problem.graph))
+            precision.choose_at(prune_channels(mm.write_back(), keep, problem.graph), "before the fine-tuning", keep,
+                                may_drop=saved is None or saved["phase"] != "finetune")
         if now["lr"] is None:  # the probe trains from the pruned weights, in fp32, and restores them
             now["lr"], tried = _finetune_lr(mm, opts, total_epochs, emit)
             history += [{"phase": "lr_probe", **t} for t in tried]
@@ -606,21 +615,25 @@ INT8_DROPPED = ("the int8 layers, timed as one set, saved no latency at the prun
                 "again with the fp32 latency model (width alone)")
 
 
-def _int8_did_not_survive(precision, out_model: onnx.ModelProto, fp32_cost, reach) -> bool:
-    """Whether a round's output kept none of the int8 layers chosen at full width (timed again at its widths,
-    `PrecisionPlan.apply`) although the widths were projected with their savings — then the output is an fp32
-    model whose widths a wrong cost model chose (digits_resdw at latency 0.5: 9 layers in int8 at full width,
-    none at half width; width+precision scored below width alone on 2 of 3 seeds), and width alone, if the fp32
-    model reaches the budget, is what the knob should fall back to."""
-    from onnxecc.quantize import int8_nodes
-
-    if not precision.measured.chosen or int8_nodes(out_model):
-        return False
+def _reaches(reach, cost) -> bool:
+    """Whether the cost model `cost` reaches the budget (`reach`: compress's reachability check, raising)."""
     try:
-        reach(fp32_cost)
+        reach(cost)
     except UserError:
         return False
     return True
+
+
+def _plan_int8(problem: Problem, internal: float, precision) -> None:
+    """Before a round trains: time the full-width int8 set at the widths the projection plans for `internal`
+    (the untrained model pruned; latency does not depend on the weights), raising `quantize.Int8Dropped` when
+    none of it saves there. Why: an output whose int8 is dropped is an fp32 model with widths a wrong cost model
+    chose (digits_resdw at latency 0.5: 9 layers int8 at full width, none at half width), and finding that out
+    after the training cost mobilenet_v2 at latency 0.3 a whole re-trained round (width+precision 91.1 % vs
+    width alone 95.3 %); found here, width+precision follows width alone's run from its first round."""
+    keep = distributed.on_main(lambda: problem.project(internal)[0])
+    precision.choose_at(prune_channels(problem.proto, keep, problem.graph),
+                        "at the widths projected for the round, before it trains", keep)
 
 
 CHECK_ROUND_S = 0.03  # closed loop: shortest wall time of one measurement round of the original

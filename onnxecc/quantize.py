@@ -429,6 +429,19 @@ def measure_precision_cached(model: onnx.ModelProto, calibration_x: np.ndarray, 
 
 
 # ---- the plan compress follows ----------------------------------------------------------------------------------
+class Int8Dropped(Exception):
+    """The int8 set chosen at full width saved nothing at a round's widths (`PrecisionPlan.choose_at`, `apply`)
+    while the fp32 model reaches the budget: those widths were bought with savings that pruning took away, so
+    `compress` chooses them again with the fp32 latency model (width alone). Raised as early as the widths are
+    known — before the round trains when it can — so the knob costs no training round when int8 does not pay
+    (mobilenet_v2 at latency 0.3: measured after the fine-tuning, it cost a whole re-trained round). `keep`: the
+    widths measured (None: the caller's); `model`: the pruned fp32 model; `when`: for the report."""
+
+    def __init__(self, model: onnx.ModelProto, when: str, keep=None):
+        super().__init__(f"int8 dropped {when}")
+        self.model, self.when, self.keep = model, when, keep
+
+
 @dataclass
 class PrecisionPlan:
     """What `compress --knobs width,precision` does with precision: the measured choice, the scaled cost model,
@@ -447,6 +460,8 @@ class PrecisionPlan:
     correction: dict | None = None  # the int8 cost model refitted at the profile's pruned-width int8 samples
     fallbacks: list = field(default_factory=list)  # (cost, what) to use when `cost` cannot reach the budget
     at_widths: list[str] | None = None  # this round's int8 layers, measured at its widths before the fine-tuning
+    fp32_reaches: bool = False  # the fp32 model reaches the budget: width alone is the fallback (`Int8Dropped`)
+    _measured_at: tuple = ()  # (weight shapes, choice) of the last `_measure_at`: the same widths are not re-timed
 
     def reachable_cost(self, check):
         """The first of `cost` and the `fallbacks` that `check(cost)` (compress's reachability check, raising
@@ -467,21 +482,33 @@ class PrecisionPlan:
                 self.cost = c
             return c
 
-    def choose_at(self, model: onnx.ModelProto) -> list[str]:
+    def choose_at(self, model: onnx.ModelProto, when: str = "before the fine-tuning", keep=None,
+                  may_drop: bool = True) -> list[str]:
         """Measure, on `model` (pruned to this round's widths; its weights need not be trained: latency does
         not depend on their values), which of the full-width choice still save in int8 — before the fine-tuning,
         so QAT trains exactly the layers `apply` will quantize (measured after it, a layer dropped at the pruned
-        widths had been fine-tuned for int8 and ran fp32: all 9 of digits_resdw's at latency 0.5)."""
-        self.at_widths = self._measure_at(model) if self.measured.chosen else []
+        widths had been fine-tuned for int8 and ran fp32: all 9 of digits_resdw's at latency 0.5). None left →
+        `Int8Dropped` (unless `may_drop` is false: a resumed fine-tuning)."""
+        self.at_widths = self._measure_at(model, when) if self.measured.chosen else []
+        if may_drop:
+            self._check_dropped(model, when, keep)
         return self.at_widths
 
-    def _measure_at(self, model: onnx.ModelProto) -> list[str]:
+    def _check_dropped(self, model: onnx.ModelProto, when: str, keep=None) -> None:
+        if self.measured.chosen and not self.at_widths and self.fp32_reaches:
+            raise Int8Dropped(model, when, keep)
+
+    def _measure_at(self, model: onnx.ModelProto, when: str) -> list[str]:
         from onnxecc import distributed
 
+        shapes = tuple(tuple(t.dims) for t in model.graph.initializer)
+        if self._measured_at and self._measured_at[0] == shapes:  # the widths the round's plan already timed
+            return list(self._measured_at[1])
         at = distributed.on_main(lambda: measure_precision(  # one measurement: every rank quantizes the same layers
             model, self.calibration_x, self.measured.provider, self.measured.threads,
             min_saving=self.measured.min_saving, only=self.measured.chosen))
-        self.rounds.append(at.as_dict())
+        self.rounds.append({**at.as_dict(), "when": when})
+        self._measured_at = (shapes, list(at.chosen))
         return list(at.chosen)
 
     @contextlib.contextmanager
@@ -504,10 +531,14 @@ class PrecisionPlan:
         """`model` (pruned, fine-tuned) with int8 where it is faster *at these widths*: the layers `choose_at`
         measured before the fine-tuning, or, when it was not called (a round without training), the full-width
         choice measured again on `model` as one set against fp32 side by side (a saving at full width need not
-        survive pruning); those go int8, calibrated on `model`. `model` itself (fp32) when the set does not save."""
+        survive pruning); those go int8, calibrated on `model`. `model` itself (fp32) when the set does not save
+        and the fp32 model cannot reach the budget; `Int8Dropped` when it can."""
         if not self.measured.chosen:
             return model
-        chosen, self.at_widths = (self._measure_at(model) if self.at_widths is None else self.at_widths), None
+        if self.at_widths is None:
+            self.at_widths = self._measure_at(model, "at the output's widths")
+            self._check_dropped(model, "at the output's widths")
+        chosen, self.at_widths = self.at_widths, None
         return quantize_layers(model, self.calibration_x, chosen) if chosen else model
 
     def as_dict(self, output: onnx.ModelProto | None = None) -> dict:

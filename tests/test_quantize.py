@@ -346,21 +346,46 @@ def test_int8_choice_at_the_pruned_widths_is_made_before_qat_trains_it(monkeypat
     assert len(result.precision["at_output_widths"]) == 1
 
 
+def _batches(opts: dict, max_rounds=None):
+    """compress CNN at latency 0.3 with `opts`: the result and the number of training steps it took."""
+    steps = []
+    result = compress(CNN, "0.3", None, CompressOptions(**opts, max_rounds=max_rounds),
+                      on_event=lambda kind, info: steps.append(1) if kind == "batch" else None)
+    return result, len(steps)
+
+
 @pytest.mark.parametrize("max_rounds", [None, 1])
 def test_int8_that_does_not_survive_pruning_falls_back_to_width_alone(monkeypatch, max_rounds):
     """Int8 saves at full width but at none of the pruned widths: the widths bought with those savings are chosen
     again with the fp32 latency model, so the output is exactly the width-alone run's (not an fp32 model whose
-    widths a wrong cost model chose) — also when that happens in the last closed-loop round (max_rounds=1)."""
+    widths a wrong cost model chose) — also with one closed-loop round (max_rounds=1). Found at the widths
+    projected before the round trains, so it costs no training step."""
     from onnxecc.compress import INT8_DROPPED
 
     _fixed_measurement(monkeypatch, pruned=[])  # at any pruned width nothing saves
     short = {**QAT_OPTS, "epochs": 1, "admm_iterations": 1, "admm_epochs": 1}  # 2 epochs: the widths are the point
-    both = compress(CNN, "0.3", None, CompressOptions(**short, max_rounds=max_rounds))
-    alone = compress(CNN, "0.3", None, CompressOptions(**{**short, "knobs": ("width",)}, max_rounds=max_rounds))
+    both, both_steps = _batches(short, max_rounds)
+    alone, alone_steps = _batches({**short, "knobs": ("width",)}, max_rounds)
     assert both.rounds[0]["next"] == INT8_DROPPED and both.precision["dropped"] == INT8_DROPPED
+    assert both.rounds[0]["int8_measured"].startswith("at the widths projected for the round, before it trains")
     assert int8_nodes(both.model) == [] and any(INT8_DROPPED in w for w in both.warnings)
     assert both.widths == alone.widths and both.estimated_cost == pytest.approx(alone.estimated_cost)
     assert both.accuracy_after == alone.accuracy_after
+    assert both_steps == alone_steps > 0
+
+
+def test_int8_dropped_at_the_trained_widths_stops_the_round_before_its_fine_tuning(monkeypatch):
+    """The planned widths' check passed (here: not made) but the set saves nothing at the widths the method
+    chose: the round stops before the fine-tuning and width alone follows — no step trained for nothing."""
+    from onnxecc.compress import INT8_DROPPED
+
+    _fixed_measurement(monkeypatch, pruned=[])
+    monkeypatch.setattr(sys.modules["onnxecc.compress"], "_plan_int8", lambda *a, **k: None)  # the module
+    both, both_steps = _batches(QAT_OPTS)
+    alone, alone_steps = _batches({**QAT_OPTS, "knobs": ("width",)})
+    assert both.rounds[0]["next"] == INT8_DROPPED and both.rounds[0]["int8_measured"] == "before the fine-tuning"
+    assert both.widths == alone.widths and both.accuracy_after == alone.accuracy_after
+    assert both_steps == alone_steps > 0
 
 
 def test_qat_interrupt_and_resume_is_bit_identical(qat_reference, monkeypatch, tmp_path):
