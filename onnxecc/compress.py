@@ -686,7 +686,10 @@ def _next_internal(rounds: list[dict], original: float, loosen: bool, top_ratio:
     rounds in a row land on the same side, the far end's weight is halved), so a loosening step is bracketed by the
     original, which a proportional step is not (a profile whose fixed cost is too high over-prunes, and
     scaling by measured/budget overshoots). With no round under the budget yet: proportional tightening,
-    internal × AIM / (measured / budget) — the model error observed. A loosened budget stays below the
+    estimated × AIM / (measured / budget) — the model error observed, applied to the cost the round's widths
+    were estimated at, not to its internal budget: the widths come in steps (`round_to`), so a budget 2% under
+    the last one often projects the same widths, and digits_cnn spent 4 of its 6 rounds measuring one model
+    again; below the last estimate, the widths that missed are out of reach. A loosened budget stays below the
     original cost.
 
     `top_ratio` (--knobs width,precision): `original` is then the estimated cost of the full-width int8 model and
@@ -700,7 +703,7 @@ def _next_internal(rounds: list[dict], original: float, loosen: bool, top_ratio:
         return None
     met = [(r["estimated_cost"], r["of_budget"]) for r in rounds if r["meets"]]
     if not met:
-        return last["internal_budget"] * AIM / share, "over budget"
+        return last["estimated_cost"] * AIM / share, "over budget"
     missed = [(r["estimated_cost"], r["of_budget"]) for r in rounds if not r["meets"]]
     top_share = last["measured_original"] / last["budget"] * (1.0 if top_ratio is None else top_ratio)
     at_top = any(r["estimated_cost"] >= original * (1 - 1e-9) for r in rounds)
@@ -718,7 +721,7 @@ def _next_internal(rounds: list[dict], original: float, loosen: bool, top_ratio:
         step = a + (b - a) * -fa / (fb - fa)
         step = min(max(step, a + 0.05 * (b - a)), b - 0.05 * (b - a))
     else:  # the measurements contradict the model's order (noise): proportional from the last round
-        step = min(last["internal_budget"] * AIM / share, original)
+        step = min(last["estimated_cost"] * AIM / share, original)
     if not last["meets"]:
         return step, "over budget"
     if step <= last["estimated_cost"] * (1 + 1e-9):
