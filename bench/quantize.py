@@ -262,8 +262,8 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
                             for n, v in layers.items()}
         out["slower_in_int8"] = [(n, v["saving_ms"] / 1e3) for n, v in layers.items()
                                  if v["saving_ms"] < 0 and "SLOWER" in v["reason"]]
-        out["at_output_widths"] = [{"ratio_chosen": r["ratio_chosen"], "int8": len(r["int8_layers"])}
-                                   for r in res.precision["at_output_widths"]]
+        out["at_output_widths"] = [{"ratio_chosen": r["ratio_chosen"], "int8": len(r["int8_layers"]),
+                                    "when": r.get("when")} for r in res.precision["at_output_widths"]]
         out["source"] = res.precision["source"].split(":")[0]
         from onnxecc.profiler import load_profile
 
@@ -271,8 +271,8 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
         out["profile_int8_samples"] = {smp["kind"]: smp["int8_ms"] / smp["fp32_ms"]
                                        for smp in stored.get("samples", [])}
         out["correction"] = res.precision["correction_at_pruned_widths"]
-        out["closed_rounds"] = [{k: r.get(k) for k in ("internal_budget", "estimated_cost", "ratio", "meets", "next")}
-                                for r in res.rounds]
+        out["closed_rounds"] = [{k: r.get(k) for k in ("internal_budget", "estimated_cost", "ratio", "meets", "next",
+                                                       "int8_measured")} for r in res.rounds]
     return out
 
 

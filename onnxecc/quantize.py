@@ -25,7 +25,9 @@ activations fake-quantized exactly as `quantize_layers` will quantize them (`Pre
 default on; the first half recovers the pruned network in fp32).
 
 Which layers QAT trains: the full-width choice measured again on the round's pruned model *before* the
-fine-tuning (`PrecisionPlan.choose_at`), so the trained layers are the quantized ones.
+fine-tuning (`PrecisionPlan.choose_at`), so the trained layers are the quantized ones. `compress` also times it at
+the widths it plans for a round before the round trains; none of it saving there → `Int8Dropped`, and the round
+runs as width alone.
 
 What this does not do (the report says so, `NOT_DONE`): QAT does not model the int8 layers' *output*
 requantization or int32 bias rounding; precision is a knob of measured latency budgets only; `--method wsp` has
