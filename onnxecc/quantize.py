@@ -484,7 +484,7 @@ class PrecisionPlan:
                 self.cost = c
             return c
 
-    def choose_at(self, model: onnx.ModelProto, when: str = "before the fine-tuning", keep=None,
+    def choose_at(self, model: onnx.ModelProto, when: str, keep=None,
                   may_drop: bool = True) -> list[str]:
         """Measure, on `model` (pruned to this round's widths; its weights need not be trained: latency does
         not depend on their values), which of the full-width choice still save in int8 — before the fine-tuning,
