@@ -515,6 +515,28 @@ def _resume_command(path) -> str:
     return shlex.join(["onnxecc", *_without_option(sys.argv[1:], "--resume"), "--resume", str(path)])
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes. typer ≥ 0.2x raises those of the click it vendors (typer._click),
+    which are not the classes of a separately installed click (another package may install one): check both."""
+    import typer
+
+    usage, aborts = [], [typer.Abort]
+    try:
+        from typer._click import ClickException
+
+        usage.append(ClickException)
+    except ImportError:  # an older typer that uses the installed click
+        pass
+    try:
+        from click.exceptions import Abort, ClickException
+
+        usage.append(ClickException)
+        aborts.append(Abort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(aborts)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; internal errors exit 1; Ctrl-C exits 130."""
     _state["sigint"] = False
@@ -535,16 +557,11 @@ def main() -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # click's usage errors carry their own exit code
-        try:
-            from click.exceptions import Abort, ClickException
-        except ImportError:  # typer ≥ 0.2x vendors click as typer._click and no longer installs click
-            from typer import Abort
-            from typer._click import ClickException
-
-        if isinstance(exc, ClickException):
+        usage_errors, aborts = _click_exceptions()
+        if isinstance(exc, usage_errors):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, Abort):
+        if isinstance(exc, aborts):
             sys.exit(130)
         if _is_ctrl_c(exc):  # an error that a Ctrl-C caused inside a library (`_remember_sigint`)
             err_console.print(f"interrupted ({type(exc).__name__} from inside a library)", highlight=False)

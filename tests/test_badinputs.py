@@ -27,3 +27,13 @@ def test_bad_input(name, tmp_path):
     assert after == before, f"files changed: {sorted(set(after) ^ set(before))}"  # no output, no temp file
     for name_ in badinputs.OUTPUTS:
         assert name_ in case.keep or not (d / name_).exists()
+
+
+def test_unknown_option_is_a_usage_error_with_click_installed_beside_typer(tmp_path):
+    """typer vendors its own click; when another package installs click too, a usage error must still exit 2
+    with click's usage message, not 'internal error' (it did, once the bench extra brought click in)."""
+    proc = subprocess.run([sys.executable, "-m", "onnxecc", "inspect", "model.onnx", "--no-such-flag"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "No such option: --no-such-flag" in proc.stderr
+    assert "internal error" not in proc.stderr
