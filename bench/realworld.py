@@ -111,8 +111,9 @@ def _cli(*args: str, timeout: float = 1800) -> tuple[int, str, float, str]:
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "onnxecc", *args], capture_output=True, text=True,
                           timeout=timeout)
-    lines = [ln for ln in (proc.stderr.strip() or proc.stdout.strip()).splitlines() if ln.strip()]
-    return proc.returncode, (lines[-1] if lines else ""), time.perf_counter() - t, proc.stdout
+    text = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())  # rich wraps long lines
+    start = max(text.rfind("error:"), 0) if proc.returncode else max(len(text) - 300, 0)
+    return proc.returncode, text[start:], time.perf_counter() - t, proc.stdout
 
 
 def _shape_args(spec: str | None) -> list[str]:
