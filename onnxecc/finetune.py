@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from onnxecc import checkpoint, distributed
 from onnxecc.errors import UserError
+from onnxecc.guard import MAX_RECOVERIES, Guard
 
 
 @dataclass
@@ -59,6 +60,8 @@ class TrainConfig:
     shuffle_seed: int | None = None  # seed of the batch order (None: `seed`, which also seeds torch)
 
 
+    phase: str = "training"  # the loop's name in recovery records and divergence messages (`onnxecc.guard`)
+    max_recoveries: int = MAX_RECOVERIES  # non-finite steps undone before TrainingDiverged (0: the first raises)
 @dataclass
 class EpochLog:
     epoch: int
@@ -72,6 +75,8 @@ class TrainHistory:
     epochs: list[EpochLog] = field(default_factory=list)
 
     def as_dict(self) -> list[dict]:
+    recoveries: list[dict] = field(default_factory=list)  # non-finite steps undone (`onnxecc.guard.Guard.recover`)
+    lr_scale: float = 1.0  # the rate at the end over the configured one (halved by each recovery)
         return [e.__dict__ for e in self.epochs]
 
 
@@ -110,7 +115,8 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
              on_batch: Callable[[int, int], None] | None = None,
              penalty: Callable[[], torch.Tensor] | None = None,
              param_groups: Sequence[dict] = (),
-             after_step: Callable[[int, int], None] | None = None) -> TrainHistory:
+             after_step: Callable[[int, int], None] | None = None,
+             on_recovery: Callable[[dict], None] | None = None) -> TrainHistory:
     """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed.
 
     Adam on the distillation loss, learning rate per `config.lr_schedule`, batch order seeded. Hooks:
@@ -118,14 +124,19 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
     `param_groups` are extra Adam groups (dicts with "params" and e.g. their own "lr") whose parameters leave
     the default group (every other trainable parameter, at `config.lr`); `after_step(step, total_steps)` runs
     after every optimizer step and mask application (step counts from 1; wsp projects there). The masks are
-    applied before `after_step`, which may zero more entries but must not revive masked ones."""
+    applied before `after_step`, which may zero more entries but must not revive masked ones.
+
+    Non-finite numbers (`onnxecc.guard`): a step whose loss or gradients are non-finite is not applied; the
+    weights and Adam's state go back to the last epoch boundary, every rate is halved and training goes on
+    with the next batch (`TrainHistory.recoveries`, each also passed to `on_recovery` when it happens); after
+    `guard.MAX_RECOVERIES` the loop raises `TrainingDiverged`, naming `config.phase`."""
 
     threads = torch.get_num_threads()
     if sum(p.numel() for p in module.parameters()) < _SMALL_MODEL:
         torch.set_num_threads(1)  # tiny layers: thread synchronisation costs more than it gives
     try:
         return _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
-                         after_step)
+                         after_step, on_recovery)
     finally:
         torch.set_num_threads(threads)
 
@@ -134,7 +145,7 @@ _SMALL_MODEL = 2_000_000  # parameters
 
 
 def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups=(),
-              after_step=None) -> TrainHistory:
+              after_step=None, on_recovery=None) -> TrainHistory:
     device = pick_device(config.device)
     module.to(device)
     for m in masks:
@@ -144,7 +155,7 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
     net = distributed.wrap(module) if ddp is not None else module
     try:
         return _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty,
-                     param_groups, after_step)
+                     param_groups, after_step, on_recovery)
     finally:
         del net  # DDP's gradient hooks must not outlive this run (rank 0 alone computes Fisher importances)
         if ddp is not None:
@@ -154,7 +165,7 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
 
 
 def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
-          after_step) -> TrainHistory:
+          after_step, on_recovery) -> TrainHistory:
     import time
 
     torch.manual_seed(config.seed)
@@ -176,7 +187,7 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
         if config.lr_schedule == "cosine" else None
     weight = config.distill_weight if ys is not None else 1.0
     history = TrainHistory()
-    step, first_epoch = 0, 0
+    step, first_epoch, skipped = 0, 0, 0
     ck = checkpoint.current()  # interrupt and resume (issue 9): see onnxecc.checkpoint
     resumed = ck.take("train") if ck is not None else None
     if resumed is not None:  # continue exactly where an interrupted run stopped
@@ -195,16 +206,20 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
         start = time.perf_counter()
         module.train()
         _freeze_batchnorm(module)
+    watch = Guard(config.phase, module, optimizer, scheduler, max_recoveries=config.max_recoveries,
+                  recoveries=resumed.get("recoveries") if resumed is not None else None, on_recovery=on_recovery)
+    watch.start(first_epoch + 1)
         if resumed is not None:  # the interrupted epoch: same order, from the next batch, same running sums
             order, first = resumed["order"], resumed["position"]
             total_loss, correct = resumed["total_loss"], resumed["correct"]
             if not distributed.is_main():  # the saved sums are global: rank 0 carries them, the others add to 0
-                total_loss, correct = 0.0, 0
+                total_loss, correct, skipped = 0.0, 0, 0
             start -= resumed["epoch_seconds"]
             resumed = None
+            skipped = resumed.get("skipped", 0)
         else:
             order, first = torch.randperm(n, generator=generator), 0
-            total_loss, correct = 0.0, 0
+            total_loss, correct, skipped = 0.0, 0, 0
         for i in range(first, n, config.batch_size):
             idx = order[i:i + config.batch_size]
             idx, scale, count = distributed.shard(idx)  # the whole batch in one process (scale 1)
@@ -223,36 +238,48 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
             for m in masks:
                 if m.param.grad is not None:
                     m.param.grad.mul_(m.mask)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            bad = watch.bad_step(logged)
+            if bad is None:
+                optimizer.step()
+                if scheduler is not None:  # the schedule counts applied steps
+                    scheduler.step()
+            else:  # not applied: back to the last good state at a lower rate (`onnxecc.guard`)
+                watch.recover(bad, epoch + 1, step + 1)
             for m in masks:  # Adam's moments could otherwise revive a pruned entry
                 m.apply()
-            total_loss += float(logged.detach()) * count
-            if yb is not None and count:
-                correct += int((out.argmax(1) == yb).sum())
+            if bad is None:
+                total_loss += float(logged.detach()) * count
+                if yb is not None and count:
+                    correct += int((out.argmax(1) == yb).sum())
+            else:
+                skipped += count
             step += 1
             if after_step:
                 after_step(step, total_steps)
             if on_batch:
                 on_batch(step, total_steps)
             if ck is not None and (ck.requested if ddp is None else distributed.any_rank(ck.requested)):
-                sums = distributed.all_reduce_sum([total_loss, correct]) if ddp is not None else None
+                sums = distributed.all_reduce_sum([total_loss, correct, skipped]) if ddp is not None else None
                 if ddp is not None and not ddp.is_main:  # every rank stops here; rank 0 alone writes the file
                     raise checkpoint.Interrupted(None if ck.not_resumable else ck.path, ck.not_resumable)
                 if sums is not None:
-                    total_loss, correct = sums[0], int(round(sums[1]))
+                    total_loss, correct, skipped = sums[0], int(round(sums[1])), int(round(sums[2]))
                 ck.stop({  # raises checkpoint.Interrupted
                     "module": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                     "step": step, "total_steps": total_steps, "n": n, "epoch": epoch, "order": order,
                     "position": i + config.batch_size, "total_loss": total_loss, "correct": correct,
-                    "epoch_seconds": time.perf_counter() - start, "history": history.as_dict()})
+                    "epoch_seconds": time.perf_counter() - start, "history": history.as_dict(),
+                    "skipped": skipped, "recoveries": watch.recoveries})
         if ddp is not None:  # every rank logs the global sums
-            total_loss, correct = distributed.all_reduce_sum([total_loss, correct])
+            total_loss, correct, skipped = distributed.all_reduce_sum([total_loss, correct, skipped])
             correct = int(round(correct))
-        log = EpochLog(epoch + 1, total_loss / n, correct / n if ys is not None else None,
+        if (bad := watch.state_problem()) is not None:  # e.g. a projection after a step: the epoch is undone
+            watch.recover(bad, epoch + 1, step)
+        watch.save()
+        counted = max(1, n - int(round(skipped)))  # the batches whose steps were undone are not in the averages
+        log = EpochLog(epoch + 1, total_loss / counted, correct / counted if ys is not None else None,
                        time.perf_counter() - start)
         history.epochs.append(log)
         if on_epoch:
@@ -261,4 +288,5 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
     module.to("cpu")
     if ddp is not None:  # DDP keeps the replicas equal; a rank that diverged would write a different model
         distributed.check_same(module.state_dict(), "weights after training")
+    history.recoveries, history.lr_scale = watch.recoveries, watch.lr_scale
     return history
