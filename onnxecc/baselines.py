@@ -78,7 +78,7 @@ def greedy(problem: Problem, mm, target: float, steps: int = 5, short_epochs: in
                 widths[v] = w
             now["choice"] = {"variable": v, "width": w, "val_accuracy": acc}
             emit("stage", {"name": f"greedy step {step}"})
-            mm.train(short_epochs, emit)
+            mm.train(short_epochs, emit, phase=f"greedy step {step}")
             log.append({"step": step, "variable": v, "width": w, "val_accuracy": acc, "cost": problem.cost(widths)})
             now["choice"] = None
     return problem.keep_from_widths(widths, importance), log

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from onnxecc.errors import UserError
+from onnxecc.errors import ExplainedFailure, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress an ONNX model so that it meets a hard resource budget.")
@@ -101,6 +101,16 @@ def inspect(
                   "(MACs count Conv/Gemm/MatMul multiply-accumulates for batch 1)")
 
 
+def _log_lines(quiet: bool):
+    """Progress as plain lines (`onnxecc.progress.LogLines`) on stderr when it is not a terminal (CI, pipelines,
+    log files: a bar would not show there); None on a terminal (the bar) or with --quiet."""
+    if quiet or err_console.is_terminal:
+        return None
+    from onnxecc.progress import LogLines
+
+    return LogLines(lambda line: err_console.print(line, highlight=False, markup=False, soft_wrap=True))
+
+
 def _group_ids(ids: list[int]) -> str:
     return ",".join(map(str, ids)) if len(ids) <= 3 else f"{ids[0]},{ids[1]},… ({len(ids)})"
 
@@ -167,6 +177,9 @@ def compress(
     nproc: int = typer.Option(1, "--nproc",
                               help="Train in N local processes (DistributedDataParallel; gloo on CPU, nccl on "
                                    "CUDA), as `torchrun --nproc_per_node N -m onnxecc compress ...` does."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress: neither the bar (terminal) nor the per-phase and per-epoch lines "
+                                    "(logs)."),
 ) -> None:
     """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning).
 
@@ -201,13 +214,22 @@ def compress(
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
     checkpoint = checkpoint or resume or str(default_path(model, output))
+    lines = _log_lines(quiet)
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "batch" and "told" not in task:  # every training method resumes (wsp and greedy too)
             task["told"] = True  # one line, also in logs: from here on Ctrl-C keeps the work done
             err_console.print(f"training: Ctrl-C stops and saves a checkpoint to {checkpoint}", highlight=False,
                               soft_wrap=True, markup=False)
-        if not progress.live.is_started and err_console.is_terminal:  # no bar in logs and pipelines
+        if lines is not None or quiet:  # logs and pipelines: lines with elapsed and estimated time (or nothing)
+            if lines is not None:
+                lines(kind, info)
+            return
+        if kind == "recovery":
+            from onnxecc.progress import describe_recovery
+
+            progress.console.print(f"[yellow]{describe_recovery(info)}[/]", highlight=False)
+        if not progress.live.is_started:
             progress.start()
         if kind == "stage" and info["name"] == "finetune":
             task["id"] = progress.add_task("fine-tuning", total=None, info="")
@@ -350,6 +372,8 @@ def profile(
                                 help="Time each variant in rounds alternating with the full model and keep the "
                                      "ratio (a machine whose speed changes for seconds at a time moves the ratio "
                                      "less than the level); twice the measuring time."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress: neither the bar (terminal) nor the lines every 30 s (logs)."),
 ) -> None:
     """Measure width variants of MODEL on this device and fit the bilinear latency/energy model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -368,8 +392,13 @@ def profile(
     task = progress.add_task("profiling", total=None, info="")
 
     started = []
+    lines = _log_lines(quiet)
 
     def on_progress(done: int, total: int, sample: dict) -> None:
+        if lines is not None or quiet:  # logs: a line every 30 s with the time left (or nothing)
+            if lines is not None:
+                lines.count("profiling: variants measured", done, total)
+            return
         if not started:  # only once the model loaded and the meter started: errors before print one line
             progress.start()
             started.append(True)
@@ -440,6 +469,8 @@ def sweep(
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the latency ratio of every point."),
     plot: str = typer.Option(None, "--plot", help="Write the accuracy-vs-cost plot (PNG) here."),
     plot_x: str = typer.Option("cost", "--plot-x", help="x axis of the plot: cost | latency (measured ratio)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No per-phase and per-epoch progress lines in logs (the per-point lines stay)."),
 ) -> None:
     """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points)."""
     from onnxecc.compress import CompressOptions
@@ -448,11 +479,15 @@ def sweep(
     options = CompressOptions(metric=metric, profile=profile, data=data, epochs=epochs, seed=seed,
                               admm_iterations=admm_iterations, admm_epochs=admm_epochs, measure_latency=latency)
 
+    lines = _log_lines(quiet)
+
     def on_event(kind: str, info: dict) -> None:
         if kind == "point" and info["status"] != "start":
             err_console.print(f"{info['name']}: {info['status']}", highlight=False)
         elif kind == "point":
             err_console.print(f"{info['name']}: running…", highlight=False)
+        elif lines is not None:  # a point's compress events, in logs
+            lines(kind, info)
 
     try:
         result = run_sweep(model, budgets.split(","), methods.split(","), output, options, plot=plot,
@@ -538,7 +573,8 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2; internal errors exit 1; Ctrl-C exits 130."""
+    """Entry point: user errors print one line and exit 2; explained failures (e.g. training that diverged after
+    every recovery) print one line and exit 1; internal errors exit 1; Ctrl-C exits 130."""
     _state["sigint"] = False
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
         signal.signal(signal.SIGINT, _remember_sigint)
@@ -551,6 +587,13 @@ def main() -> None:
             traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except ExplainedFailure as exc:  # not the input, not a bug: its line says what to try
+        if _state["debug"]:
+            traceback.print_exc()
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except SystemExit:
         raise
     except KeyboardInterrupt:

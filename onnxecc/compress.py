@@ -360,6 +360,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     )
     result.method = method if pruned else "none"
     result.rounds = rounds
+    warnings += recovery_warnings(history)
     if int8_dropped is not None:
         result.precision = {**int8_dropped, "int8_layers": [], "dropped": INT8_DROPPED}
         warnings.append(f"precision: {INT8_DROPPED}")
@@ -398,6 +399,13 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     if resume is not None:  # the run the checkpoint was for is complete
         Path(resume).unlink(missing_ok=True)
     return result
+
+
+def recovery_warnings(history: list[dict]) -> list[str]:
+    """A warning when training recovered from non-finite numbers (`onnxecc.guard`; the history has each)."""
+    recovered = [h for h in history if h.get("phase") == "recovery"]
+    return [f"training met non-finite numbers {len(recovered)} time(s) and recovered: see the 'recovery' entries "
+            "of the report's history"] if recovered else []
 
 
 def _pack_output(output: tuple) -> dict:
@@ -463,6 +471,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
         distributed.check_same(keep, "channel keep sets")
         return keep, problem.proto, []
     mm = _masked_model(problem, data, opts)
+    emit("plan", {"epochs": total_epochs})  # what this round trains, for estimates of the time left
     history: list[dict] = []
     fisher = _uses_fisher(opts, data)
     ck = checkpoints.current()  # interrupt and resume: the phase, the keep sets in force, the history
@@ -501,6 +510,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             total_epochs = opts.epochs
         else:
             raise UserError(f"unknown method '{method}'")
+        history += mm.take_recoveries()  # non-finite steps undone so far (`onnxecc.guard`), as they are below
         distributed.check_same(keep, "channel keep sets")  # several processes: every rank masks the same channels
         now.update(phase="finetune", keep=keep)
         mm.set_keep(keep)
@@ -509,17 +519,20 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             if not any(h["phase"] == "recalibrate" for h in history):
                 emit("stage", {"name": "recalibrate", **info})
                 history.append({"phase": "recalibrate", **info})
+            history += mm.take_recoveries()
         if precision is not None and total_epochs > 0:  # int8 at these widths, measured before QAT trains it
             precision.choose_at(prune_channels(mm.write_back(), keep, problem.graph), "before the fine-tuning", keep,
                                 may_drop=saved is None or saved["phase"] != "finetune")
         if now["lr"] is None:  # the probe trains from the pruned weights, in fp32, and restores them
             now["lr"], tried = _finetune_lr(mm, opts, total_epochs, emit)
-            history += [{"phase": "lr_probe", **t} for t in tried]
+            history += [{"phase": "lr_probe", **t} for t in tried] + mm.take_recoveries()
         emit("stage", {"name": "finetune", "epochs": total_epochs, "lr": now["lr"]})
         qat = precision.fake_quant(mm.tm, opts.qat, total_epochs) if precision is not None else nullcontext()
         with qat as fq:  # QAT: the int8 layers fake-quantized, their activation ranges recomputed every epoch
             history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit, lr=now["lr"],
-                                                                    on_epoch=fq.epoch_done if fq else None)]
+                                                                    on_epoch=fq.epoch_done if fq else None,
+                                                                    phase="finetune")]
+        history += mm.take_recoveries()
     return keep, mm.write_back(), history
 
 

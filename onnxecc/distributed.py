@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from onnxecc.errors import UserError
+from onnxecc.errors import ExplainedFailure, UserError
 
 
 @dataclass(frozen=True)
@@ -166,11 +166,14 @@ def on_main(fn: Callable[[], object]):
 
 
 def _portable(exc: BaseException | None):
-    """What the other ranks raise for rank 0's exception: a UserError stays one (exit 2), else RuntimeError."""
+    """What the other ranks raise for rank 0's exception: a UserError stays one (exit 2), an explained failure
+    one (exit 1, its line), else RuntimeError."""
     if exc is None:
         return None
     if isinstance(exc, UserError):
         return UserError(str(exc))
+    if isinstance(exc, ExplainedFailure):
+        return ExplainedFailure(str(exc))
     return RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")
 
 

@@ -136,9 +136,11 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
             now.update(k=k, keep=keep)
             emit("stage", {"name": f"admm {k + 1}/{config.iterations}"})
             if config.w_step == "penalty":
-                history = mm.train(config.epochs_per_iteration, emit, penalty=penalty, lr=config.lr)
+                history = mm.train(config.epochs_per_iteration, emit, penalty=penalty, lr=config.lr,
+                                   phase=f"admm {k + 1}/{config.iterations}")
             else:
-                history = mm.train(config.epochs_per_iteration, emit, lr=config.lr, after_step=prox)
+                history = mm.train(config.epochs_per_iteration, emit, lr=config.lr, after_step=prox,
+                                   phase=f"admm {k + 1}/{config.iterations}")
             with torch.no_grad():
                 gap, outside, total = 0.0, 0.0, 0.0
                 for n in constrained:

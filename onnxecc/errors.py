@@ -13,3 +13,12 @@ class UserError(Exception):
 
 class UnsupportedModelError(UserError):
     """The model uses something onnxecc cannot handle (yet); the message says what."""
+
+
+class ExplainedFailure(Exception):
+    """The run failed for a reason its one-line message explains, naming what to try — neither a bad input
+    (exit 2) nor our bug: the CLI prints the line and exits 1, without a traceback."""
+
+
+class TrainingDiverged(ExplainedFailure):
+    """Training kept producing non-finite numbers after every recovery `onnxecc.guard` allows."""

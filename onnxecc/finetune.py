@@ -58,10 +58,10 @@ class TrainConfig:
     device: str = "auto"
     lr_schedule: str = "cosine"  # "cosine" (to zero over the run) or "constant"
     shuffle_seed: int | None = None  # seed of the batch order (None: `seed`, which also seeds torch)
-
-
     phase: str = "training"  # the loop's name in recovery records and divergence messages (`onnxecc.guard`)
     max_recoveries: int = MAX_RECOVERIES  # non-finite steps undone before TrainingDiverged (0: the first raises)
+
+
 @dataclass
 class EpochLog:
     epoch: int
@@ -73,10 +73,10 @@ class EpochLog:
 @dataclass
 class TrainHistory:
     epochs: list[EpochLog] = field(default_factory=list)
-
-    def as_dict(self) -> list[dict]:
     recoveries: list[dict] = field(default_factory=list)  # non-finite steps undone (`onnxecc.guard.Guard.recover`)
     lr_scale: float = 1.0  # the rate at the end over the configured one (halved by each recovery)
+
+    def as_dict(self) -> list[dict]:
         return [e.__dict__ for e in self.epochs]
 
 
@@ -202,21 +202,21 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
         torch.set_rng_state(resumed["torch_rng"])
         history.epochs = [EpochLog(**e) for e in resumed["history"]]
         step, first_epoch = resumed["step"], resumed["epoch"]
+    watch = Guard(config.phase, module, optimizer, scheduler, max_recoveries=config.max_recoveries,
+                  recoveries=resumed.get("recoveries") if resumed is not None else None, on_recovery=on_recovery)
+    watch.start(first_epoch + 1)
     for epoch in range(first_epoch, config.epochs):
         start = time.perf_counter()
         module.train()
         _freeze_batchnorm(module)
-    watch = Guard(config.phase, module, optimizer, scheduler, max_recoveries=config.max_recoveries,
-                  recoveries=resumed.get("recoveries") if resumed is not None else None, on_recovery=on_recovery)
-    watch.start(first_epoch + 1)
         if resumed is not None:  # the interrupted epoch: same order, from the next batch, same running sums
             order, first = resumed["order"], resumed["position"]
             total_loss, correct = resumed["total_loss"], resumed["correct"]
+            skipped = resumed.get("skipped", 0)
             if not distributed.is_main():  # the saved sums are global: rank 0 carries them, the others add to 0
                 total_loss, correct, skipped = 0.0, 0, 0
             start -= resumed["epoch_seconds"]
             resumed = None
-            skipped = resumed.get("skipped", 0)
         else:
             order, first = torch.randperm(n, generator=generator), 0
             total_loss, correct, skipped = 0.0, 0, 0
@@ -284,9 +284,9 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
         history.epochs.append(log)
         if on_epoch:
             on_epoch(log)
+    history.recoveries, history.lr_scale = watch.recoveries, watch.lr_scale
     module.eval()
     module.to("cpu")
     if ddp is not None:  # DDP keeps the replicas equal; a rank that diverged would write a different model
         distributed.check_same(module.state_dict(), "weights after training")
-    history.recoveries, history.lr_scale = watch.recoveries, watch.lr_scale
     return history

@@ -15,7 +15,9 @@ import torch
 from onnxecc import distributed, recalibrate, runtime
 from onnxecc.bridge import TorchModel, to_torch, write_back
 from onnxecc.channels import ChannelGraph
+from onnxecc.errors import TrainingDiverged
 from onnxecc.finetune import Mask, TrainConfig, distillation_loss, finetune
+from onnxecc.guard import all_finite, diverged_message
 from onnxecc.importance import channel_masks
 
 PROBE_SAMPLES = 1024  # the rate probe's training samples (16 batches of 64): digits' 35 %-vs-97 % split shows there
@@ -36,6 +38,7 @@ class MaskedModel:
         self.tm: TorchModel = to_torch(proto)
         self.teacher = runtime.run_batched(runtime.session(proto), data.x_train)
         self.masks: list[Mask] = []
+        self.recoveries: list[dict] = []  # what `onnxecc.guard` undid since the last `take_recoveries`
         # the original model's per-channel statistics, before any training moves the weights (`recalibrate`);
         # one forward pass over the calibration samples, skipped when the caller will not recalibrate
         self._calibration = self._reference_stats = None
@@ -82,30 +85,45 @@ class MaskedModel:
         if self._reference_stats is None:
             raise RuntimeError("this MaskedModel was built with recalibration=False: no reference statistics")
         every = _spread(len(self.data.x_train), PROBE_SAMPLES)
-        before = self.loss(every)
+        before, start = self.loss(every), self.state()
         layers = recalibrate.recalibrate(self.tm.module, self._calibration, self._reference_stats)
         for m in self.masks:
             m.apply()
-        return {"layers": layers, "samples": len(self._calibration), "loss_before": before,
-                "loss_after": self.loss(every)}
+        after = self.loss(every)
+        if not (all_finite(self.tm.module.state_dict().values()) and np.isfinite(after)):
+            self.load_state(start)  # e.g. a channel whose spread overflowed: training starts from the pruned weights
+            self.recoveries.append({"phase": "recovery", "during": "recalibrate", "non_finite": "weights",
+                                    "action": "recalibration undone"})
+            layers, after = 0, before
+        return {"layers": layers, "samples": len(self._calibration), "loss_before": before, "loss_after": after}
+
+    def take_recoveries(self) -> list[dict]:
+        """The recovery records (`onnxecc.guard`) since the last call, for the report's history; emptied."""
+        out, self.recoveries = self.recoveries, []
+        return out
 
     # ---- training and evaluation ---------------------------------------------------------------------------
     def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,
-              on_epoch=None) -> list[dict]:
+              on_epoch=None, phase: str = "training") -> list[dict]:
         """`on_epoch(epoch)` runs after every epoch, numbered from 1 (QAT starts and recomputes its activation
-        ranges there: `onnxecc.quantize.FakeQuant.epoch_done`)."""
-        cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, **({"lr": lr} if lr else {})})
+        ranges there: `onnxecc.quantize.FakeQuant.epoch_done`). `phase` names the loop in recovery records
+        (kept in `recoveries`, each also emitted as a "recovery" event) and divergence messages."""
+        cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, "phase": phase, **({"lr": lr} if lr else {})})
         emit = emit or (lambda kind, info: None)
 
         def epoch_done(log):
             if on_epoch is not None:
                 on_epoch(log.epoch)
-            emit("epoch", log.__dict__)
+            emit("epoch", {**log.__dict__, "epochs": epochs, "phase": phase})
+
+        def recovered(record):
+            self.recoveries.append(record)
+            emit("recovery", record)
 
         history = finetune(self.tm.module, self.data.x_train, self.teacher, self.data.y_train, cfg, self.masks,
                            on_epoch=epoch_done,
-                           on_batch=lambda step, total: emit("batch", {"step": step, "total": total}),
-                           penalty=penalty, after_step=after_step)
+                           on_batch=lambda step, total: emit("batch", {"step": step, "total": total, "epochs": epochs}),
+                           penalty=penalty, after_step=after_step, on_recovery=recovered)
         return history.as_dict()
 
     def choose_lr(self, candidates, samples: int = PROBE_SAMPLES) -> tuple[float, list[dict]]:
@@ -118,7 +136,8 @@ class MaskedModel:
         knows — a lightly pruned network is knocked off its minimum by a rate that a heavily pruned one needs to
         recover (numbers at `onnxecc.finetune.PROBE_LRS`). The first steps already tell them apart (35 % vs 97 %
         training accuracy after one epoch there); the loss is measured after them, not averaged over them. The
-        samples are capped so that the probe costs a few batches on a large dataset, not epochs."""
+        samples are capped so that the probe costs a few batches on a large dataset, not epochs. A rate that meets
+        non-finite numbers is out (`"diverged"`, no recovery: it is the wrong rate); TrainingDiverged if all are."""
         every = _spread(len(self.data.x_train), samples)
         x, teacher = self.data.x_train[every], self.teacher[every]
         y = self.data.y_train[every] if self.data.y_train is not None else None
@@ -126,11 +145,19 @@ class MaskedModel:
         tried = []
         for lr in candidates:
             self.load_state(start)
-            config = TrainConfig(**{**self.config.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant"})
-            finetune(self.tm.module, x, teacher, y, config, self.masks)
-            tried.append({"lr": lr, "loss": self.loss(every)})
+            config = TrainConfig(**{**self.config.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant",
+                                    "phase": "lr probe", "max_recoveries": 0})
+            try:  # a rate that meets non-finite numbers (`onnxecc.guard`) is not a candidate
+                finetune(self.tm.module, x, teacher, y, config, self.masks)
+                loss = self.loss(every)
+            except TrainingDiverged:
+                loss = float("nan")
+            tried.append({"lr": lr, "loss": loss} if np.isfinite(loss) else {"lr": lr, "loss": None, "diverged": True})
         self.load_state(start)
-        best = distributed.on_main(lambda: min(tried, key=lambda t: t["loss"])["lr"])  # every rank trains with it
+        finite = [t for t in tried if t["loss"] is not None]
+        if not finite:
+            raise TrainingDiverged(diverged_message("lr probe", 1, "loss", 0, min(candidates)))
+        best = distributed.on_main(lambda: min(finite, key=lambda t: t["loss"])["lr"])  # every rank trains with it
         return best, [{**t, "chosen": t["lr"] == best} for t in tried]
 
     @torch.no_grad()
@@ -173,13 +200,26 @@ class MaskedModel:
         module = self.tm.module
         module.eval()  # deterministic: no dropout noise, BatchNorm statistics as trained
         step = self.config.batch_size
+        skipped = 0
         for i in range(0, len(x), step):
             out = module(torch.as_tensor(x[i:i + step]))
             loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i:i + step], dtype=torch.long))
             grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-            for (n, _), g in zip(trainable.items(), grads):
-                if g is not None:
-                    total[n] += g.detach().pow(2)
+            squares = [g.detach().pow(2) if g is not None else None for g in grads]
+            if not all_finite(squares):  # one bad batch must not make every importance NaN (`onnxecc.guard`)
+                skipped += 1
+                continue
+            for (n, _), g2 in zip(trainable.items(), squares):
+                if g2 is not None:
+                    total[n] += g2
+        batches = -(-len(x) // step)
+        if skipped == batches or not all_finite(total.values()):
+            raise TrainingDiverged("Fisher importances: the loss gradients are non-finite on the training data "
+                                   "(weights or inputs overflow float32); try --importance l2, or "
+                                   "check --data for extreme values")
+        if skipped:
+            self.recoveries.append({"phase": "recovery", "during": "importance", "non_finite": "gradients",
+                                    "action": f"{skipped} of {batches} batches left out of the Fisher sums"})
         out = {}
         for n, f in total.items():
             layout = self.tm.layouts.get(n)

@@ -203,14 +203,41 @@ def check_reachable(
     round_to: int = 1,
     fmt: Callable[[float], str] = str,
 ) -> float:
-    """Raise `UserError` if `budget` is below the smallest reachable cost; return that cost."""
+    """Raise `UserError` if `budget` is below the smallest reachable cost; return that cost. The message names
+    the width options that would reach the budget (`narrower_options`), when any would."""
+    prunable_groups = list(prunable_groups)
     mc = min_cost(cost, prunable_groups, min_width, round_to)
     if not np.isfinite(budget) or budget < mc - 1e-12 * abs(mc):
+        narrower = narrower_options(cost, prunable_groups, budget, min_width, round_to) if np.isfinite(budget) else []
+        if narrower:
+            tail = ", or allow narrower layers: " + " or ".join(f"{o} (smallest cost {fmt(c)})" for o, c in narrower)
+        elif (min_width, round_to) != (1, 1):
+            tail = " (narrower layers would not reach it either)"
+        else:
+            tail = ""
         raise UserError(
             f"budget {fmt(budget)} is below the smallest reachable cost {fmt(mc)} (every prunable group at "
-            f"its minimum width): raise the budget to at least {fmt(mc)} or allow narrower layers"
+            f"its minimum width: --min-width {min_width}, multiples of --round-to {round_to}): raise the budget "
+            f"to at least {fmt(mc)}{tail}"
         )
     return mc
+
+
+def narrower_options(cost: BilinearCost, prunable_groups: Iterable[int], budget: float, min_width: int,
+                     round_to: int) -> list[tuple[str, float]]:
+    """The width options that would make `budget` reachable, with the smallest cost each reaches: `--round-to 1`
+    and `--min-width 1` alone where either reaches it, else both together; only options that change something
+    (not `--round-to 1` when it is 1) and only when they reach the budget (empty otherwise)."""
+    groups, limit = list(prunable_groups), budget * (1 + 1e-12)
+    alone = []
+    if round_to > 1 and (c := min_cost(cost, groups, min_width, 1)) <= limit:
+        alone.append(("--round-to 1", c))
+    if min_width > 1 and (c := min_cost(cost, groups, 1, round_to)) <= limit:
+        alone.append(("--min-width 1", c))
+    if alone or round_to == 1 or min_width == 1:
+        return alone
+    c = min_cost(cost, groups, 1, 1)
+    return [("--round-to 1 --min-width 1", c)] if c <= limit else []
 
 
 # ------------------------------------------------------------------------------------------ the greedy

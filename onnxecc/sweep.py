@@ -19,7 +19,7 @@ from pathlib import Path
 
 from onnxecc import atomic
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.errors import UserError
+from onnxecc.errors import ExplainedFailure, UserError
 
 SWEEP_FILE = "sweep.json"
 FORMAT = 1
@@ -142,7 +142,7 @@ def sweep(model: str | os.PathLike, budgets: list[str], methods: list[str], outd
         try:
             res = compress(model_path, budget, model_out, dataclasses.replace(options, method=method),
                            report=report_out, on_event=on_event)
-        except UserError as exc:
+        except (UserError, ExplainedFailure) as exc:  # this point cannot be made (its line says why): the next ones can
             rows[name] = {"name": name, "key": key, "budget": budget, "method": method, "status": "skipped",
                           "message": str(exc), "time_s": time.perf_counter() - t0}
         else:

@@ -533,6 +533,7 @@ class _Trainer:
         if not self.use_masks or e_m == 0:
             self.use_masks, self.mask_keep = False, 1.0
         teacher = runtime.run_batched(runtime.session(plan.proto), self.data.x_train)
+        self.emit("plan", {"epochs": epochs})
         self.emit("stage", {"name": "finetune", "epochs": epochs})
         self._total_steps = epochs * max(1, math.ceil(len(self.data.x_train) / opts.batch_size))
         self._step = 0
@@ -633,7 +634,7 @@ class _Trainer:
         lr = training_lr(opts.lr)
         config = TrainConfig(epochs=epochs, lr=lr, batch_size=opts.batch_size, temperature=opts.temperature,
                              distill_weight=opts.distill_weight, device=opts.device, lr_schedule="constant",
-                             seed=opts.seed + start, shuffle_seed=opts.seed + 7 * start)
+                             seed=opts.seed + start, shuffle_seed=opts.seed + 7 * start, phase=f"wsp {phase}")
 
         def after_step(step: int, total: int) -> None:
             if self.joint:
@@ -649,12 +650,17 @@ class _Trainer:
 
         def on_batch(step: int, total: int) -> None:
             self._step = offset + step
-            self.emit("batch", {"step": self._step, "total": self._total_steps})
+            self.emit("batch", {"step": self._step, "total": self._total_steps, "epochs": opts.epochs})
 
         finetune(self.tm.module, data.x_train, teacher, data.y_train, config,
-                 on_epoch=lambda log: self.emit("epoch", {**log.__dict__, "phase": phase}), on_batch=on_batch,
-                 after_step=after_step,
+                 on_epoch=lambda log: self.emit("epoch", {**log.__dict__, "phase": phase, "epochs": epochs}),
+                 on_batch=on_batch, after_step=after_step, on_recovery=self._recovered,
                  param_groups=[{"params": [s.mask for s in masks], "lr": lr * _MASK_LR_SCALE}] if masks else ())
+
+    def _recovered(self, record: dict) -> None:
+        """A non-finite step undone by the training loop (`onnxecc.guard`): into the history, and told."""
+        self.history.append(record)
+        self.emit("recovery", record)
 
     def project_final(self) -> None:
         """Project the weights to the target (the masks are fixed by now); shrink the masks first if the inputs and
@@ -710,17 +716,18 @@ class _Trainer:
         weight_masks = [Mask(s.param, m.to(s.param.device, s.param.dtype)) for s, m in
                         zip(self.states, self._weight_masks, strict=True)]
         config = TrainConfig(epochs=epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed + 1,
-                             temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
+                             temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device,
+                             phase="wsp finetune")
         offset = self._loop_start[0]
 
         def on_batch(step, total):
-            self.emit("batch", {"step": offset + step, "total": self._total_steps})
+            self.emit("batch", {"step": offset + step, "total": self._total_steps, "epochs": opts.epochs})
 
         def on_epoch(log):
-            self.emit("epoch", {**log.__dict__, "phase": "finetune"})
+            self.emit("epoch", {**log.__dict__, "phase": "finetune", "epochs": epochs})
 
         history = finetune(self.tm.module, self.data.x_train, teacher, self.data.y_train, config, weight_masks,
-                           on_epoch=on_epoch, on_batch=on_batch)
+                           on_epoch=on_epoch, on_batch=on_batch, on_recovery=self._recovered)
         with torch.no_grad():
             for m in weight_masks:
                 m.param.mul_(m.mask.cpu())
@@ -880,7 +887,7 @@ def _accuracy(model: onnx.ModelProto, data) -> float | None:
 # ------------------------------------------------------------------------------------------------- compress
 def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, report, emit):
     """`compress --method wsp --metric energy --hardware H.json` (see the module docstring)."""
-    from onnxecc.compress import CompressResult, _evaluate, _tool_version
+    from onnxecc.compress import CompressResult, _evaluate, _tool_version, recovery_warnings
     from onnxecc.validate import write_metadata
 
     opts = options
@@ -919,6 +926,7 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
         outcome = trainer.run()
         timings["train"] = time.perf_counter() - t
         out_model, energy, history, mask_keep = outcome.model, outcome.energy, outcome.history, outcome.mask_keep
+        warnings += recovery_warnings(history)
         new_nodes = insert_input_masks(out_model, plan, outcome.masks)
         pruned = True
         if plan.bits:  # --knobs width,precision: the pruned model's int8 layers written as QDQ
