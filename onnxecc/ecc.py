@@ -58,31 +58,90 @@ def budget_schedule(original: float, target: float, k: int, decay_iterations: in
     return original * (target / original) ** ((k + 1) / decay_iterations)
 
 
+class AdmmVariables:
+    """ADMM's variables besides the weights: Z (the last projection) and U (the scaled dual) of each constrained
+    tensor, by name.
+
+    Every operation takes the weights as they are now and first moves Z and U to each weight's device: training
+    moves the model to its device for every W-step (CUDA under --device auto, `finetune.pick_device`) and back
+    to the CPU after it, so the penalty and the prox step run where the weights train and the Z- and U-steps
+    where they rest, and no step mixes devices."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        with torch.no_grad():
+            self.u = {n: torch.zeros_like(w) for n, w in weights.items()}
+            self.z = {n: w.detach().clone() for n, w in weights.items()}
+
+    def _follow(self, weights: dict[str, torch.Tensor]) -> None:
+        for held in (self.u, self.z):
+            for n, t in held.items():
+                if t.device != weights[n].device:
+                    held[n] = t.to(weights[n].device)
+
+    def shifted(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """W + U (detached): what the Z-step projects."""
+        self._follow(weights)
+        with torch.no_grad():
+            return {n: weights[n].detach() + self.u[n] for n in self.u}
+
+    def set_z(self, v: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        """Z ← V with the units `masks` zero (0/1 tensors in torch layout, on any device; absent: all kept)."""
+        for n, value in v.items():
+            self.z[n] = value * masks[n].to(value.device, value.dtype) if n in masks else value.clone()
+
+    def penalty(self, weights: dict[str, torch.Tensor], rho: float) -> torch.Tensor:
+        """ρ/2‖W − Z + U‖², differentiable in W (the "penalty" W-step)."""
+        self._follow(weights)
+        total = 0.0
+        for n, w in weights.items():
+            total = total + (w - self.z[n] + self.u[n]).pow(2).sum()
+        return 0.5 * rho * total
+
+    def prox(self, weights: dict[str, torch.Tensor], rho: float) -> None:
+        """Exact proximal step of ρ/2‖W − Z + U‖² on the coordinates Z zeroes (a convex combination), in place."""
+        self._follow(weights)
+        tau = rho / (1 + rho)
+        with torch.no_grad():
+            for n, w in weights.items():
+                z, u = self.z[n], self.u[n]
+                w.copy_(torch.where(z == 0, (1 - tau) * w + tau * (z - u), w))
+
+    def dual_step(self, weights: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        """U ← U + W − Z. Returns the primal gap ‖W − Z‖², ‖W‖² outside Z's support, and ‖W‖²."""
+        self._follow(weights)
+        gap, outside, total = 0.0, 0.0, 0.0
+        with torch.no_grad():
+            for n, w in weights.items():
+                z = self.z[n]
+                self.u[n] += w - z
+                gap += float((w - z).pow(2).sum())
+                outside += float(w.pow(2)[z == 0].sum())
+                total += float(w.pow(2).sum())
+        return gap, outside, total
+
+
 def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, emit=None) -> list[dict]:
     """Run the ADMM iterations on `mm` in place; returns a log per iteration (budget, ρ, widths, gap)."""
     emit = emit or (lambda kind, info: None)
     names = [n for n in problem.producer_tensors() if n in mm.tm.params]
     constrained = sorted(_masked_names(problem, mm))
     tensors = {n: mm.tensor(n) for n in constrained}
-    u = {n: torch.zeros_like(t) for n, t in tensors.items()}
-    z = {n: t.detach().clone() for n, t in tensors.items()}
+    variables = AdmmVariables(tensors)
+    u, z = variables.u, variables.z  # the same dicts (the checkpoint saves and restores them)
     rho = {"value": config.rho}
     log: list[dict] = []
     checks: list[dict] = []
 
     def z_step(budget: float) -> dict[int, np.ndarray]:
-        with torch.no_grad():
-            v = {n: tensors[n] + u[n] for n in constrained}
+        v = variables.shifted(tensors)
         # several processes (onnxecc.distributed): rank 0 projects, every rank gets its keep sets and checks them
         keep = distributed.on_main(lambda: z_keep(v, budget))
         distributed.check_same(keep, "ADMM Z-step keep sets")
-        masks = mm.torch_masks(keep)
-        for n in constrained:
-            z[n] = v[n].detach() * masks[n] if n in masks else v[n].detach().clone()
+        variables.set_z(v, mm.torch_masks(keep))
         return keep
 
     def z_keep(v: dict[str, torch.Tensor], budget: float) -> dict[int, np.ndarray]:
-        onnx_values = {n: mm.tm.layouts[n].to_onnx(v[n]) if n in mm.tm.layouts else v[n].detach().numpy()
+        onnx_values = {n: mm.tm.layouts[n].to_onnx(v[n]) if n in mm.tm.layouts else v[n].detach().cpu().numpy()
                        for n in names if n in v}
         fisher = mm.fisher(names) if config.importance == "fisher" else None
         importance = problem.importance(onnx_values, fisher=fisher)
@@ -98,18 +157,10 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
         return problem.variables.group_keep(proj.keep)
 
     def penalty() -> torch.Tensor:
-        total = 0.0
-        for n in constrained:
-            total = total + (tensors[n] - z[n] + u[n]).pow(2).sum()
-        return 0.5 * rho["value"] * total
+        return variables.penalty(tensors, rho["value"])
 
     def prox(step: int, total: int) -> None:
-        """Exact proximal step of ρ/2‖W − Z + U‖² on the coordinates Z zeroes (a convex combination)."""
-        tau = rho["value"] / (1 + rho["value"])
-        with torch.no_grad():
-            for n in constrained:
-                off = z[n] == 0
-                tensors[n][off] = (1 - tau) * tensors[n][off] + tau * (z[n] - u[n])[off]
+        variables.prox(tensors, rho["value"])
 
     if config.w_step not in ("prox", "penalty"):
         raise ValueError(f"unknown ADMM W-step '{config.w_step}': prox or penalty")
@@ -141,13 +192,7 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
             else:
                 history = mm.train(config.epochs_per_iteration, emit, lr=config.lr, after_step=prox,
                                    phase=f"admm {k + 1}/{config.iterations}")
-            with torch.no_grad():
-                gap, outside, total = 0.0, 0.0, 0.0
-                for n in constrained:
-                    u[n] += tensors[n] - z[n]
-                    gap += float((tensors[n] - z[n]).pow(2).sum())
-                    outside += float(tensors[n].pow(2)[z[n] == 0].sum())
-                    total += float(tensors[n].pow(2).sum())
+            gap, outside, total = variables.dual_step(tensors)
             log.append({"iteration": k + 1, "budget": budget, "rho": rho["value"], "primal_gap": gap,
                         "pruned_energy": outside / max(total, 1e-30),  # share of ‖W‖² outside Z's support
                         "widths": {int(g): int(len(idx)) for g, idx in keep.items()},

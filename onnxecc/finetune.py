@@ -28,6 +28,8 @@ class Mask:
     mask: torch.Tensor
 
     def apply(self) -> None:
+        if self.mask.device != self.param.device:  # training moves the model to its device and back to the CPU
+            self.mask = self.mask.to(self.param.device)
         with torch.no_grad():
             self.param.mul_(self.mask)
 
@@ -158,6 +160,8 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
                      param_groups, after_step, on_recovery)
     finally:
         del net  # DDP's gradient hooks must not outlive this run (rank 0 alone computes Fisher importances)
+        module.to("cpu")  # also when training raises (a diverged rate of the lr probe is caught): callers evaluate,
+        # project and write back on the CPU
         if ddp is not None:
             import gc
 

@@ -736,8 +736,9 @@ class FakeQuant:
             if tm.layouts.get(node.input[1]) is not None and tm.layouts[node.input[1]].transpose:
                 axis = weight.dim() - 1 - axis % weight.dim()  # torch holds Wᵀ (nn.Linear of a transB=0 Gemm)
             site = _Site(name, owner, weight, axis)
-            owner.register_buffer(self.SCALE, torch.ones((), dtype=torch.float32))
-            owner.register_buffer(self.ZERO, torch.zeros((), dtype=torch.int32))
+            # beside the weight, wherever the module is now (`module.to` moves them with it afterwards)
+            owner.register_buffer(self.SCALE, torch.ones((), dtype=torch.float32, device=weight.device))
+            owner.register_buffer(self.ZERO, torch.zeros((), dtype=torch.int32, device=weight.device))
             if isinstance(owner, nn.modules.conv._ConvNd) and attr == "weight":
                 owner.forward = lambda x, o=owner, s=site: o._conv_forward(self._act(s, x), self._weight(s), o.bias)
             elif isinstance(owner, nn.Linear) and attr == "weight":

@@ -56,7 +56,7 @@ def _forward_with_hooks(module: torch.nn.Module, x: torch.Tensor, hook) -> None:
     handles = [m.register_forward_hook(lambda m, _i, out, n=n: hook(n, m, out)) for n, m in _convolutions(module)]
     try:
         module.eval()
-        module(x)
+        module(x.to(next(module.parameters(), x).device))  # the samples stay on the CPU; the model may be elsewhere
     finally:
         for h in handles:
             h.remove()
@@ -98,7 +98,7 @@ def recalibrate(module: torch.nn.Module, x: torch.Tensor, reference: dict[str, S
             return None
         done.add(name)
         alive = m.weight.flatten(1).abs().sum(1) > 0
-        ref_mean, ref_std = (r.to(out.dtype) for r in reference[name])
+        ref_mean, ref_std = (r.to(out.device, out.dtype) for r in reference[name])
         mean, std = _stats(out)
         scale = torch.where(alive & (std > _DEAD), ref_std / std.clamp_min(_DEAD), torch.ones_like(std))
         shift = torch.where(alive, ref_mean - scale * mean, torch.zeros_like(mean))

@@ -609,6 +609,9 @@ class _Trainer:
                         continue
                     acc = getattr(s, attr)
                     g2 = param.grad.detach().square()
+                    if acc is not None and acc.device != g2.device:  # a resumed run's averages come back on the CPU
+                        acc = acc.to(g2.device)
+                        setattr(s, attr, acc)
                     if acc is None:
                         setattr(s, attr, g2.clone())
                     else:
