@@ -611,7 +611,8 @@ def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compres
         first = {k: verdict[k] for k in ("ratio", "of_budget", "meets")} | {"rounds": CHECK_ROUNDS}
         pair = pair + runtime.measure_pair(sess_o, sess_c, x, rounds=CONFIRM_ROUNDS, repeats=repeats)
         verdict = _latency_verdict(pair, budget, target) | {"first_look": first}
-    return verdict
+    # where it ran: nodes per execution provider (`runtime.placement`; the provider was checked to run some)
+    return verdict | {"placement": {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)}}
 
 
 def _latency_verdict(pair: runtime.Pair, budget: Budget, target: float) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 
 from onnxecc.errors import UserError
 
@@ -55,20 +56,63 @@ def session(model: onnx.ModelProto | bytes | str | os.PathLike, provider: str = 
             threads: int = 1, provider_options: dict | None = None, file_threshold: int | None = None
             ) -> ort.InferenceSession:
     """A session pinned to `threads` intra-op threads, so timings are comparable between models. A path is
-    opened by onnxruntime itself (with its external data); a large proto goes through a file (`model_source`)."""
+    opened by onnxruntime itself (with its external data); a large proto goes through a file (`model_source`).
+
+    The session runs on `provider`, checked (`check_provider`): the nodes it does not support run on the CPU
+    (onnxruntime's partitioning: shape arithmetic stays on the CPU under CUDA), and `placement` tells how many."""
     available = ort.get_available_providers()
     if provider not in available:
         raise UserError(f"execution provider {provider} is not available here (available: "
-                        f"{', '.join(available)}): install the onnxruntime build that has it")
+                        f"{', '.join(available)}): install the onnxruntime build that has it, or choose another "
+                        "--provider")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry(_RECORD_PLACEMENT, "1")
     providers = [(provider, provider_options or {})]
-    if provider != "CPUExecutionProvider":
-        providers.append(("CPUExecutionProvider", {}))
+    if provider != CPU:
+        providers.append((CPU, {}))
     with model_source(model, file_threshold) as source:
-        return ort.InferenceSession(source, options, providers=providers)
+        sess = ort.InferenceSession(source, options, providers=providers)
+    check_provider(sess, provider)
+    return sess
+
+
+CPU = "CPUExecutionProvider"
+_RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"  # read back by `placement`
+
+
+def placement(sess: ort.InferenceSession) -> dict[str, int] | None:
+    """Nodes per execution provider as onnxruntime partitioned the graph of `sess` (after its basic rewrites such
+    as constant folding, before the provider's own fusions); None when this onnxruntime cannot tell (an older
+    release, or a session not made by `session`)."""
+    try:
+        subgraphs = sess.get_provider_graph_assignment_info()
+    except (AttributeError, OrtFail):  # no such method / the session was made without `_RECORD_PLACEMENT`
+        return None
+    counts: dict[str, int] = {}
+    for sub in subgraphs:
+        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return counts
+
+
+def check_provider(sess: ort.InferenceSession, provider: str) -> dict[str, int] | None:
+    """Refuse (one-line UserError) a session that would not run on `provider`: one onnxruntime created without it
+    (a provider it lists as available can still fail to load, e.g. CUDA without its libraries, and onnxruntime
+    then falls back to the CPU with a log line), or one where the provider runs none of the model's nodes — what
+    would be timed is the CPU under the provider's name. Returns `placement(sess)`."""
+    used = sess.get_providers()
+    if not used or used[0] != provider:
+        raise UserError(f"execution provider {provider} could not be created here (onnxruntime gave "
+                        f"{', '.join(used) or 'none'} instead): fix its installation (drivers, libraries) or choose "
+                        "another --provider")
+    counts = placement(sess)
+    if provider != CPU and counts and not counts.get(provider):
+        raise UserError(f"execution provider {provider} runs none of the model's {sum(counts.values())} nodes "
+                        f"(onnxruntime placed them on {', '.join(sorted(counts))}): its latency would be theirs; "
+                        "choose another --provider")
+    return counts
 
 
 def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256,

@@ -33,6 +33,7 @@ class ValidateResult:
     latency_ratio: float  # compressed / original: the median of per-round ratios (`runtime.Pair`)
     provider: str
     budget: dict = field(default_factory=dict)  # metric, budget, cost, meets_budget (empty if no metadata)
+    placement: dict = field(default_factory=dict)  # "original"/"compressed": nodes per provider (`runtime.placement`)
 
     @property
     def meets_budget(self) -> bool | None:
@@ -46,7 +47,7 @@ class ValidateResult:
             "latency_original": self.latency_original.as_dict(),
             "latency_compressed": self.latency_compressed.as_dict(),
             "latency_ratio": self.latency_ratio,
-            "budget": self.budget, "meets_budget": self.meets_budget,
+            "budget": self.budget, "meets_budget": self.meets_budget, "placement": self.placement,
         }
 
 
@@ -115,7 +116,8 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     pair = runtime.measure_pair(sess_o, sess_c, x[:1])
     budget = _budget_check(comp_proto, pair, hw)
     return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
-                          float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget)
+                          float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget,
+                          {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)})
 
 
 def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None) -> dict:

@@ -116,6 +116,9 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
         raise UserError("--threads, --repeats, --min-width and --step must be ≥ 1, --warmup ≥ 0")
     if output is not None:
         atomic.check_output_path(output)
+        if Path(output).exists():  # a profile never replaces the model it measures (nor its external data)
+            atomic.refuse_input(output, [Path(output)], ingest.model_files(model), "-o",
+                                "give the profile its own .json path")
     info = ModelInfo.of(model)
     m = make_meter(meter)
     if m.name == "cputime" and threads != 1:
@@ -131,6 +134,8 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
         if on_progress:
             on_progress(done, total, {})
         x, reference = None, None
+        if todo:  # the provider checked on the full model before anything is measured, and where its nodes run
+            prof.placement = runtime.placement(runtime.session(info.model, provider, threads, provider_options))
         for s in todo:
             t0 = time.perf_counter()
             variant = sampling.build(info.model, info.graph, s)

@@ -147,6 +147,9 @@ class Profile:
     # `--knobs width,precision`: the int8 measurement (`onnxecc.quantize.PrecisionProfile.as_dict` plus the model
     # fingerprint, provider, threads, calibration and int8 samples at pruned widths); None for width-only profiles
     precision: dict | None = None
+    # nodes per execution provider in the full model's session (`onnxecc.runtime.placement`): where the samples
+    # actually ran, the provider's unsupported nodes on the CPU; None when not recorded
+    placement: dict | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -154,6 +157,7 @@ class Profile:
             "model": {"fingerprint": self.fingerprint, "source": self.source},
             "metric": self.metric, "unit": self.unit,
             "provider": self.provider, "provider_options": self.provider_options,
+            **({"placement": self.placement} if self.placement is not None else {}),
             "meter": self.meter, "machine": self.machine, "settings": self.settings,
             "variables": self.variables, "layers": self.layers,
             "fit": self.fit.as_dict() if self.fit is not None else None,
@@ -310,6 +314,7 @@ def from_dict(data, path, *, require_fit: bool = True) -> Profile:
         settings=_get(data, "settings", dict, path), variables=variables, layers=layers, samples=samples,
         fit=fit_obj, tool_version=str(tool.get("version", "")), profiling_s=float(data.get("profiling_s") or 0.0),
         path=Path(path), precision=_precision(data, fp, layers, path),
+        placement=data["placement"] if isinstance(data.get("placement"), dict) else None,
     )
 
 
