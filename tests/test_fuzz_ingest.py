@@ -12,6 +12,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -135,7 +136,12 @@ def proto_mutations(draw):
 
 
 def test_seed_model_loads():
-    load_and_inspect(SEED)
+    """The unmutated seed loads and inspects with no error at all (a UserError on it would leave every mutated
+    example vacuous); the layers found are the file's Conv/Gemm nodes and the parameter count its initializers'."""
+    result = onnxecc.inspect(ingest.load(SEED))
+    assert [layer.name for layer in result.layers] == \
+        [n.name for n in SEED_PROTO.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert result.layer_params == sum(int(np.prod(t.dims)) for t in SEED_PROTO.graph.initializer)
 
 
 @pytest.mark.parametrize("data", [b"", SEED[:1], SEED[:-1], SEED[: len(SEED) // 2], b"\x08" * 100],

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -79,9 +81,26 @@ def test_latency_meter_median_and_iqr():
     assert m.iqr == pytest.approx(np.subtract(*np.percentile([1, 1, 1, 1, 3, 5, 4, 2, 100], [75, 25])))
 
 
+def _spin(cpu_s: float) -> None:
+    """Burn at least `cpu_s` CPU seconds of the calling thread, read with `time.thread_time` itself."""
+    end = time.thread_time() + cpu_s
+    while time.thread_time() < end:
+        pass
+
+
 def test_cputime_meter_counts_this_thread():
-    m = CpuTimeMeter().measure(lambda: sum(range(20000)), warmup=1, repeats=5)
-    assert 0 < m.value < 1
+    """CPU seconds of the calling thread only: a run that spins 10 ms of its CPU reads at least that, a run that
+    sleeps 20 ms (wall time, no CPU) or waits for another thread's 10 ms of CPU reads almost nothing."""
+    meter = CpuTimeMeter(min_time_s=0)  # exactly `repeats` runs: a sleeping run never adds up to min_time_s
+    assert meter.measure(lambda: _spin(0.01), warmup=1, repeats=3).value >= 0.01
+    assert meter.measure(lambda: time.sleep(0.02), warmup=1, repeats=3).value < 0.003
+
+    def elsewhere():
+        worker = threading.Thread(target=_spin, args=(0.01,))
+        worker.start()
+        worker.join()
+
+    assert meter.measure(elsewhere, warmup=1, repeats=3).value < 0.003
     assert make_meter("cputime").name == "cputime"
 
 

@@ -345,12 +345,26 @@ def test_near_the_floor_accuracy_is_far_above_chance(resdw_near_floor):
     assert result.accuracy_after > 0.8
 
 
-def test_near_the_floor_a_chance_level_result_is_not_silent(resdw_near_floor):
+def test_near_the_floor_a_trained_result_gives_no_chance_warning(resdw_near_floor):
     result, _ = resdw_near_floor
-    if result.accuracy_after < 0.15:
-        assert any("near chance" in w and "smallest reachable" in w for w in result.warnings)
-    else:
-        assert not any("near chance" in w for w in result.warnings)
+    assert result.accuracy_after >= 0.15
+    assert not any("near chance" in w for w in result.warnings)
+
+
+def test_near_the_floor_a_chance_level_result_is_not_silent(tmp_path):
+    """A learning rate too small to recover anything (1e-9, 2 epochs) leaves digits_resdw at 0.2 at chance; the
+    file's accuracy, measured here with a fresh onnxruntime session, is at chance and a warning says so."""
+    from onnxecc.data import load_digits
+
+    out = tmp_path / "chance.onnx"
+    opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=2, lr=1e-9,
+                           measure_latency=False)
+    result = compress(RESDW, "0.2", out, opts)
+    ds = load_digits()
+    accuracy = float((ort.InferenceSession(str(out)).run(None, {"input": ds.x_test})[0].argmax(1) == ds.y_test).mean())
+    assert accuracy < 0.15 < result.accuracy_before
+    assert result.accuracy_after == pytest.approx(accuracy)
+    assert sum("near chance" in w and "smallest reachable" in w for w in result.warnings) == 1, result.warnings
 
 
 def test_budget_between_the_floor_and_the_minimum_supports_is_a_one_line_error(tmp_path):
