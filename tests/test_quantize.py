@@ -106,24 +106,42 @@ def test_sets_timed_whole_keep_int8_chains_and_leave_slower_layers_out():
 
 
 def test_measured_choice_on_digits_cnn(digits, tmp_path):
-    """One real measurement: every candidate gets a measured saving; the int8 layers are one of the candidate sets
-    of those savings, the one `choose_set` picks from the sets' measured ratios (nothing when none is faster than
-    fp32); no layer measured slower goes int8; the JSON round-trips."""
+    """One real measurement, checked against the file and against the documented rule written out here (not the
+    product's `candidate_sets` / `choose_layers`): every Conv/Gemm of the file gets a measured saving; a layer is
+    faster when its saving exceeds max(noise, min_saving × fp32 latency), slower when it is below minus that; the
+    sets timed whole are the faster layers and all but the slower ones (distinct, non-empty); the int8 layers are
+    one of them, measured below 1 − min_saving of fp32 (nothing when none is), never a slower layer, and exactly
+    the layers whose weights the QDQ model of that set dequantizes; the JSON round-trips."""
     model = ingest.load(CNN)
     prof = measure_precision(model, digits.x_train[:64])
-    assert set(prof.layers) == set(candidates(model))
-    savings = {n: (v["saving_s"], v["noise_s"]) for n, v in prof.layers.items()}
-    sets = candidate_sets(savings, prof.fp32_s, prof.min_saving)
-    assert {k: v["layers"] for k, v in prof.sets.items()} == {k: len(v) for k, v in sets.items()}
+    in_file = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert list(prof.layers) == in_file and all(prof.layers[n]["saving_s"] is not None for n in in_file)
+
+    def floor(n: str) -> float:
+        return max(prof.layers[n]["noise_s"], prof.min_saving * prof.fp32_s)
+
+    faster = [n for n in in_file if prof.layers[n]["saving_s"] > floor(n)]
+    slower = {n for n in in_file if prof.layers[n]["saving_s"] < -floor(n)}
+    all_but_slower = [n for n in in_file if n not in slower]
+    expected = {FASTER: faster, ALL_BUT_SLOWER: all_but_slower} if all_but_slower != faster else {FASTER: faster}
+    expected = {label: layers for label, layers in expected.items() if layers}
+    assert {k: v["layers"] for k, v in prof.sets.items()} == {k: len(v) for k, v in expected.items()}
     ratios = {k: v["ratio"] for k, v in prof.sets.items()}
+    for label, layers in expected.items():
+        if layers == in_file:  # every layer int8: the first side-by-side pair, also recorded as int8_all
+            assert ratios[label] == pytest.approx(prof.int8_all_s / prof.fp32_s)
     if prof.chosen:
-        label = next(k for k, v in sets.items() if v == prof.chosen)
+        label = next(k for k, v in expected.items() if v == prof.chosen)
         assert prof.ratio == pytest.approx(ratios[label]) and prof.ratio < 1 - prof.min_saving
         assert ratios[label] <= min(ratios.values()) + 0.1  # the fastest, or a smaller set within the noise
+        q = quantize_layers(model, digits.x_train[:64], prof.chosen)
+        dequantized = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+        assert [n.name for n in q.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dequantized] == \
+            prof.chosen
     else:
         assert prof.ratio == 1.0 and all(r > 1 - prof.min_saving - 0.1 for r in ratios.values())
-    slower = {n for n, (ok, why) in choose_layers(savings, prof.fp32_s, prof.min_saving).items() if "SLOWER" in why}
     assert not slower & set(prof.chosen)
+    assert all(("SLOWER" in prof.layers[n]["reason"]) == (n in slower) for n in in_file)
     back = PrecisionProfile.load(prof.save(tmp_path / "p.json"))
     assert back.chosen == prof.chosen and _close(back.as_dict(), prof.as_dict())  # JSON keeps ms: last bits differ
     json.loads((tmp_path / "p.json").read_text())  # plain JSON, no pickle
