@@ -268,6 +268,8 @@ def compress(
     finally:
         if progress.live.is_started:
             progress.stop()
+    if lines is not None:  # a run without training held its phase lines back until it succeeded
+        lines.flush()
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
     for name, layer in ((result.precision or {}).get("measured", {}).get("layers", {})).items():
@@ -413,6 +415,8 @@ def profile(
     finally:
         if started:
             progress.stop()
+    if lines is not None:
+        lines.flush()
     fit = result.fit
     full = next((s["value"] for s in result.samples if s.get("kind") == "full"), None)
     table = Table(title=f"{model} on {result.provider} ({result.meter.get('spec', meter)}) → {output}")
@@ -479,14 +483,18 @@ def sweep(
     options = CompressOptions(metric=metric, profile=profile, data=data, epochs=epochs, seed=seed,
                               admm_iterations=admm_iterations, admm_epochs=admm_epochs, measure_latency=latency)
 
-    lines = _log_lines(quiet)
+    point = {"lines": None}
 
     def on_event(kind: str, info: dict) -> None:
+        lines = point["lines"]
         if kind == "point" and info["status"] != "start":
+            if lines is not None and info["status"] == "done":
+                lines.flush()
             err_console.print(f"{info['name']}: {info['status']}", highlight=False)
         elif kind == "point":
             err_console.print(f"{info['name']}: running…", highlight=False)
-        elif lines is not None:  # a point's compress events, in logs
+            point["lines"] = _log_lines(quiet)  # the point's phases and epochs in logs, timed from its start
+        elif lines is not None:
             lines(kind, info)
 
     try:

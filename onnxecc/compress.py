@@ -9,6 +9,7 @@ output file and the model checked in onnxruntime → atomic write with metadata,
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -167,8 +168,10 @@ def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers,
 def compress(model: ingest.ModelSource, budget: str | float, output: str | Path | None = None,
              options: CompressOptions | None = None, report: str | Path | None = None,
              on_event: Callable[[str, dict], None] | None = None, checkpoint: str | Path | None = None,
-             resume: str | Path | None = None) -> CompressResult:
+             resume: str | Path | None = None, overwrite: bool = False) -> CompressResult:
     """Compress `model` to meet `budget` (see `onnxecc.budget` for the grammar); write `output` if given.
+    An `output` that would replace the input model or its external data is a UserError unless `overwrite`
+    (`_refuse_overwriting_input`); a report or checkpoint over them always is.
 
     `on_event(kind, info)` receives progress ("stage", "epoch", "batch") for a front end to display.
 
@@ -194,6 +197,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     for path in (output, report, checkpoint):
         if path is not None:
             atomic.check_output_path(path)
+    _refuse_overwriting_input(model, output, report, checkpoint, overwrite)
     _check_options(opts)
     parsed = parse_budget(str(budget), opts.metric)
     _check_devices(opts)
@@ -389,9 +393,10 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     if measured_fail:
         result.measured_miss = True
         if output is not None:  # never hand an over-budget model over under the requested name
-            kept_as = Path(output).with_name(Path(output).stem + ".over-budget.onnx")
+            kept_as = over_budget_path(output)
             ingest.save(out_model, kept_as)
             result.output = kept_as
+            warnings.append(f"the output missed the measured budget: written to {kept_as}, not to {output}")
     elif output is not None:
         ingest.save(out_model, output)
     if report is not None:
@@ -406,6 +411,35 @@ def recovery_warnings(history: list[dict]) -> list[str]:
     recovered = [h for h in history if h.get("phase") == "recovery"]
     return [f"training met non-finite numbers {len(recovered)} time(s) and recovered: see the 'recovery' entries "
             "of the report's history"] if recovered else []
+
+
+def _refuse_overwriting_input(model, output, report, checkpoint, overwrite: bool) -> None:
+    """The user's model is never replaced by accident: `-o` naming the input (or a data file it reads, which
+    the save would replace or remove) needs `overwrite`; the report and checkpoint never replace it. With
+    `overwrite` the input is still read whole before anything is written: `ingest.load` reads it at the
+    start, the sessions of the original are made before the output is saved, and `ingest.save` writes new
+    files and renames them (a session mapping the old data keeps it)."""
+    checks = [(report, "--report", "give another --report"), (checkpoint, "--checkpoint", "give another --checkpoint")]
+    if not overwrite:
+        checks.insert(0, (output, "-o", "pass --overwrite to replace it, or give another -o"))
+    inputs = None
+    for path, option, fix in checks:
+        if path is None:
+            continue
+        written = ingest.files_written(path) if option == "-o" else [Path(path)] if Path(path).exists() else []
+        if written:
+            inputs = inputs if inputs is not None else ingest.model_files(model)  # parsed only when needed
+            atomic.refuse_input(path, written, inputs, option, fix)
+
+
+def over_budget_path(output: str | Path) -> Path:
+    """Where a model that missed its measured budget is kept: `NAME.over-budget.onnx`, or `-2`, `-3`, … when that
+    exists — never a file (or a data file a save would remove) that the user did not name."""
+    output = Path(output)
+    for n in itertools.count(1):
+        path = output.with_name(output.stem + (".over-budget.onnx" if n == 1 else f".over-budget-{n}.onnx"))
+        if not ingest.files_written(path):
+            return path
 
 
 def _pack_output(output: tuple) -> dict:

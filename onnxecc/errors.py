@@ -1,7 +1,8 @@
 """Error types that decide the exit code.
 
 A `UserError` is something the user can fix (bad file, bad option, impossible budget): the CLI prints its
-one-line message and exits 2. Anything else is our bug: exit 1.
+one-line message and exits 2. An `ExplainedFailure` (training that diverged after every recovery) prints its
+one line and exits 1. Anything else is our bug: exit 1.
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@ is wrong, rather than surface later as a KeyError deep inside a converter.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -204,25 +208,102 @@ def _uses_external_data(tensor: onnx.TensorProto) -> bool:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
-    """Write atomically (never a half-written model). A model whose file would pass protobuf's 2 GB limit keeps
-    its weights in `NAME.data` next to it (ONNX external data; written first, both renamed into place);
-    `external=True`/`False` forces either layout (`runtime.session` writes external data so that onnxruntime
-    can memory-map the weights).
+    """Write `model` to `path` so that a crash or kill at any moment leaves `path` readable as the old model or
+    the new one, never half of one. A model whose file would pass protobuf's 2 GB limit keeps its weights in
+    `NAME.data` next to it (ONNX external data); `external=True`/`False` forces either layout
+    (`runtime.session` writes external data so that onnxruntime can memory-map the weights). Data files named
+    after `path` that the new model does not use (an earlier save's) are removed; no other file is touched.
+
+    External data makes the model two files, and no rename swaps two files at once, so the header's rename is
+    the one commit point, and the data a header names must exist, whole, from before that header is renamed
+    into place until it is replaced (the old order — the data renamed onto `NAME.data`, then the header — left
+    the old header over the new data when killed between): (1) the weights go to a file no header names:
+    `NAME.data` if it does not exist, else a fresh `NAME.<token>.data` (created exclusively, fsynced: no
+    existing file changes); (2) the header, whose `location` fields name that file relative to the header's
+    folder (as ONNX resolves them), goes to a temp file renamed onto `path` — commit; (3) the old data files
+    named after `path` are removed; (4) data under a token name is copied to `NAME.data` (the usual name,
+    which scripts may expect), a header naming it is committed the same way, and the token file is removed.
+    A kill between any two steps leaves a header whose data is whole (a left-over file is removed by the next
+    save). Not a hard link in (4): onnx refuses to load external data with several links.
 
     `model` is not modified, and never serialised whole: tensors are written one at a time, so the memory
     needed is the model plus its largest tensor (`SerializeToString` would need the model twice, and fails over
     2 GB). The bytes of an inline model are exactly `model.SerializeToString()`'s."""
     path = atomic.check_output_path(path)
     if external is False or (external is None and _model_size(model) < _TWO_GB):
-        return atomic.write_with(path, lambda f: _write_model(f, model, {}))
-    data = path.with_name(path.name + ".data")
-    tmp_data = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+        atomic.write_with(path, lambda f: _write_model(f, model, {}))
+        _remove_stale_data(path, keep=None)
+        return path
+    usual = _data_path(path)
+    first = usual if not usual.exists() else path.with_name(f"{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.data")
     try:
-        stubs = _write_external(model, tmp_data, data.name)
-        atomic.write_with(path, lambda f: (os.replace(tmp_data, data), _write_model(f, model, stubs)))
-    finally:
-        tmp_data.unlink(missing_ok=True)
+        stubs = _write_external(model, first, first.name)
+        atomic.write_with(path, lambda f: _write_model(f, model, stubs))
+    except BaseException:
+        first.unlink(missing_ok=True)
+        raise
+    _remove_stale_data(path, keep=first)
+    if first != usual:  # a save over an existing pair: its data back under the usual name
+        shutil.copyfile(first, usual)
+        with open(usual, "rb+") as f:
+            os.fsync(f.fileno())
+        for stub in stubs.values():
+            next(e for e in stub.external_data if e.key == "location").value = usual.name
+        atomic.write_with(path, lambda f: _write_model(f, model, stubs))
+        first.unlink()
     return path
+
+
+_TOKEN_BYTES = 6  # NAME.<12 hex digits>.data
+
+
+def _data_path(path: Path) -> Path:
+    """Where `save` keeps the external data of a model written to `path`."""
+    return path.with_name(path.name + ".data")
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The existing data files named after `path` that `save` writes: `NAME.data`, and `NAME.<token>.data` of a
+    save that was killed (or ran where hard links are unavailable)."""
+    token = re.compile(re.escape(path.name) + rf"\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.data")
+    found = [p for p in path.parent.glob(glob.escape(path.name) + ".*.data") if token.fullmatch(p.name)]
+    return sorted(found) + ([_data_path(path)] if _data_path(path).is_file() else [])
+
+
+def _remove_stale_data(path: Path, keep: Path | None) -> None:
+    """After a commit: the data files named after `path` other than `keep` (the one its header now names) are no
+    longer read by it. The folder is synced first, so that a power cut cannot keep the removal but lose the
+    header's rename."""
+    stale = [p for p in _data_files(path) if p != keep]
+    if stale:
+        atomic.fsync_dir(path.parent)
+    for p in stale:
+        p.unlink(missing_ok=True)
+
+
+def files_written(path: str | os.PathLike) -> list[Path]:
+    """The existing files a `save` to `path` replaces or removes: `path` and the data files named after it."""
+    path = Path(path)
+    return ([path] if path.exists() else []) + _data_files(path)
+
+
+def model_files(src: ModelSource) -> list[Path]:
+    """The files a model given by path is read from: the path, then the external-data files its tensors name
+    (that exist). Empty for bytes and protos. Parses the file (without its external data)."""
+    if not isinstance(src, (str, os.PathLike)):
+        return []
+    path = Path(src)
+    try:
+        model = _parse(path.read_bytes(), str(path))
+    except (OSError, UserError):  # unreadable or not ONNX: loading it reports that
+        return [path]
+    found: dict[Path, None] = {}
+    for t in _all_tensors(model):
+        if _uses_external_data(t):
+            location = next((e.value for e in t.external_data if e.key == "location"), None)
+            if location and (path.parent / location).is_file():
+                found[path.parent / location] = None
+    return [path, *found]
 
 
 def sha256(model: onnx.ModelProto) -> str:
@@ -365,7 +446,7 @@ def _write_external(model: onnx.ModelProto, data_path: Path, location: str) -> d
     from onnx import numpy_helper
 
     stubs: dict[int, onnx.TensorProto] = {}
-    with open(data_path, "wb") as f:
+    with open(data_path, "xb") as f:  # a new file: never one that another model reads
         for i, t in enumerate(model.graph.initializer):
             if _nbytes(t) < _STUB_BYTES or _uses_external_data(t) or t.data_type == onnx.TensorProto.STRING:
                 continue

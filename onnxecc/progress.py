@@ -6,6 +6,9 @@ the run started and an estimate of the training time left. The estimate counts e
 the epochs a round will train ("plan"), and the time per epoch so far, partial epochs included, gives the rest.
 The front end decides where lines go (the CLI: stderr, when that is not a terminal; a terminal gets the bar).
 
+Lines are held back until the run is past checking its input — the first training batch or epoch, a counted
+job's second report, or `flush()` when the run succeeded — so that a refused input still prints one line only.
+
 Why: an 11-minute `compress` of the PaddleOCR classifier wrote nothing to a pipeline's log between its first
 line and its final table.
 """
@@ -48,10 +51,13 @@ class LogLines:
         self.completed = 0  # epochs finished since the plan
         self.partial = 0.0  # share of the running epoch done (from batch events)
         self.count_start: float | None = None
+        self.held: list[str] | None = []  # lines not written yet (see the module docstring); None: write at once
         self.count_first = 0
 
     def __call__(self, kind: str, info: dict) -> None:
         now = self.clock()
+        if kind in ("batch", "epoch", "recovery"):  # training runs: the input was accepted
+            self.flush()
         if kind == "plan":
             self.planned, self.plan_start, self.completed, self.partial = float(info["epochs"]), now, 0, 0.0
         elif kind == "stage":
@@ -82,10 +88,18 @@ class LogLines:
             self.count_start, self.count_first = now, done
         elif done != total and now - self.last < self.every_s:
             return
+        else:
+            self.flush()
         left, here = "", done - self.count_first
         if total and here > 0 and done < total:
             left = f"; ~{clock_text((now - self.count_start) / here * (total - done))} left"
         self._line(now, f"{label}: {done}/{total if total else '?'}{left}", estimate=False)
+
+    def flush(self) -> None:
+        """Write the lines held back so far, and every later one at once."""
+        held, self.held = self.held or [], None
+        for line in held:
+            self.write(line)
 
     def _phase(self, info: dict) -> str:
         phase = info.get("phase")
@@ -100,6 +114,9 @@ class LogLines:
 
     def _line(self, now: float, text: str, estimate: bool = True) -> None:
         left = self.left_s(now) if estimate else None
-        self.write(f"[{clock_text(now - self.start)}] {text}"
-                   + (f"; training ~{clock_text(left)} left" if left is not None else ""))
+        line = f"[{clock_text(now - self.start)}] {text}" + (f"; training ~{clock_text(left)} left" if left else "")
+        if self.held is not None:
+            self.held.append(line)
+        else:
+            self.write(line)
         self.last = now

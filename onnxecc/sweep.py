@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxecc import atomic
+from onnxecc import atomic, ingest
 from onnxecc.compress import CompressOptions, compress
 from onnxecc.errors import ExplainedFailure, UserError
 
@@ -122,6 +122,7 @@ def sweep(model: str | os.PathLike, budgets: list[str], methods: list[str], outd
     order = [point_name(m, b) for b, m in points]
     if len(set(order)) != len(order):
         raise UserError("two budgets or methods map to the same output name: remove the duplicates")
+    _refuse_overwriting_input(model_path, out, order, plot)
 
     def save() -> None:
         result.points = [rows[n] for n in order if n in rows]
@@ -165,6 +166,17 @@ def sweep(model: str | os.PathLike, budgets: list[str], methods: list[str], outd
         result.plot = plot_sweep(result, plot, x=plot_x)
     save()
     return result
+
+
+def _refuse_overwriting_input(model: Path, out: Path, names: list[str], plot) -> None:
+    """No output of the sweep (a point's model or report, sweep.json, the plot) may replace the input model or
+    the external data it reads: every later point compresses it again. Checked before the first point."""
+    written = [f for n in names for f in ingest.files_written(out / f"{n}.onnx")]
+    written += [p for p in [*(out / f"{n}.json" for n in names), out / SWEEP_FILE] if p.exists()]
+    inputs = ingest.model_files(model) if written or (plot is not None and Path(plot).exists()) else []
+    atomic.refuse_input(out, written, inputs, "-o", "give the sweep another output directory")
+    if plot is not None and Path(plot).exists():
+        atomic.refuse_input(plot, [Path(plot)], inputs, "--plot", "give another --plot")
 
 
 def _fill_original(result: SweepResult) -> None:
