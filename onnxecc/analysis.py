@@ -4,7 +4,8 @@ Every command that prunes or profiles needs the same four views of a model, comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -21,13 +22,19 @@ class Analysis:
     layers: list[Layer]
     graph: ChannelGraph
     variables: Variables
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the size analysed at (batch first)
 
 
-def analyse(proto: onnx.ModelProto, purpose: str = "compress") -> Analysis:
-    """Raises UserError when the model has no compute layer (nothing to `purpose`)."""
-    shaped = with_static_shapes(proto)
+def analyse(proto: onnx.ModelProto, purpose: str = "compress",
+            input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
+    """Raises UserError when the model has no compute layer (nothing to `purpose`). Inputs with symbolic sizes
+    are analysed at `input_shapes` (`onnxecc.inputs.resolve_shapes`); the model itself keeps them symbolic."""
+    from onnxecc.inputs import resolve_shapes
+
+    input_shapes = resolve_shapes(proto, input_shapes)
+    shaped = with_static_shapes(proto, input_shapes=input_shapes)
     layers = find_layers(proto, shaped)
     if not layers:
         raise UserError(f"the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to {purpose}")
     graph = analyze(proto, shaped)
-    return Analysis(proto, shaped, layers, graph, unit_classes(graph))
+    return Analysis(proto, shaped, layers, graph, unit_classes(graph), input_shapes)

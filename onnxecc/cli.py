@@ -34,6 +34,15 @@ def _is_ctrl_c(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or _state["sigint"]
 
 
+_INPUT_SHAPE_HELP = ("Size to analyse a model with symbolic input dims at: NAME:d0,d1,... batch first (repeatable; "
+                     "the name may be left out for a single-input model). Default: the first sample of --data. "
+                     "The output keeps the dims symbolic.")
+_INPUT_SHAPE = typer.Option(None, "--input-shape", help=_INPUT_SHAPE_HELP)
+_VALIDATE_INPUT_SHAPE = typer.Option(None, "--input-shape",
+                                     help="Size to feed a model with symbolic input dims at (NAME:d0,d1,..., "
+                                          "repeatable). Default: --data's, else the size compress counted at.")
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
     _state["debug"] = debug
@@ -44,11 +53,13 @@ def inspect(
     model: str = typer.Argument(..., help="Path to the .onnx file."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
     hardware: str = typer.Option(None, "--hardware", help="Accelerator JSON: add the modelled energy per layer."),
+    input_shape: list[str] = _INPUT_SHAPE,
 ) -> None:
     """List the compute layers of MODEL with channels, kernel, MACs and parameters."""
+    from onnxecc.inputs import parse_input_shapes
     from onnxecc.inspection import inspect as run_inspect
 
-    result = run_inspect(model, hardware=hardware)
+    result = run_inspect(model, hardware=hardware, input_shapes=parse_input_shapes(input_shape))
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return
@@ -99,6 +110,10 @@ def inspect(
     console.print(groups)
     console.print(f"{len(result.layers)} compute layers; {result.model_params:,} parameters in the model "
                   "(MACs count Conv/Gemm/MatMul multiply-accumulates for batch 1)")
+    if result.symbolic:
+        from onnxecc.inputs import shapes_text
+
+        console.print(f"the model's input sizes are symbolic: counted at {shapes_text(result.inputs)}", highlight=False)
 
 
 def _log_lines(quiet: bool):

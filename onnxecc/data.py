@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from onnxecc.errors import UserError
+from onnxecc.inputs import Feeds, Input
 
 DIGITS_SHAPE = (1, 8, 8)
 """Per-sample shape of the built-in `digits` data (C×H×W)."""
@@ -124,8 +125,8 @@ def load_digits(seed: int = 0) -> Dataset:
     )
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read `x` and optional `y` from an npz, turning every numpy/zip failure into a one-line UserError."""
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an npz, turning every numpy/zip failure into a one-line UserError."""
     if not os.path.exists(path):
         raise UserError(f"data file {path} does not exist; pass an existing .npz file or --data digits")
     if os.path.isdir(path):
@@ -146,15 +147,8 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
             f"{path} holds a single array, not an .npz archive; save it with numpy.savez(path, x=..., y=...)"
         )
     with loaded:
-        keys = set(loaded.files)
-        if "x" not in keys:
-            found = ", ".join(sorted(keys)) or "none"
-            raise UserError(
-                f"{path} has no array named 'x' (found: {found}); save inputs as numpy.savez(path, x=...)"
-            )
         try:
-            x = loaded["x"]
-            y = loaded["y"] if "y" in keys else None
+            return {name: loaded[name] for name in loaded.files}
         except ValueError as exc:  # object arrays need pickle, which we refuse
             raise UserError(
                 f"{path} stores Python objects ({_one_line(exc)}); "
@@ -162,25 +156,76 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
             ) from exc
         except (OSError, EOFError, zipfile.BadZipFile) as exc:
             raise UserError(f"{path} is corrupt ({_one_line(exc)}); re-save it with numpy.savez") from exc
-    return x, y
 
 
-def _validate_x(x: np.ndarray, path: str, input_shape: Sequence[object] | None) -> np.ndarray:
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)) or x.dtype == np.bool_:
-        raise UserError(f"{path}: x has dtype {x.dtype}, expected real numbers; save x as float32")
+def _input_arrays(arrays: dict[str, np.ndarray], path: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The array of each model input: `x` (or the input's own name) for a single-input model, one array per input
+    name for several."""
+    found = ", ".join(sorted(arrays)) or "none"
+    if len(names) <= 1:
+        name = names[0] if names else "x"
+        key = "x" if "x" in arrays else name if name in arrays else None
+        if key is None:
+            raise UserError(
+                f"{path} has no array named 'x' (found: {found}); save inputs as numpy.savez(path, x=...)"
+            )
+        return {name: arrays[key]}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        example = ", ".join(f"{n}=..." for n in names)
+        raise UserError(f"{path} has no array for input '{missing[0]}' (found: {found}); the model has inputs "
+                        f"{', '.join(names)}: save one array per input, numpy.savez(path, {example}, y=...)")
+    return {n: arrays[n] for n in names}
+
+
+def _validate_x(x: np.ndarray, path: str, input_shape: Sequence[object] | None, what: str = "x",
+                inp: Input | None = None, bound: int | None = None) -> np.ndarray:
+    """One input's array, checked against the model input `inp` (its dtype decides the conversion) or, without
+    it, a float input of `input_shape`."""
+    where = f"{path}: {what}"
+    kind = inp.dtype.kind if inp is not None else "f"
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_) or \
+            (x.dtype == np.bool_ and kind != "b"):
+        expected = "float32" if kind == "f" else "bool" if kind == "b" else str(inp.dtype)
+        raise UserError(f"{where} has dtype {x.dtype}, expected real numbers; save {what} as {expected}")
     if x.ndim == 0 or x.shape[0] == 0:
-        raise UserError(f"{path}: x has shape {x.shape}, expected N×(sample shape) with N ≥ 1 samples")
-    check_sample_shape(tuple(x.shape[1:]), input_shape, f"{path}: x")
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x32)
-    if bad.any():
-        first = int(np.argwhere(bad)[0][0])
-        raise UserError(
-            f"{path}: x contains {int(bad.sum())} NaN/inf values after conversion to float32 (first in "
-            f"sample {first}); clean or rescale the data"
-        )
-    return x32
+        raise UserError(f"{where} has shape {x.shape}, expected N×(sample shape) with N ≥ 1 samples")
+    check_sample_shape(tuple(x.shape[1:]), inp.dims if inp is not None else input_shape, where)
+    if kind == "f":
+        dtype = inp.dtype if inp is not None else np.dtype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
+            x32 = np.ascontiguousarray(x, dtype=dtype)
+        bad = ~np.isfinite(x32)
+        if bad.any():
+            first = int(np.argwhere(bad)[0][0])
+            raise UserError(
+                f"{where} contains {int(bad.sum())} NaN/inf values after conversion to {dtype} (first in "
+                f"sample {first}); clean or rescale the data"
+            )
+        return x32
+    return _integers(x, where, what, inp, bound)
+
+
+def _integers(x: np.ndarray, where: str, what: str, inp: Input, bound: int | None) -> np.ndarray:
+    """An integer or bool input: integer data only (a float would be truncated silently), within the range the
+    model can use — 0/1 for bools, below the size of the embedding table an index input reads (`bound`)."""
+    if x.dtype.kind == "f":
+        raise UserError(f"{where} has dtype {x.dtype} but input '{inp.name}' takes {inp.dtype}: save {what} as "
+                        f"integers ({what}.astype(numpy.{inp.dtype}))")
+    low, high = (int(x.min()), int(x.max())) if x.size else (0, 0)
+    if inp.dtype.kind == "b":
+        if low < 0 or high > 1:
+            raise UserError(f"{where} holds {low if low < 0 else high} but input '{inp.name}' is bool: save 0/1 "
+                            "or True/False")
+        return np.ascontiguousarray(x, dtype=np.bool_)
+    info = np.iinfo(inp.dtype)
+    if low < info.min or high > info.max:
+        raise UserError(f"{where} holds {low if low < info.min else high}, outside {inp.dtype} of input "
+                        f"'{inp.name}': save values that fit {inp.dtype}")
+    if bound is not None and (high >= bound or low < -bound):
+        raise UserError(f"{where} holds {high if high >= bound else low} but input '{inp.name}' indexes a table "
+                        f"of {bound} entries: values must be in 0..{bound - 1}")
+    return np.ascontiguousarray(x, dtype=inp.dtype)
 
 
 def _validate_y(y: np.ndarray, n: int, path: str, num_classes: int | None) -> np.ndarray:
@@ -209,11 +254,17 @@ def load_npz(
     path: str | os.PathLike[str],
     input_shape: Sequence[object] | None = None,
     num_classes: int | None = None,
+    inputs: Sequence[Input] | None = None,
+    ranges: Mapping[str, int] | None = None,
 ) -> Dataset:
-    """Load user data from an .npz with `x` (N × sample shape) and optional integer `y` (N labels).
+    """Load user data from an .npz with `x` (N × sample shape) and optional integer `y` (N labels); for a model
+    with several inputs, one array per input name instead of `x` (then x_train/x_test are `inputs.Feeds`).
 
     Never unpickles (allow_pickle=False): data files come from users and pickle runs code.
-    `input_shape` is the model's full input shape with batch first (see `check_sample_shape`).
+    `input_shape` is the model's full input shape with batch first (see `check_sample_shape`); `inputs`
+    (`inputs.graph_inputs(model)`) replaces it with every input's dims and dtype: float data of a float input is
+    converted to its dtype; integer and bool inputs take integer data (floats are refused, not truncated), within
+    the input's dtype, 0/1 for bools, and below `ranges` (`inputs.value_ranges`: embedding-table sizes).
 
     Split: the file's order is kept and the *last* 20% (floor) become the test part, so a user who
     appends a held-out set at the end gets exactly that; no shuffling, so results are reproducible.
@@ -221,19 +272,49 @@ def load_npz(
     arrays are empty (shape 0×sample shape).
     """
     p = os.fspath(path)
-    x, y = _read_npz(p)
-    x32 = _validate_x(x, p, input_shape)
-    n = x32.shape[0]
+    arrays = _read_npz(p)
+    names = [i.name for i in inputs] if inputs else []
+    by_name = {i.name: i for i in inputs or ()}
+    single = len(names) <= 1
+    checked = {name: _validate_x(a, p, input_shape, "x" if single else name, by_name.get(name),
+                                 (ranges or {}).get(name))
+               for name, a in _input_arrays(arrays, p, names).items()}
+    counts = {name: len(a) for name, a in checked.items()}
+    if len(set(counts.values())) > 1:
+        (a, na), (b, nb) = min(counts.items(), key=lambda kv: kv[1]), max(counts.items(), key=lambda kv: kv[1])
+        raise UserError(f"{p}: input '{a}' has {na} samples but '{b}' has {nb}: every input array needs the "
+                        "same number of samples")
+    x = next(iter(checked.values())) if single else Feeds(checked)
+    n = len(x)
+    y = arrays.get("y")
     y64 = _validate_y(y, n, p, num_classes) if y is not None else None
     n_test = int(n * TEST_FRACTION) if n >= MIN_SAMPLES_FOR_SPLIT else 0
     cut = n - n_test
     return Dataset(
-        x_train=x32[:cut],
+        x_train=x[:cut],
         y_train=None if y64 is None else y64[:cut],
-        x_test=x32[cut:],
+        x_test=x[cut:],
         y_test=None if y64 is None else y64[cut:],
         name=os.path.basename(p),
     )
+
+
+def check_classes(ds: Dataset, num_classes: int | None) -> None:
+    """`load_data`'s label check, for data loaded before the model's output size was known (a model with
+    symbolic input sizes is analysed at the size of its data's first sample)."""
+    if num_classes is None:
+        return
+    if ds.name == "digits" and num_classes < 10:
+        raise UserError(
+            f"digits has 10 classes but the model outputs {num_classes}; use a model with ≥ 10 outputs "
+            "or pass your own FILE.npz"
+        )
+    for y in (ds.y_train, ds.y_test):
+        if y is not None and len(y) and int(y.max()) >= num_classes:
+            raise UserError(
+                f"{ds.name}: y contains label {int(y.max())} but the model has {num_classes} classes; "
+                f"labels must be in 0..{num_classes - 1}"
+            )
 
 
 def load_data(
@@ -241,13 +322,22 @@ def load_data(
     input_shape: Sequence[object] | None = None,
     num_classes: int | None = None,
     seed: int = 0,
+    inputs: Sequence[Input] | None = None,
+    ranges: Mapping[str, int] | None = None,
 ) -> Dataset:
     """Resolve a CLI `--data` value: `digits` (built-in demo data) or a path ending in `.npz`.
 
-    `seed` only affects `digits` (its split); an npz split follows the file's order.
+    `seed` only affects `digits` (its split); an npz split follows the file's order. `inputs` and `ranges`: see
+    `load_npz` (digits needs a single float input).
     """
     s = str(spec).strip()
     if s.lower() == "digits":
+        if inputs:
+            if len(inputs) != 1 or inputs[0].dtype.kind != "f":
+                kinds = ", ".join(f"{i.name} ({i.dtype})" for i in inputs)
+                raise UserError(f"digits is one float image input but the model takes {kinds}; pass a FILE.npz "
+                                "with one array per input")
+            input_shape = inputs[0].dims
         try:
             check_sample_shape(DIGITS_SHAPE, input_shape, "digits")
         except UserError:
@@ -263,8 +353,19 @@ def load_data(
             )
         return load_digits(seed=seed)
     if s.lower().endswith(".npz"):
-        return load_npz(s, input_shape=input_shape, num_classes=num_classes)
+        return load_npz(s, input_shape=input_shape, num_classes=num_classes, inputs=inputs, ranges=ranges)
     raise UserError(
         f"cannot use --data {spec!r}: pass 'digits' (built-in N×1×8×8 demo data) or a FILE.npz with arrays "
         "x (N×input shape, float32) and optional y (N integer labels)"
     )
+
+
+def load_for_model(spec: str, model, seed: int = 0) -> Dataset:
+    """`load_data` checked against every input of `model` (an onnx.ModelProto): names, dims, dtypes and the
+    ranges of index inputs (`inputs.value_ranges`). Labels are checked later (`check_classes`), once the model's
+    output size is known."""
+    from onnxecc.inputs import graph_inputs, value_ranges
+
+    inputs = graph_inputs(model)
+    ranges = value_ranges(model) if any(i.dtype.kind in "iu" for i in inputs) else {}
+    return load_data(spec, seed=seed, inputs=inputs, ranges=ranges)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import onnx
 from onnxecc import ingest
 from onnxecc.channels import ChannelGroup, analyze
 from onnxecc.errors import UserError
+from onnxecc.inputs import graph_inputs, resolve_shapes, symbolic, with_input_shapes
 from onnxecc.layers import Layer, count_params, find_layers, with_static_shapes
 
 
@@ -26,6 +28,8 @@ class InspectResult:
     extra: dict = field(default_factory=dict)
     groups: list[ChannelGroup] = field(default_factory=list)  # channel groups (onnxecc.channels)
     layer_groups: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # layer -> (in, out) ids
+    declared_inputs: dict[str, list] = field(default_factory=dict)  # the model's own dims (str: symbolic)
+    symbolic: bool = False  # the model leaves input sizes open: the counts hold at `inputs` (the size analysed)
 
     @property
     def macs(self) -> int:
@@ -38,6 +42,7 @@ class InspectResult:
     def as_dict(self) -> dict:
         return {
             "source": self.source, "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
+            "declared_inputs": self.declared_inputs, "symbolic_inputs": self.symbolic,
             "layers": [{**layer.as_dict(), **self._group_ids(layer.name)} for layer in self.layers],
             "groups": [g.as_dict() for g in self.groups],
             "totals": {"macs": self.macs, "layer_params": self.layer_params, "model_params": self.model_params,
@@ -51,9 +56,12 @@ class InspectResult:
         return {"in_groups": list(ins), "out_groups": list(outs)}
 
 
-def inspect(model: ingest.ModelSource, hardware: str | None = None) -> InspectResult:
+def inspect(model: ingest.ModelSource, hardware: str | None = None,
+            input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> InspectResult:
     """Load, check and analyse a model. Raises UserError when it has no compute layer to compress.
-    With `hardware` (an accelerator description JSON), `extra["energy"]` holds the modelled energy per layer."""
+    With `hardware` (an accelerator description JSON), `extra["energy"]` holds the modelled energy per layer.
+    Inputs with symbolic sizes are counted at `input_shapes` (parsed --input-shape; UserError naming it when a
+    size is open and not given); `inputs`/`outputs` are the shapes analysed, `declared_inputs` the model's own."""
     source = str(model) if isinstance(model, (str, Path)) else "<model>"
     proto = raw = ingest.load(model)
     if len(proto.graph.sparse_initializer):  # e.g. `compress --method wsp` output: analyse the dense weights
@@ -64,7 +72,8 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None) -> InspectRe
         from onnxecc.hardware import dequantized
 
         proto = dequantized(proto)[0]
-    shaped = with_static_shapes(proto)
+    shapes = resolve_shapes(proto, input_shapes)
+    shaped = with_static_shapes(proto, input_shapes=shapes)
     layers = find_layers(proto, shaped)
     if not layers:
         raise UserError(f"{source} has no compute layers (Conv, ConvTranspose, Gemm, MatMul with constant "
@@ -75,11 +84,13 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None) -> InspectRe
     if hardware:
         from onnxecc.hardware import energy_summary, load_hardware
 
-        extra["energy"] = energy_summary(raw, load_hardware(hardware))  # + every width the file gives
+        fixed = with_input_shapes(raw, shapes) if symbolic(raw) else raw  # energy is counted at one size too
+        extra["energy"] = energy_summary(fixed, load_hardware(hardware))  # + every width the file gives
     return InspectResult(source, opset, _io_shapes(shaped, shaped.graph.input, proto),
                          _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto), extra,
                          groups=channels.groups,
-                         layer_groups={n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()})
+                         layer_groups={n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()},
+                         declared_inputs={i.name: list(i.dims) for i in graph_inputs(proto)}, symbolic=symbolic(proto))
 
 
 def _io_shapes(shaped: onnx.ModelProto, values, original: onnx.ModelProto) -> dict[str, list[int]]:

@@ -8,6 +8,7 @@ bias additions not counted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,15 +54,18 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or (node.output[0] if node.output else f"{node.op_type}_{index}")
 
 
-def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+def with_static_shapes(model: onnx.ModelProto, batch: int = 1,
+                       input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
     """The model's skeleton (`shape_skeleton`) with the batch dimension fixed and shapes inferred for every
-    tensor (for counting and channel analysis).
+    tensor (for counting and channel analysis). Inputs whose other dims are symbolic take their size from
+    `input_shapes` (`inputs.resolve_shapes`: --input-shape or the first sample of --data); a UserError naming
+    --input-shape when none is given.
 
     Its large float weights carry their name, type and dims but no data (`Graph.const` gives them as
     zero-stride arrays of their shape): every user of the shaped model reasons on shapes, and a copy of the
     weights would hold the model twice for as long as the analysis lives. Values come from `model`."""
     skel = shape_skeleton(model)
-    _fix_batch(skel, batch)
+    _fix_batch(skel, batch, input_shapes)
     try:
         out = onnx.shape_inference.infer_shapes(skel, data_prop=True)
     except Exception:  # onnx raises InferenceError or bare RuntimeErrors here
@@ -70,7 +74,7 @@ def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProt
     if out is None:  # the whole model: its result or its error message (the skeleton's may be less clear)
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        _fix_batch(out, batch)
+        _fix_batch(out, batch, input_shapes)
         try:
             out = onnx.shape_inference.infer_shapes(out, data_prop=True)
         except Exception as exc:  # onnx raises InferenceError or bare RuntimeErrors here
@@ -103,24 +107,12 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 _DATA_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)  # tensors whose values shape inference may read
 
 
-def _fix_batch(model: onnx.ModelProto, batch: int) -> None:
-    """Fix the batch dimension of the graph inputs and clear every inferred shape (in place)."""
-    init_names = {t.name for t in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in init_names or not inp.type.HasField("tensor_type"):
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                continue
-            if axis == 0:
-                dim.Clear()
-                dim.dim_value = batch
-            else:
-                raise UserError(
-                    f"input '{inp.name}' has a dynamic dimension {axis} ({dim.dim_param or '?'}): "
-                    "re-export the model with a fixed input size (only the batch may be dynamic)"
-                )
+def _fix_batch(model: onnx.ModelProto, batch: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Fix the inputs' dims (the batch to `batch` where the model leaves it open, the other symbolic dims to
+    `input_shapes`) and clear every inferred shape (in place)."""
+    from onnxecc.inputs import fix_shapes, resolve_shapes
+
+    fix_shapes(model, resolve_shapes(model, input_shapes, batch=batch))
     del model.graph.value_info[:]
     for o in model.graph.output:  # stale symbolic output shapes would conflict with the fixed batch
         if o.type.HasField("tensor_type"):
@@ -186,9 +178,11 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def find_layers(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> list[Layer]:
-    """Compute layers in graph order. `shaped` may pass a model already through `with_static_shapes`."""
-    shaped = shaped if shaped is not None else with_static_shapes(model)
+def find_layers(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None,
+                input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[Layer]:
+    """Compute layers in graph order. `shaped` may pass a model already through `with_static_shapes`, else it is
+    made at `input_shapes` (needed when the inputs have symbolic sizes)."""
+    shaped = shaped if shaped is not None else with_static_shapes(model, input_shapes=input_shapes)
     shapes = tensor_shapes(shaped)
     g = Graph(shaped)
     layers = []

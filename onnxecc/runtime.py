@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 
 from onnxecc.errors import UserError
+from onnxecc.inputs import Batch, Input, as_feed, concat, example_feeds, value_ranges
 
 # Protos from this size on reach onnxruntime through a temporary file with external data rather than as bytes:
 # over 2 GB they cannot be serialised at all, and below it a session from bytes holds more: on vgg16 (528 MB)
@@ -115,16 +117,45 @@ def check_provider(sess: ort.InferenceSession, provider: str) -> dict[str, int] 
     return counts
 
 
-def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256,
+def run_batched(sess: ort.InferenceSession, x: Batch, batch_size: int = 256,
                 max_batch_bytes: int = 2**22) -> np.ndarray:
-    """First output of the model on every sample of `x`, in batches of at most `batch_size` samples and
-    `max_batch_bytes` of input (at least one sample): activations grow with the input, and onnxruntime's arena
-    keeps its peak (32 VGG16 images of 224×224 at once: ~2 GB, more than the weights; digits: 256 at once)."""
-    if len(x):
+    """First output of the model on every sample of `x` (one array, or `inputs.Feeds` for several inputs), in
+    batches of at most `batch_size` samples and `max_batch_bytes` of input (at least one sample): activations
+    grow with the input, and onnxruntime's arena keeps its peak (32 VGG16 images of 224×224 at once: ~2 GB, more
+    than the weights; digits: 256 at once). A model with a fixed batch size is fed exactly that many samples at a
+    time (the last chunk padded with copies of its last sample, whose outputs are dropped)."""
+    fixed = fixed_batch(sess)
+    if fixed is not None:
+        batch_size = fixed
+    elif len(x):
         batch_size = max(1, min(batch_size, max_batch_bytes // max(1, x[:1].nbytes)))
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    names = [i.name for i in sess.get_inputs()]
+    outs = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i:i + batch_size]
+        n = len(chunk)
+        out = sess.run(None, as_feed(names, to_batch(chunk, fixed) if fixed is not None else chunk))[0]
+        outs.append(out[:n])
     return np.concatenate(outs, axis=0)
+
+
+def fixed_batch(sess: ort.InferenceSession) -> int | None:
+    """The batch size the model's first input insists on (axis 0 a fixed number), else None."""
+    shape = sess.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def to_batch(x: Batch, size: int) -> Batch:
+    """Exactly `size` samples: the first ones of `x`, padded with copies of its last sample when it has fewer."""
+    if len(x) >= size:
+        return x[:size]
+    return concat([x, x[np.full(size - len(x), len(x) - 1)]])
+
+
+def feed(sess: ort.InferenceSession, x: Batch) -> dict[str, np.ndarray]:
+    """The `sess.run` feed for `x`, at the model's fixed batch size if it has one."""
+    fixed = fixed_batch(sess)
+    return as_feed([i.name for i in sess.get_inputs()], to_batch(x, fixed) if fixed is not None else x)
 
 
 @dataclass
@@ -137,16 +168,16 @@ class Timing:
         return {"median_ms": self.median_s * 1e3, "iqr_ms": self.iqr_s * 1e3, "repeats": self.repeats}
 
 
-def measure_latency(sess: ort.InferenceSession, x: np.ndarray, warmup: int = 10, repeats: int = 50) -> Timing:
-    """Wall-clock latency of one `session.run` on `x` (median after warm-up; IQR reports the noise)."""
-    name = sess.get_inputs()[0].name
-    feed = {name: x}
+def measure_latency(sess: ort.InferenceSession, x: Batch, warmup: int = 10, repeats: int = 50) -> Timing:
+    """Wall-clock latency of one `session.run` on `x` (median after warm-up; IQR reports the noise); a model
+    with a fixed batch size runs on that many samples (`to_batch`)."""
+    feeds = feed(sess, x)
     for _ in range(warmup):
-        sess.run(None, feed)
+        sess.run(None, feeds)
     times = np.empty(repeats)
     for i in range(repeats):
         start = time.perf_counter()
-        sess.run(None, feed)
+        sess.run(None, feeds)
         times[i] = time.perf_counter() - start
     q1, med, q3 = np.percentile(times, [25, 50, 75])
     return Timing(float(med), float(q3 - q1), repeats)
@@ -200,7 +231,7 @@ def _summary(values: list[float], repeats: int) -> Timing:
     return Timing(float(med), float(q3 - q1), len(values) * repeats)
 
 
-def measure_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray, rounds: int = 5,
+def measure_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: Batch, rounds: int = 5,
                  repeats: int = 20) -> Pair:
     """Time two models interleaved, round by round, so drifts of the machine hit both alike (see `Pair`)."""
     ta, tb = [], []
@@ -212,7 +243,7 @@ def measure_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray
     return Pair(ta, tb, repeats)
 
 
-def steadiest_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray, rounds: int, repeats: int,
+def steadiest_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: Batch, rounds: int, repeats: int,
                    noisy: float, tries: int = 3) -> tuple[Pair, int]:
     """`measure_pair`, measured again (up to `tries` times in all) while its `noise` exceeds `noisy` (a burst of
     load from other processes); the steadiest measurement and the number of attempts."""
@@ -227,8 +258,41 @@ def steadiest_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarr
     return best, attempts
 
 
-def example_input(sess: ort.InferenceSession, batch: int = 1, seed: int = 0) -> np.ndarray:
-    """A random input of the model's first input shape (symbolic dims → `batch`)."""
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) and d > 0 else batch for d in inp.shape]
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+def example_input(sess: ort.InferenceSession, batch: int = 1, seed: int = 0, model=None,
+                  shapes: Mapping[str, Sequence[int]] | None = None) -> Batch:
+    """Seeded random inputs of `batch` samples for every input of `sess` (`inputs.example_feeds`: one array, or
+    `Feeds` for several), of each input's dtype. `shapes` (`inputs.resolve_shapes`) give symbolic dims their size
+    (UserError naming --input-shape when one is open and not given); `model` — the proto, bytes or path `sess`
+    was made from — keeps integer inputs below the size of the embedding tables they index
+    (`inputs.value_ranges`; else they are 0/1)."""
+    specs = [Input(i.name, _ort_dtype(i.type), tuple(_dim(d) for d in i.shape)) for i in sess.get_inputs()]
+    ranges = {}
+    if model is not None and any(s.dtype.kind in "iu" for s in specs):
+        ranges = value_ranges(_graph_only(model))
+    return example_feeds(specs, shapes or {}, batch=batch, seed=seed, ranges=ranges)
+
+
+def _dim(d) -> int | str | None:
+    """onnxruntime's dim as `inputs.Input` holds it: a positive int, a dim_param, or None (-1, unnamed)."""
+    if isinstance(d, int):
+        return d if d > 0 else None
+    return d or None
+
+
+def _graph_only(model) -> onnx.ModelProto:
+    """`model` as a proto, without reading external data (only the graph and the tensors' dims are needed)."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_model_from_string(model)
+    return onnx.load(str(model), load_external_data=False)
+
+
+def _ort_dtype(ort_type: str) -> np.dtype:
+    """numpy's dtype for onnxruntime's 'tensor(int64)'-style type names."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    table = {"float": np.float32, "double": np.float64, "float16": np.float16, "bool": np.bool_}
+    try:
+        return np.dtype(table.get(name, name))
+    except TypeError:
+        raise UserError(f"input type {ort_type} cannot be fed by onnxecc: export numeric or bool inputs") from None

@@ -26,6 +26,7 @@ from onnxecc.channels import ChannelGraph, Edit, analyze
 from onnxecc.errors import UserError
 from onnxecc.graph import Graph, remove_dead_nodes
 from onnxecc.ingest import _copy_fields, _stub, check_skeleton
+from onnxecc.inputs import symbolic
 from onnxecc.layers import node_name, shape_skeleton
 
 Keep = Mapping[int, Sequence[int]]
@@ -82,6 +83,7 @@ def prune_channels(model: onnx.ModelProto, keep: Keep, graph: ChannelGraph | Non
     stubbed = {source.weight_source(name) for name in cuts} & set(source.initializers)
     out = _copy(model, stubbed)
     writer = _Writer(out)
+    writer.dynamic = symbolic(model)  # computed shapes stay computed: the output runs at any input size
     for name, per_node in cuts.items():
         value = source.const(name)  # decoded (never cached by Graph): one original in memory at a time
         new = {index: _sliced(value, axis_masks) for index, axis_masks in per_node.items()}
@@ -213,6 +215,8 @@ class _Writer:
         self.names = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input} | \
             {o for n in self.nodes for o in n.output} | {i for n in self.nodes for i in n.input}
         self.outputs = {o.name for o in model.graph.output}
+        self.dynamic = False  # the model's input sizes are symbolic: see `computed_shape`
+        self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # nodes to insert before node i
 
     def unique(self, base: str) -> str:
         name, k = base, 1
@@ -267,7 +271,30 @@ class _Writer:
             node.input.append("")
         node.input[position] = new
 
+    def computed_shape(self, index: int, position: int, rank: int, replace: dict[int, int]) -> None:
+        """Input `position` of node `index` is a shape of `rank` entries computed in the graph (from `Shape` of a
+        tensor): its entries at the axes of `replace` become those values and every other entry stays computed,
+        `shape · keep + values` (keep 0 at the replaced axes, 1 elsewhere). The analysis ran at one input size; a
+        constant written here would hold that size, and the output must run at any size the original runs at."""
+        node = self.nodes[index]
+        shape = node.input[position]
+        base = node_name(node, index)
+        keep = np.ones(rank, np.int64)
+        values = np.zeros(rank, np.int64)
+        for axis, value in replace.items():
+            keep[axis], values[axis] = 0, value
+        keep_name = self.add_const(f"{base}_keep", keep)
+        values_name = self.add_const(f"{base}_values", values)
+        kept, new = self.unique(f"{base}_kept"), self.unique(f"{base}_pruned")
+        self.before[index] += [onnx.helper.make_node("Mul", [shape, keep_name], [kept], name=self.unique(kept)),
+                               onnx.helper.make_node("Add", [kept, values_name], [new], name=self.unique(new))]
+        node.input[position] = new
+
     def finish(self) -> None:
+        if self.before:  # inserted nodes go right before the node that reads them (topological order)
+            nodes = [n for i, node in enumerate(self.nodes) for n in (*self.before.get(i, ()), node)]
+            del self.model.graph.node[:]
+            self.model.graph.node.extend(nodes)
         remove_dead_nodes(self.model)
 
 
@@ -310,6 +337,9 @@ def _edit_reshape(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) ->
                 shape[ax] = dims[t]
         if np.array_equal(shape, const):
             return
+    elif w.dynamic:  # computed from Shape at one of many input sizes: only the channel entries change
+        w.computed_shape(e.node_index, 1, len(shape_out), {ax: int(dims[t]) for t, ax in enumerate(out.axes)})
+        return
     else:  # computed from Shape: a constant now, the batch copied from the input
         shape = np.array(shape_out, np.int64)
         for t, ax in enumerate(out.axes):
@@ -349,6 +379,10 @@ def _edit_split(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> N
 
 def _edit_expand(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
     shape_in, shape_out = e.data["shape_in"], e.data["shape_out"]
+    target = w.nodes[e.node_index].input[1]
+    if w.dynamic and w.g.const(target) is None:  # computed at one input size: 1 (keep) on the channel axes only
+        w.computed_shape(e.node_index, 1, len(shape_out), {ax: 1 for ax in e.data["out"].axes})
+        return
     shift = len(shape_out) - len(shape_in)
     shape = [o if k < shift or shape_in[k - shift] != o else 1 for k, o in enumerate(shape_out)]
     w.set_input(e.node_index, 1, np.array(shape, np.int64), "shape")

@@ -167,7 +167,7 @@ def c_zero_channels(d):
 
 def c_dynamic_channels(d):
     m = _small_cnn(in_dims=("N", "C", 8, 8))
-    return Case(_compress(d, model=_save(m, d / "m.onnx")), "dynamic dimension")
+    return Case(_compress(d, model=_save(m, d / "m.onnx")), "--input-shape")
 
 
 def c_missing_external_data(d):

@@ -122,12 +122,18 @@ def test_bad_input_one_line_exit_2(case, tmp_path, zoo_model):
         onnxecc.inspect(path)
 
 
-def test_dynamic_spatial_dims_are_a_user_error(tmp_path):
+def test_symbolic_spatial_dims_need_a_size_and_are_counted_at_it(tmp_path):
+    """Symbolic H, W: refused without a size (one line naming --input-shape), counted at the size given."""
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, "H", "W"])
     w = onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [w])
     path = tmp_path / "dyn.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
-    with pytest.raises(UserError, match="dynamic dimension"):
+    with pytest.raises(UserError, match="symbolic dimension 2 .*--input-shape x:1,3,D2,D3"):
         onnxecc.inspect(path)
+    result = onnxecc.inspect(path, input_shapes={None: (1, 3, 10, 12)})  # no padding: 8×10 outputs of 4×3×3×3
+    assert result.macs == 4 * 3 * 3 * 3 * 8 * 10
+    assert result.inputs == {"x": [1, 3, 10, 12]} and result.declared_inputs == {"x": ["N", 3, "H", "W"]}
+    with pytest.raises(UserError, match="--input-shape for 'x' is 1,4,10,12 but the model declares N,3,H,W"):
+        onnxecc.inspect(path, input_shapes={"x": (1, 4, 10, 12)})
