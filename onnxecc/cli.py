@@ -164,6 +164,9 @@ def compress(
                                     help="ECC: prox (proximal step after each Adam step) | penalty (in the loss)."),
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="Where latency is measured."),
     threads: int = typer.Option(1, "--threads", help="onnxruntime threads for latency measurements."),
+    closed_loop: bool = typer.Option(True, "--closed-loop/--no-closed-loop",
+                                     help="Measure a latency or energy (measured profile) output side by side with "
+                                          "the original, correct misses; --no-closed-loop: the estimate only."),
     max_rounds: int = typer.Option(None, "--max-rounds",
                                    help="Closed loop: measured rounds at most (default 6 without training, else 3)."),
     verify_projection: bool = typer.Option(False, "--verify-projection",
@@ -221,7 +224,7 @@ def compress(
                               admm_epochs=admm_epochs, rho=rho, admm_decay=admm_decay, admm_w_step=admm_w_step,
                               provider=provider,
                               threads=threads,
-                              max_rounds=max_rounds, verify_projection=verify_projection,
+                              max_rounds=max_rounds, verify_projection=verify_projection, closed_loop=closed_loop,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
                               knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate)
@@ -312,7 +315,7 @@ def compress(
     console.print(table)
     verdict = "[green]meets the budget[/]" if result.meets_budget else "[red]misses the budget[/]"
     console.print(f"budget {result.budget.describe(result.original_cost)}: {verdict} "
-                  f"({fmt(result.final_cost)}, counted on the output file)")
+                  f"({fmt(result.final_cost)}, {result.meets_budget_by})")
     if not result.meets_budget:
         raise typer.Exit(1)
 
@@ -327,11 +330,15 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     hardware: str = typer.Option(None, "--hardware",
                                  help="Accelerator JSON an energy budget was compressed for: re-count its energy."),
+    meter: str = typer.Option(None, "--meter",
+                              help="Energy meter (as for profile) to re-measure an energy budget set with an energy "
+                                   "profile; without it that budget is not re-checked."),
 ) -> None:
     """Run ORIGINAL and COMPRESSED side by side: agreement, accuracy, latency, budget re-check (exit 1 if missed)."""
     from onnxecc.validate import validate as run_validate
 
-    result = run_validate(original, compressed, data=data, provider=provider, threads=threads, hardware=hardware)
+    result = run_validate(original, compressed, data=data, provider=provider, threads=threads, hardware=hardware,
+                          meter=meter)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -349,8 +356,8 @@ def validate(
         if result.budget:
             b = result.budget
             verdict = {True: "[green]met[/]", False: "[red]violated[/]", None: "not re-checked"}[b["meets_budget"]]
-            if "fraction" in b:  # a relative latency budget: the side-by-side ratio decides
-                console.print(f"budget (latency ≤ {b['fraction']:.3g}× the original): {verdict} — {b['how']} "
+            if "fraction" in b:  # a relative latency or measured energy budget: the side-by-side ratio decides
+                console.print(f"budget ({b['metric']} ≤ {b['fraction']:.3g}× the original): {verdict} — {b['how']} "
                               f"{b['ratio']:.3f}")
             else:
                 console.print(f"budget ({b['metric']} ≤ {b['budget']:.6g}): {verdict}"

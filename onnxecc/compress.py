@@ -2,8 +2,9 @@
 
 ONNX in → channel groups and a cost model → budget → structured projection (which channels to keep) →
 optional fine-tuning in torch with the masks frozen and distillation from the original → the trained
-weights written back into the *original* graph → channels physically removed → cost counted again on the
-output file and the model checked in onnxruntime → atomic write with metadata, and a JSON report.
+weights written back into the *original* graph → channels physically removed → MACs/params counted again on the
+output file, latency or energy (with a measured profile) measured on it side by side with the original, and the
+model checked in onnxruntime → atomic write with metadata, and a JSON report.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 import itertools
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,17 @@ class CompressResult:
             return bool(measured["meets"])
         return self.final_cost <= self.budget_abs * (1 + 1e-12)
 
+    @property
+    def meets_budget_by(self) -> str:
+        """How `meets_budget` was decided: measured on the output, counted on the file, or only estimated."""
+        measured = _selected_round(self.rounds)
+        if measured is not None and "meets" in measured:
+            how = f"with the meter {measured['meter']}" if "meter" in measured else "in latency"
+            return f"measured {how} side by side with the original"
+        if self.counted_cost is not None:
+            return "counted on the output file"
+        return "estimated by the cost model (not measured on the output)"
+
     def as_dict(self) -> dict:
         def timing(t):
             return t.as_dict() if t is not None else None
@@ -126,7 +138,8 @@ class CompressResult:
                        "fraction": self.budget_abs / self.original_cost if self.original_cost else None},
             "original_cost": self.original_cost, "estimated_cost": self.estimated_cost,
             "counted_cost": self.counted_cost, "cost_fraction": self.final_cost / self.original_cost,
-            "meets_budget": self.meets_budget, "pruned": self.pruned, "method": self.method,
+            "meets_budget": self.meets_budget, "meets_budget_by": self.meets_budget_by, "pruned": self.pruned,
+            "method": self.method,
             "rounds": self.rounds,
             "widths": {str(g): {"kept": k, "full": f} for g, (k, f) in self.widths.items()},
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
@@ -175,7 +188,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
 
     `on_event(kind, info)` receives progress ("stage", "epoch", "batch") for a front end to display.
 
-    Closed loop (latency): each output is measured side by side with the original on the target provider, in
+    Closed loop (latency, and energy with a measured profile: its meter): each output is measured side by side
+    with the original on the target provider, in
     up to `max_rounds` rounds. Over the budget → the internal budget is tightened; more than 10% under it
     (over-pruned) → loosened, by default only when a round does not train (projection without data: a round
     costs seconds; with training every round re-trains, so a meeting output is kept — see `_loosens` and
@@ -240,6 +254,11 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
 
         opts.round_to = auto_step(opts.provider)
     cost = cost_model(opts.metric, proto, graph, layers, variables, profile or opts.profile)
+    if opts.metric == "energy" and opts.closed_loop:  # the closed loop measures with the profile's meter: here?
+        from onnxecc.profiler import recorded_meter
+
+        with recorded_meter(profile.meter, WITHOUT_METER):
+            pass
     original = cost(None)
     target = parsed.resolve(original)
     fmt = lambda v: format_cost(v, opts.metric)  # noqa: E731
@@ -261,6 +280,9 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     timings["analyse"] = time.perf_counter() - t0
 
     warnings: list[str] = [] if profile is None else _other_machine(profile, opts)
+    if profile is not None and not opts.closed_loop:
+        warnings.append(f"closed loop off: the output's {opts.metric} is not measured; whether it meets the budget is "
+                        "the profile's estimate")
     history: list[dict] = []
     rounds: list[dict] = []
     keep = None
@@ -325,7 +347,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
             record = {"round": round_, "internal_budget": internal, "estimated_cost": estimated}
             rounds.append(record)
             check = distributed.on_main(  # rank 0 measures, every rank follows its verdict
-                lambda m=out_model: _closed_loop_check(opts, runtime.on_disk(model, proto), m, parsed, target))
+                lambda m=out_model: _closed_loop_check(opts, runtime.on_disk(model, proto), m, parsed, target,
+                                                       profile.meter if profile is not None else None))
             if check is None:
                 break
             record.update(check)
@@ -386,6 +409,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         "original_cost": original, "estimated_cost": estimated, "counted_cost": counted, "pruned": pruned,
         "method": result.method, "accuracy": result.accuracy_after,
     })
+    if opts.metric == "energy" and profile is not None:  # what `validate --meter` measures it with again
+        write_metadata(out_model, {"meter": profile.meter, "provider": opts.provider, "threads": opts.threads})
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
     if not distributed.is_main():
@@ -574,7 +599,7 @@ def _check_devices(opts: CompressOptions) -> None:
     """Fail in one line, before any work, when --device cuda or a latency provider is not available here."""
     if opts.device.startswith("cuda"):
         distributed.check_device(opts.device)
-    if opts.metric == "latency" and opts.closed_loop:  # the provider the closed loop measures on
+    if opts.metric in ("latency", "energy") and opts.closed_loop:  # the provider the closed loop measures on
         import onnxruntime as ort
 
         if opts.provider not in ort.get_available_providers():
@@ -619,38 +644,66 @@ def _masked_model(problem: Problem, data, opts: CompressOptions):
 
 
 def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compressed: onnx.ModelProto,
-                       budget: Budget, target: float) -> dict | None:
-    """Measure latency on the target provider, side by side with the original. None when the metric is not
-    measured here. A fraction budget is checked on `ratio`, the median of per-round ratios (`runtime.Pair`: a
-    change of the machine's speed hits both halves of a round); `measured` is then the ratio times the original's
-    median, the compressed model's latency on the original's scale (`measured_median`: its own median). An
-    absolute budget is checked on the compressed model's median. `of_budget` = measured / allowed.
+                       budget: Budget, target: float, meter: dict | None = None) -> dict | None:
+    """Measure the output on the target provider, side by side with the original: its latency, or for an energy
+    budget its energy with the profile's meter (`meter`: the profile's record of it, `profiler.meters.reopen`;
+    `meter` names it in the verdict). None when the metric is not measured (MACs, params: counted on the file) or
+    the closed loop is off. A fraction budget is checked on `ratio`, the median of per-round ratios (`runtime.Pair`:
+    a change of the machine's speed hits both halves of a round); `measured` is then the ratio times the original's
+    median, the compressed model's cost on the original's scale (`measured_median`: its own median). An absolute
+    budget is checked on the compressed model's median. `of_budget` = measured / allowed.
 
     A miss, or a verdict within the noise of the budget, is measured again (`CONFIRM_ROUNDS` more rounds, pooled
     with the first ones; `first_look` keeps the first verdict): a miss re-trains and prunes deeper, and on a VM
     whose speed changes in spells one 5-round look timed the same mobilenet_v2 QDQ file at 0.37 and 0.62 of the
-    original. Runs per round: at least 20, more for a fast model (one round of the original lasts at least
+    original. Latency runs per round: at least 20, more for a fast model (one round of the original lasts at least
     `CHECK_ROUND_S`, up to 200 runs), so that a sub-millisecond model's median is not a handful of
-    milliseconds of a shared machine."""
-    if opts.metric != "latency" or not opts.closed_loop:
+    milliseconds of a shared machine. Energy: one window of the meter per model and round (as long as the meter
+    needs for its resolution, `EnergyMeter.window_s`)."""
+    if opts.metric not in ("latency", "energy") or not opts.closed_loop:
         return None
     sess_o = runtime.session(original, opts.provider, opts.threads)
     sess_c = runtime.session(compressed, opts.provider, opts.threads)
     x = runtime.example_input(sess_o, batch=1, seed=opts.seed)
-    probe = runtime.measure_latency(sess_o, x, warmup=2, repeats=3).median_s
-    repeats = int(np.clip(CHECK_ROUND_S / max(probe, 1e-9), 20, 200))
-    pair = runtime.measure_pair(sess_o, sess_c, x, rounds=CHECK_ROUNDS, repeats=repeats)
-    verdict = _latency_verdict(pair, budget, target)
-    if not verdict["meets"] or verdict["of_budget"] > 1 - verdict["noise_of_budget"]:
-        first = {k: verdict[k] for k in ("ratio", "of_budget", "meets")} | {"rounds": CHECK_ROUNDS}
-        pair = pair + runtime.measure_pair(sess_o, sess_c, x, rounds=CONFIRM_ROUNDS, repeats=repeats)
-        verdict = _latency_verdict(pair, budget, target) | {"first_look": first}
+    with _pair_measurer(opts.metric, meter, sess_o, sess_c, x) as measure:
+        pair = measure(CHECK_ROUNDS)
+        verdict = _latency_verdict(pair, budget, target)
+        if not verdict["meets"] or verdict["of_budget"] > 1 - verdict["noise_of_budget"]:
+            first = {k: verdict[k] for k in ("ratio", "of_budget", "meets")} | {"rounds": CHECK_ROUNDS}
+            pair = pair + measure(CONFIRM_ROUNDS)
+            verdict = _latency_verdict(pair, budget, target) | {"first_look": first}
+    if opts.metric == "energy":  # which meter decided, and every round's ratio (the verdict is their median)
+        verdict |= {"meter": meter["spec"], "ratios": [float(r) for r in pair.ratios]}
     # where it ran: nodes per execution provider (`runtime.placement`; the provider was checked to run some)
     return verdict | {"placement": {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)}}
 
 
+@contextmanager
+def _pair_measurer(metric: str, meter: dict | None, sess_o, sess_c, x: np.ndarray):
+    """`measure(rounds)` → a `runtime.Pair` of the original (a) and the compressed model (b) measured in that many
+    alternating rounds: latency with `runtime.measure_pair`, energy with the profile's meter
+    (`profiler.measure_pair`; the meter is opened once here and closed on exit)."""
+    if metric == "latency":
+        probe = runtime.measure_latency(sess_o, x, warmup=2, repeats=3).median_s
+        repeats = int(np.clip(CHECK_ROUND_S / max(probe, 1e-9), 20, 200))
+        yield lambda rounds: runtime.measure_pair(sess_o, sess_c, x, rounds=rounds, repeats=repeats)
+        return
+    if not meter:
+        raise ValueError("an energy budget is measured with the meter of its profile: pass the profile's `meter`")
+    from onnxecc.profiler import measure_pair, recorded_meter
+
+    feed_o, feed_c = runtime.feed(sess_o, x), runtime.feed(sess_c, x)
+    run_o, run_c = (lambda: sess_o.run(None, feed_o)), (lambda: sess_c.run(None, feed_c))
+    with recorded_meter(meter, WITHOUT_METER) as m:
+        yield lambda rounds: measure_pair(m, run_o, run_c, rounds, repeats=1, warmup=10)
+
+
+WITHOUT_METER = "pass --no-closed-loop to keep the profile's estimate as the verdict (the output is then not measured)"
+
+
 def _latency_verdict(pair: runtime.Pair, budget: Budget, target: float) -> dict:
-    """`_closed_loop_check`'s record of one side-by-side measurement (original a, compressed b)."""
+    """`_closed_loop_check`'s record of one side-by-side measurement (original a, compressed b): latency in
+    seconds, or energy in joules (the `Timing` fields then hold joules)."""
     t_o, t_c, ratio = pair.a, pair.b, pair.ratio
     if budget.fraction is not None:
         allowed, measured = budget.fraction * t_o.median_s, ratio * t_o.median_s

@@ -1,7 +1,8 @@
 """`onnxecc validate`: run the original and the compressed model side by side in onnxruntime.
 
 The report a user trusts is a measurement: agreement of the outputs, accuracy where labels exist, latency
-of both on the chosen provider, and the budget stored in the compressed model re-checked on the file.
+of both on the chosen provider, and the budget stored in the compressed model re-checked on the file (a measured
+energy budget only when given the meter to measure it with: otherwise it says so).
 """
 
 from __future__ import annotations
@@ -85,11 +86,16 @@ def analytic_cost(model: onnx.ModelProto, metric: str) -> float | None:
 
 def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data: str | None = None,
              provider: str = "CPUExecutionProvider", threads: int = 1, samples: int = 256,
-             seed: int = 0, hardware: str | None = None) -> ValidateResult:
+             seed: int = 0, hardware: str | None = None, meter: str | None = None) -> ValidateResult:
     """Compare two models in onnxruntime on the test split of `data` (or random inputs without data).
 
     `hardware` (the accelerator JSON an energy budget was compressed for, `--method wsp`): the modelled energy
-    is counted again on the compressed file; without it an energy budget is not re-checked."""
+    is counted again on the compressed file; without it an energy budget is not re-checked.
+
+    `meter` (a `--meter` spec, e.g. `rapl` or `cmd:...`): the energy of both models is measured side by side with it
+    and a measured energy budget (compressed with an energy profile, whose meter the file records) judged on that,
+    as compress's closed loop judged it. Without it such a budget is reported as not re-checked: the meter the
+    file records is never run on the file's say-so (a `cmd:` meter is a shell command)."""
     hw = None
     if hardware is not None:  # a bad file fails before any session is built
         from onnxecc.hardware import load_hardware
@@ -114,19 +120,45 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
         acc_o = float((out_o.argmax(1) == labels).mean())
         acc_c = float((out_c.argmax(1) == labels).mean())
     pair = runtime.measure_pair(sess_o, sess_c, x[:1])
-    budget = _budget_check(comp_proto, pair, hw)
+    energy = _measure_energy(comp_proto, meter, sess_o, sess_c, x[:1]) if meter is not None else None
+    budget = _budget_check(comp_proto, pair, hw, energy)
     return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
                           float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget,
                           {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)})
 
 
-def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None) -> dict:
+def _measure_energy(model: onnx.ModelProto, spec: str, sess_o, sess_c, x: np.ndarray) -> tuple[runtime.Pair, str]:
+    """Energy of the original (a) and the compressed model (b) measured side by side with the meter `spec`
+    (`profiler.measure_pair`, one window per model and round), and the spec. The window the file records for the
+    same meter is kept. A file without a measured energy budget is a UserError: --meter would re-check nothing."""
+    from onnxecc.profiler import measure_pair, recorded_meter
+
+    meta = read_metadata(model)
+    recorded = meta.get("meter") if isinstance(meta.get("meter"), dict) else None
+    if meta.get("metric") != "energy" or recorded is None:
+        raise UserError(f"--meter re-measures an energy budget set with an energy profile, and this file holds "
+                        f"{'a ' + str(meta['metric']) + ' budget' if 'metric' in meta else 'no onnxecc budget'}: "
+                        "leave out --meter")
+    description = recorded if recorded.get("spec") == spec else {"spec": spec}
+    feed_o, feed_c = runtime.feed(sess_o, x), runtime.feed(sess_c, x)
+    with recorded_meter(description, "leave out --meter (the budget is then reported as not re-checked)") as m:
+        pair = measure_pair(m, lambda: sess_o.run(None, feed_o), lambda: sess_c.run(None, feed_c), ENERGY_ROUNDS,
+                            repeats=1, warmup=10)
+    return pair, spec
+
+
+ENERGY_ROUNDS = 5  # side-by-side rounds of an energy re-check (as many as the latency measurement's)
+
+
+def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None,
+                  energy: tuple[runtime.Pair, str] | None = None) -> dict:
     """The budget in the file's metadata, checked again. MACs and params: counted on the file. Latency: a budget
     given as a fraction of the original is checked as the ratio of the two latencies measured side by side (the
     median of per-round ratios, `runtime.Pair`, as compress's closed loop checks it: an absolute time from another
     run of a shared machine drifts by 20 %), an absolute one against the compressed model's median. Energy:
     modelled again with `hw`, which must be the hardware file the model was compressed for (its SHA-256 is in the
-    metadata)."""
+    metadata); measured (a budget set with an energy profile: the file records its meter) with `energy`, the pair
+    `_measure_energy` measured, judged as latency is; without it, not re-checked ("needs the meter")."""
     meta = read_metadata(model)
     if "metric" not in meta or "budget" not in meta:
         return {}
@@ -141,6 +173,21 @@ def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None) -> dic
                     "cost": latency.b.median_s, "how": "measured side by side with the original: latency ratio",
                     "meets_budget": ratio <= fraction}
         cost, how = latency.b.median_s, "measured"
+    if cost is None and metric == "energy" and isinstance(meta.get("meter"), dict):  # measured with a meter
+        spec = meta["meter"].get("spec")
+        if energy is None:
+            return {"metric": metric, "budget": budget, "cost": None, "meets_budget": None, "meter": spec,
+                    "note": f"not re-checked: needs the meter it was measured with (pass --meter '{spec}' where it "
+                            "runs)"}
+        pair, used = energy
+        out = {"metric": metric, "budget": budget, "meter": used, "ratios": [float(r) for r in pair.ratios]}
+        fraction = _fraction(meta.get("budget_text"), metric)
+        if fraction is not None:
+            return out | {"fraction": fraction, "ratio": pair.ratio, "cost": pair.b.median_s,
+                          "how": f"measured with {used} side by side with the original: energy ratio",
+                          "meets_budget": pair.ratio <= fraction}
+        return out | {"cost": pair.b.median_s, "how": f"measured with {used}",
+                      "meets_budget": pair.b.median_s <= budget}
     if cost is None and metric == "energy" and hw is not None and "hardware_sha256" in meta:
         if meta["hardware_sha256"] != hw.sha256:
             raise UserError(f"the compressed model's energy budget was set for hardware {meta.get('hardware')!r} "

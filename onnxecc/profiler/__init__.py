@@ -27,12 +27,12 @@ from onnxecc import atomic, ingest, runtime
 from onnxecc.costs import BilinearCost, Term, Variables, _merge, layer_costs
 from onnxecc.errors import UserError
 from onnxecc.profiler import fit as fitting
-from onnxecc.profiler import sampling, store
+from onnxecc.profiler import meters, sampling, store
 from onnxecc.profiler.meters import Meter, make_meter
 from onnxecc.profiler.store import Fit, Profile, fingerprint
 
 __all__ = ["Profile", "Fit", "profile", "load_profile", "profile_cost", "fingerprint", "make_meter", "Meter",
-           "ModelInfo"]
+           "ModelInfo", "measure_pair", "recorded_meter"]
 
 DEFAULT_SAMPLES = 200
 DEFAULT_WARMUP = 10
@@ -259,15 +259,41 @@ def _shorter_rounds(m: Meter):
             m.min_time_s = span
 
 
+def measure_pair(m: Meter, a, b, rounds: int, repeats: int, warmup: int = 2) -> runtime.Pair:
+    """`a` and `b` (zero-argument runs of two models) measured with the meter `m` in `rounds` alternating rounds of
+    `repeats` measurements each (timed runs, or energy windows), as a `runtime.Pair` of per-round medians: its
+    `ratio` is the median of per-round ratios b/a, which a change of the machine's speed or power state between
+    rounds does not move. The first round warms each model up with `warmup` runs, later ones with at most 2.
+    Used by paired profiling and by compress's closed loop and validate for a measured energy budget."""
+    ra, rb = [], []
+    for k in range(rounds):
+        w = warmup if k == 0 else min(warmup, 2)
+        ra.append(m.measure(a, w, repeats).value)
+        rb.append(m.measure(b, w, repeats).value)
+    return runtime.Pair(ra, rb, repeats)
+
+
+@contextlib.contextmanager
+def recorded_meter(description: dict, without: str):
+    """The meter a profile recorded (`meters.reopen`), closed on exit. One that cannot run here (no RAPL counters,
+    no NVML, a failing command) is a one-line UserError saying so and `without`: how to go on without the
+    measurement. Never a silent fall back to an estimate where a measurement was asked for."""
+    spec = description.get("spec") if isinstance(description, dict) else description
+    try:
+        m = meters.reopen(description)
+    except UserError as exc:
+        raise UserError(f"the energy meter {spec} cannot run here ({exc}): measure where it runs, or {without}") \
+            from exc
+    try:
+        yield m
+    finally:
+        m.close()
+
+
 def _paired_rounds(m: Meter, reference, run, warmup: int, per: int) -> tuple[dict, int]:
     best = None
     for tries in range(1, MAX_TRIES + 1):
-        refs, vals = [], []
-        for k in range(PAIR_ROUNDS):
-            w = warmup if tries == 1 and k == 0 else min(warmup, 2)
-            refs.append(m.measure(reference, w, per).value)
-            vals.append(m.measure(run, w, per).value)
-        pair = runtime.Pair(refs, vals, per)
+        pair = measure_pair(m, reference, run, PAIR_ROUNDS, per, warmup if tries == 1 else min(warmup, 2))
         if best is None or pair.noise < best.noise:
             best = pair
         if best.ratio > 0 and best.noise <= NOISY:

@@ -14,8 +14,8 @@ A meter turns "run the model once" (a zero-argument callable) into a `Measuremen
   on a background thread and integrates it over the window.
 
 `make_meter("latency" | "cputime" | "rapl[:DOMAIN_DIR,...]" | "nvml[:INDEX]" | "jetson[:RAIL_FILE,...]" |
-"cmd:COMMAND")` parses the `--meter` option. Only the standard library and numpy are used (the profiler runs on
-the target).
+"cmd:COMMAND")` parses the `--meter` option; `reopen(profile.meter)` makes the meter a profile recorded again.
+Only the standard library and numpy are used (the profiler runs on the target).
 """
 
 from __future__ import annotations
@@ -459,6 +459,21 @@ def make_meter(spec: str | Meter | None) -> Meter:
             command = command[1:-1]
         return CmdMeter(text, command)
     raise UserError(f"unknown --meter {text!r}: use latency, cputime, rapl, nvml, jetson or cmd:\"COMMAND\"")
+
+
+def reopen(description: dict) -> Meter:
+    """The meter a profile was measured with, from its `describe()` record (the profile's `meter`, copied into a
+    compressed model's metadata): the same --meter spec and, for energy, the same window, so that measuring a
+    model later is comparable with what the profile measured. Raises `make_meter`'s UserError when the meter
+    cannot run here (no RAPL counters, no NVML, a command that fails)."""
+    spec = description.get("spec") if isinstance(description, dict) else None
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"the recorded meter {description!r} names no --meter spec: re-run `onnxecc profile`")
+    meter = make_meter(spec)
+    window = description.get("window_s")
+    if isinstance(meter, EnergyMeter) and isinstance(window, (int, float)) and window >= 0:
+        meter.window_s = float(window)
+    return meter
 
 
 def _list(arg: str) -> list[str] | None:
