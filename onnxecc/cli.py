@@ -35,8 +35,8 @@ def _is_ctrl_c(exc: BaseException) -> bool:
 
 
 _INPUT_SHAPE_HELP = ("Size to analyse a model with symbolic input dims at: NAME:d0,d1,... batch first (repeatable; "
-                     "the name may be left out for a single-input model). Default: the first sample of --data. "
-                     "The output keeps the dims symbolic.")
+                     "the name may be left out for a single-input model). compress and sweep default to the first "
+                     "sample of --data. A compressed model keeps the dims symbolic.")
 _INPUT_SHAPE = typer.Option(None, "--input-shape", help=_INPUT_SHAPE_HELP)
 _VALIDATE_INPUT_SHAPE = typer.Option(None, "--input-shape",
                                      help="Size to feed a model with symbolic input dims at (NAME:d0,d1,..., "
@@ -198,6 +198,7 @@ def compress(
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress: neither the bar (terminal) nor the per-phase and per-epoch lines "
                                     "(logs)."),
+    input_shape: list[str] = _INPUT_SHAPE,
 ) -> None:
     """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning).
 
@@ -217,6 +218,7 @@ def compress(
     from onnxecc.checkpoint import Interrupted, default_path
     from onnxecc.compress import CompressOptions
     from onnxecc.compress import compress as run_compress
+    from onnxecc.inputs import parse_input_shapes
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
                               epochs=epochs, lr=_lr(lr), batch_size=batch_size, seed=seed,
@@ -227,7 +229,8 @@ def compress(
                               max_rounds=max_rounds, verify_projection=verify_projection, closed_loop=closed_loop,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
-                              knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate)
+                              knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate,
+                              input_shapes=parse_input_shapes(input_shape) or None)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
@@ -316,6 +319,11 @@ def compress(
     verdict = "[green]meets the budget[/]" if result.meets_budget else "[red]misses the budget[/]"
     console.print(f"budget {result.budget.describe(result.original_cost)}: {verdict} "
                   f"({fmt(result.final_cost)}, {result.meets_budget_by})")
+    if result.input_shapes:
+        from onnxecc.inputs import shapes_text
+
+        console.print(f"costs at input size {shapes_text(result.input_shapes)}; the output keeps the symbolic sizes",
+                      highlight=False)
     if not result.meets_budget:
         raise typer.Exit(1)
 
@@ -333,12 +341,14 @@ def validate(
     meter: str = typer.Option(None, "--meter",
                               help="Energy meter (as for profile) to re-measure an energy budget set with an energy "
                                    "profile; without it that budget is not re-checked."),
+    input_shape: list[str] = _VALIDATE_INPUT_SHAPE,
 ) -> None:
     """Run ORIGINAL and COMPRESSED side by side: agreement, accuracy, latency, budget re-check (exit 1 if missed)."""
+    from onnxecc.inputs import parse_input_shapes
     from onnxecc.validate import validate as run_validate
 
     result = run_validate(original, compressed, data=data, provider=provider, threads=threads, hardware=hardware,
-                          meter=meter)
+                          meter=meter, input_shapes=parse_input_shapes(input_shape) or None)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -398,11 +408,13 @@ def profile(
                                      "less than the level); twice the measuring time."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress: neither the bar (terminal) nor the lines every 30 s (logs)."),
+    input_shape: list[str] = _INPUT_SHAPE,
 ) -> None:
     """Measure width variants of MODEL on this device and fit the bilinear latency/energy model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from onnxecc.budget import format_cost
+    from onnxecc.inputs import parse_input_shapes
     from onnxecc.profiler import profile as run_profile
 
     options = {}
@@ -433,7 +445,8 @@ def profile(
         result = run_profile(model, output, provider=provider, provider_options=options or None, meter=meter,
                              samples=samples, seed=seed, threads=threads, warmup=warmup, repeats=repeats,
                              min_width=min_width, step=step, on_progress=on_progress, knobs=knobs,
-                             calibration=_calibration(data), paired=paired)
+                             calibration=_calibration(data), paired=paired,
+                             input_shapes=parse_input_shapes(input_shape) or None)
     finally:
         if started:
             progress.stop()
@@ -497,13 +510,16 @@ def sweep(
     plot_x: str = typer.Option("cost", "--plot-x", help="x axis of the plot: cost | latency (measured ratio)."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No per-phase and per-epoch progress lines in logs (the per-point lines stay)."),
+    input_shape: list[str] = _INPUT_SHAPE,
 ) -> None:
     """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points)."""
     from onnxecc.compress import CompressOptions
+    from onnxecc.inputs import parse_input_shapes
     from onnxecc.sweep import sweep as run_sweep
 
     options = CompressOptions(metric=metric, profile=profile, data=data, epochs=epochs, seed=seed,
-                              admm_iterations=admm_iterations, admm_epochs=admm_epochs, measure_latency=latency)
+                              admm_iterations=admm_iterations, admm_epochs=admm_epochs, measure_latency=latency,
+                              input_shapes=parse_input_shapes(input_shape) or None)
 
     point = {"lines": None}
 

@@ -26,7 +26,8 @@ from onnxecc.analysis import analyse
 from onnxecc.budget import Budget, format_cost, parse_budget
 from onnxecc.channels import ChannelGraph
 from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost
-from onnxecc.errors import UserError
+from onnxecc.errors import UnsupportedModelError, UserError
+from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
 from onnxecc.problem import Problem
 from onnxecc.projection import check_reachable
 from onnxecc.quantize import Int8Dropped
@@ -73,6 +74,9 @@ class CompressOptions:
     knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.quantize)
     qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (quantize.FakeQuant)
     recalibrate: bool = True  # before fine-tuning: conv outputs' mean and spread back to the original's
+    # sizes of symbolic input dims to analyse at (`inputs.parse_input_shapes` of --input-shape; None: the first
+    # sample of --data); `compress` puts the sizes it resolved here (`inputs.resolve_shapes`, batch first)
+    input_shapes: dict | None = None
 
 
 @dataclass
@@ -102,6 +106,7 @@ class CompressResult:
     rounds: list[dict] = field(default_factory=list)  # closed-loop rounds: internal budget, measurement
     measured_miss: bool = False  # the measurement missed the budget after every round
     precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.quantize)
+    input_shapes: dict | None = None  # inputs with symbolic sizes: the size costs were counted at (batch first)
 
     @property
     def final_cost(self) -> float:
@@ -147,7 +152,7 @@ class CompressResult:
             "latency_before": timing(self.latency_before), "latency_after": timing(self.latency_after),
             "latency_ratio": self.latency_ratio,
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
-            "precision": self.precision,
+            "precision": self.precision, "input_shapes": self.input_shapes,
         }
 
 
@@ -237,8 +242,10 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         return result
 
     emit("stage", {"name": "analyse"})
-    analysis = analyse(proto, "compress")
-    shaped, layers, graph, variables = analysis.shaped, analysis.layers, analysis.graph, analysis.variables
+    data = _load_data(opts.data, proto) if opts.data else None  # first: its first sample may fix symbolic sizes
+    analysis = analyse(proto, "compress", _input_shapes(proto, opts, data))
+    opts.input_shapes = analysis.input_shapes
+    layers, graph, variables = analysis.layers, analysis.graph, analysis.variables
     profile = None
     if opts.profile and opts.metric in ("latency", "energy"):
         from onnxecc.profiler import load_profile
@@ -267,7 +274,10 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     if method in ("ecc", "greedy") and not opts.data:
         raise UserError(f"--method {method} trains the network and needs --data (digits or FILE.npz); "
                         "without data use --method project or uniform")
-    data = _load_data(opts.data, shaped, layers) if opts.data else None
+    if data is not None:
+        from onnxecc.data import check_classes
+
+        check_classes(data, layers[-1].cout)
     precision, fp32_cost, int8_dropped = None, cost, None
     if "precision" in opts.knobs and target < original:  # int8 layers by measurement; their terms scaled down
         from onnxecc.quantize import plan_precision
@@ -374,7 +384,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         timings["select"] = time.perf_counter() - t
         pruned = True
 
-    counted = analytic_cost(out_model, opts.metric)
+    counted = analytic_cost(out_model, opts.metric, opts.input_shapes)
     tolerance = 1e-6 * max(1.0, original)
     if counted is not None and (counted - estimated > tolerance or (cost.exact and estimated - counted > tolerance)):
         raise RuntimeError(f"cost model disagrees with the count on the pruned file: {estimated} vs {counted}")
@@ -387,6 +397,9 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     )
     result.method = method if pruned else "none"
     result.rounds = rounds
+    if symbolic(proto):  # the costs hold at this size; the output keeps the sizes symbolic
+        result.input_shapes = {n: list(v) for n, v in opts.input_shapes.items()}
+        write_metadata(out_model, {"input_shapes": result.input_shapes})
     warnings += recovery_warnings(history)
     if int8_dropped is not None:
         result.precision = {**int8_dropped, "int8_layers": [], "dropped": INT8_DROPPED}
@@ -664,7 +677,7 @@ def _closed_loop_check(opts: CompressOptions, original: onnx.ModelProto, compres
         return None
     sess_o = runtime.session(original, opts.provider, opts.threads)
     sess_c = runtime.session(compressed, opts.provider, opts.threads)
-    x = runtime.example_input(sess_o, batch=1, seed=opts.seed)
+    x = runtime.example_input(sess_o, batch=1, seed=opts.seed, model=original, shapes=opts.input_shapes)
     with _pair_measurer(opts.metric, meter, sess_o, sess_c, x) as measure:
         pair = measure(CHECK_ROUNDS)
         verdict = _latency_verdict(pair, budget, target)
@@ -871,13 +884,63 @@ def _widths(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> dict[int
     return out
 
 
-def _load_data(spec: str, shaped: onnx.ModelProto, layers):
-    from onnxecc.data import load_data
+def _load_data(spec: str, proto: onnx.ModelProto):
+    from onnxecc.data import load_for_model
 
-    inp = shaped.graph.input[0]
-    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim)
-    out_dim = layers[-1].cout
-    return load_data(spec, shape, num_classes=out_dim)
+    return load_for_model(spec, proto)
+
+
+def _input_shapes(proto: onnx.ModelProto, opts: CompressOptions, data) -> dict[str, tuple[int, ...]]:
+    """The size to analyse inputs with symbolic dims at: --input-shape, else the size a --profile was measured at
+    (its latencies hold there), else the first sample of --data."""
+    names = [i.name for i in graph_inputs(proto)]
+    samples = per_sample_shapes(data.x_train, names) if data is not None and len(data.x_train) else None
+    measured = None
+    if opts.profile and opts.metric in ("latency", "energy") and symbolic(proto):
+        from onnxecc.profiler import store
+
+        measured = store.read(opts.profile).settings.get("input_shapes")
+    if not measured:
+        return resolve_shapes(proto, opts.input_shapes, samples)
+    shapes = resolve_shapes(proto, measured)
+    if opts.input_shapes and resolve_shapes(proto, opts.input_shapes) != shapes:
+        raise UserError(f"--input-shape differs from the size profile {opts.profile} was measured at "
+                        f"({shapes_text(shapes)}): give that size, or profile the model at yours")
+    if samples and any(tuple(shapes[n][1:]) != tuple(s) for n, s in samples.items()):
+        raise UserError(f"the samples of --data are not the size profile {opts.profile} was measured at "
+                        f"({shapes_text(shapes)}): profile the model at the data's size (--input-shape)")
+    return shapes
+
+
+def _check_other_size(sess_o, sess_c, original, opts: CompressOptions) -> None:
+    """A model with symbolic input sizes was analysed and pruned at one size (`opts.input_shapes`): its output must
+    still run at others. At twice every symbolic size, where the original runs, the output must run and give
+    outputs of the original's shape, else UnsupportedModelError (nothing is written): something the graph computes
+    from the size was turned into a constant."""
+    open_axes = {i.name: [a for a, d in enumerate(i.shape) if a > 0 and not (isinstance(d, int) and d > 0)]
+                 for i in sess_o.get_inputs()}
+    if not any(open_axes.values()):
+        return
+    other = {n: tuple(2 * d if a in open_axes.get(n, ()) else d for a, d in enumerate(shape))
+             for n, shape in opts.input_shapes.items()}
+    x = runtime.example_input(sess_o, batch=1, seed=opts.seed, model=original, shapes=other)
+    quiet = runtime.quiet_run()  # a failure here is reported in one line below, not in onnxruntime's log
+    try:
+        expected = sess_o.run(None, runtime.feed(sess_o, x), quiet)
+    except Exception:  # the original does not take that size (a fixed size in disguise): nothing to compare
+        return
+    try:
+        got = sess_c.run(None, runtime.feed(sess_c, x), quiet)
+    except Exception as exc:  # onnxruntime's errors have no common base class
+        raise UnsupportedModelError(
+            f"the compressed model runs at {shapes_text(opts.input_shapes)} but not at {shapes_text(other)}, where the "
+            f"original runs ({str(exc).strip().splitlines()[0][:200]}): a size the graph computes was fixed; not "
+            "supported for this graph yet — compress a copy with fixed input sizes instead") from None
+    if [a.shape for a in got] != [a.shape for a in expected]:
+        raise UnsupportedModelError(
+            f"at {shapes_text(other)} the compressed model's outputs have shapes {[a.shape for a in got]}, the "
+            f"original's {[a.shape for a in expected]}: a size the graph computes was fixed; not supported for this "
+            "graph yet — compress a copy with fixed input sizes instead")
 
 
 def _evaluate(result: CompressResult, original: onnx.ModelProto, data, opts: CompressOptions) -> None:
@@ -886,8 +949,9 @@ def _evaluate(result: CompressResult, original: onnx.ModelProto, data, opts: Com
     if data is not None and len(data.x_test):
         x, y = data.x_test, data.y_test
     else:
-        x, y = runtime.example_input(sess_o, batch=32, seed=opts.seed), None
+        x, y = runtime.example_input(sess_o, batch=32, seed=opts.seed, model=original, shapes=opts.input_shapes), None
     out_o, out_c = runtime.run_batched(sess_o, x), runtime.run_batched(sess_c, x)
+    _check_other_size(sess_o, sess_c, original, opts)
     result.agreement = float((out_o.argmax(1) == out_c.argmax(1)).mean())
     if y is not None:
         result.accuracy_before = float((out_o.argmax(1) == y).mean())

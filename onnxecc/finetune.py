@@ -48,6 +48,39 @@ def training_lr(lr: float | None) -> float:
     return TRAIN_LR if lr is None else lr
 
 
+class TorchInputs:
+    """A model's inputs as torch tensors — one per input of the converted module, in its order, each of its own
+    dtype (token ids stay int64, masks bool) — indexed together along the sample axis like one tensor, so the
+    loops below batch a BERT-style encoder's ids and mask as they batch an image tensor."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = tuple(tensors)
+
+    @classmethod
+    def of(cls, x, names: Sequence[str] | None = None) -> TorchInputs:
+        """From numpy data: one array (float data as float32), or `inputs.Feeds` ordered by `names` (the
+        module's input names; default: the data's order)."""
+        if isinstance(x, TorchInputs):
+            return x
+        arrays = [x.arrays[n] for n in (names or x.names)] if hasattr(x, "arrays") else [x]
+        return cls([torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32) if a.dtype.kind == "f" and
+                                    a.dtype != np.float16 else np.ascontiguousarray(a)) for a in arrays])
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index) -> TorchInputs:
+        return TorchInputs([t[index] for t in self.tensors])
+
+    def to(self, device) -> TorchInputs:
+        return TorchInputs([t.to(device) for t in self.tensors])
+
+    def __call__(self, module: torch.nn.Module) -> torch.Tensor:
+        """`module` run on these inputs (on the device of its parameters)."""
+        device = next(module.parameters(), self.tensors[0]).device
+        return module(*(t.to(device) for t in self.tensors))
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -178,7 +211,7 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
     params = [p for p in module.parameters() if p.requires_grad and id(p) not in grouped]
     optimizer = torch.optim.Adam([{"params": params}, *param_groups] if param_groups else params, lr=config.lr,
                                  weight_decay=config.weight_decay)
-    xs = torch.as_tensor(x, dtype=torch.float32)
+    xs = TorchInputs.of(x)
     ts = torch.as_tensor(teacher_logits, dtype=torch.float32)
     ys = torch.as_tensor(y, dtype=torch.long) if y is not None else None
     n = len(xs)
@@ -229,7 +262,7 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
             idx, scale, count = distributed.shard(idx)  # the whole batch in one process (scale 1)
             xb, tb = xs[idx].to(device), ts[idx].to(device)
             yb = ys[idx].to(device) if ys is not None else None
-            out = net(xb)
+            out = xb(net)
             loss = distillation_loss(out, tb, yb, config.temperature, weight)
             logged = loss
             if scale != 1.0:  # DDP averages over the ranks: Σ_ranks scale·mean_rank / W = the global batch mean

@@ -15,8 +15,8 @@ import torch
 from onnxecc import distributed, recalibrate, runtime
 from onnxecc.bridge import TorchModel, to_torch, write_back
 from onnxecc.channels import ChannelGraph
-from onnxecc.errors import TrainingDiverged
-from onnxecc.finetune import Mask, TrainConfig, distillation_loss, finetune
+from onnxecc.errors import TrainingDiverged, UnsupportedModelError
+from onnxecc.finetune import Mask, TorchInputs, TrainConfig, distillation_loss, finetune
 from onnxecc.guard import all_finite, diverged_message
 from onnxecc.importance import channel_masks
 
@@ -36,17 +36,49 @@ class MaskedModel:
         self.data = data
         self.config = config
         self.tm: TorchModel = to_torch(proto)
-        self.teacher = runtime.run_batched(runtime.session(proto), data.x_train)
+        session = runtime.session(proto)
+        self.teacher = runtime.run_batched(session, data.x_train)  # in chunks of a fixed batch size, if any
+        # a model exported with a fixed batch size: torch trains it at larger batches only if its converted module
+        # computes each sample alone at those (`_free_batches`); else every pass is fed that many samples
+        fixed = runtime.fixed_batch(session)
+        self.batch_limit = None if fixed is None or self._free_batches(fixed) else fixed
+        if self.batch_limit is not None and self.batch_limit > 1:
+            raise UnsupportedModelError(
+                f"the model takes batches of exactly {fixed} samples and its torch conversion cannot run other batch "
+                "sizes: training such a model is not implemented; re-export it with a dynamic batch or a batch of 1 "
+                "(or compress without --data)")
+        if self.batch_limit is not None:
+            self.config = TrainConfig(**{**config.__dict__, "batch_size": self.batch_limit})
         self.masks: list[Mask] = []
         self.recoveries: list[dict] = []  # what `onnxecc.guard` undid since the last `take_recoveries`
         # the original model's per-channel statistics, before any training moves the weights (`recalibrate`);
         # one forward pass over the calibration samples, skipped when the caller will not recalibrate
         self._calibration = self._reference_stats = None
-        if recalibration:
-            count = recalibrate.calibration_size(self.tm.module, torch.as_tensor(data.x_train[:1]), len(data.x_train))
+        if recalibration and self.batch_limit is None:  # (it passes every calibration sample at once)
+            count = recalibrate.calibration_size(self.tm.module, self.inputs(data.x_train[:1]), len(data.x_train))
             every = _spread(len(data.x_train), count)
-            self._calibration = torch.as_tensor(data.x_train[every])
+            self._calibration = self.inputs(data.x_train[every])
             self._reference_stats = recalibrate.channel_stats(self.tm.module, self._calibration)
+
+    def inputs(self, x) -> TorchInputs:
+        """Numpy samples (one array, or `inputs.Feeds`) as the converted module takes them."""
+        return TorchInputs.of(x, self.tm.input_names)
+
+    @torch.no_grad()
+    def _free_batches(self, fixed: int) -> bool:
+        """Whether the converted module of a model with a fixed batch size gives every sample of a larger batch
+        the output it gives it at that size (an export can bake the batch into a Reshape, e.g. [1, -1])."""
+        n = min(len(self.data.x_train), 4 * fixed)
+        if n <= fixed:
+            return False
+        x = self.inputs(self.data.x_train[:n])
+        self.tm.module.eval()
+        try:
+            together = x(self.tm.module)
+        except Exception:  # the module refuses the larger batch (shape errors come as several exception types)
+            return False
+        alone = torch.cat([x[i:i + fixed](self.tm.module) for i in range(0, n - n % fixed, fixed)])
+        return together.shape[0] == n and torch.allclose(together[:len(alone)], alone, rtol=1e-4, atol=1e-5)
 
     # ---- values in the ONNX layout (what importance and projection read) -----------------------------------
     def onnx_values(self, names) -> dict[str, np.ndarray]:
@@ -82,6 +114,9 @@ class MaskedModel:
         """Give every convolution's live output channels the original model's mean and standard deviation again
         (`onnxecc.recalibrate`), keeping the pruned channels zero. Returns what it did, with the training loss
         before and after on the rate probe's samples (the report shows both; the loss is not what it optimises)."""
+        if self._reference_stats is None and self.batch_limit is not None:
+            return {"layers": 0, "skipped": f"the model takes batches of {self.batch_limit} only, and recalibration "
+                                            "passes every calibration sample at once"}
         if self._reference_stats is None:
             raise RuntimeError("this MaskedModel was built with recalibration=False: no reference statistics")
         every = _spread(len(self.data.x_train), PROBE_SAMPLES)
@@ -164,13 +199,14 @@ class MaskedModel:
     def loss(self, samples: np.ndarray, batch: int = 512) -> float:
         """The training objective (`finetune.distillation_loss`) in eval mode on the training samples at the
         indices `samples`."""
+        batch = self.batch_limit or batch
         self.tm.module.eval()
         y = self.data.y_train
         weight = self.config.distill_weight if y is not None else 1.0
         total = 0.0
         for i in range(0, len(samples), batch):
             idx = samples[i:i + batch]
-            out = self.tm.module(torch.as_tensor(self.data.x_train[idx]))
+            out = self.inputs(self.data.x_train[idx])(self.tm.module)
             labels = torch.as_tensor(y[idx], dtype=torch.long) if y is not None else None
             total += float(distillation_loss(out, torch.as_tensor(self.teacher[idx], dtype=torch.float32), labels,
                                              self.config.temperature, weight)) * len(idx)
@@ -178,10 +214,11 @@ class MaskedModel:
 
     @torch.no_grad()
     def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> float:
+        batch = self.batch_limit or batch
         self.tm.module.eval()
         correct = 0
         for i in range(0, len(x), batch):
-            out = self.tm.module(torch.as_tensor(x[i:i + batch]))
+            out = self.inputs(x[i:i + batch])(self.tm.module)
             correct += int((out.argmax(1).numpy() == y[i:i + batch]).sum())
         return correct / max(1, len(x))
 
@@ -202,7 +239,7 @@ class MaskedModel:
         step = self.config.batch_size
         skipped = 0
         for i in range(0, len(x), step):
-            out = module(torch.as_tensor(x[i:i + step]))
+            out = self.inputs(x[i:i + step])(module)
             loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i:i + step], dtype=torch.long))
             grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
             squares = [g.detach().pow(2) if g is not None else None for g in grads]

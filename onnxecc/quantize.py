@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 
 from onnxecc import atomic, runtime
-from onnxecc.errors import UserError
+from onnxecc.errors import UnsupportedModelError, UserError
 from onnxecc.layers import find_layers, node_name
 
 KNOBS = ("width", "precision")
@@ -97,6 +97,18 @@ def check_knobs(opts) -> None:
         raise UserError("--knobs precision chooses int8 layers by measured latency: use it with --metric latency "
                         "--profile P.json, or modelled energy with --method wsp --hardware H.json (int8 changes no "
                         "MACs or parameter count)")
+
+
+def check_inputs(model: onnx.ModelProto) -> None:
+    """int8 calibration here feeds one float input of one size: say so for any other model (not implemented)."""
+    from onnxecc.inputs import graph_inputs, symbolic
+
+    inputs = graph_inputs(model)
+    if len(inputs) != 1 or inputs[0].dtype.kind != "f" or symbolic(model):
+        kinds = ", ".join(f"{i.name} ({i.dtype})" for i in inputs)
+        raise UnsupportedModelError(f"--knobs precision calibrates int8 layers on one float input of a fixed size; "
+                                    f"this model takes {kinds}{' of symbolic sizes' if symbolic(model) else ''}: "
+                                    "not implemented, use --knobs width")
 
 
 # ---- quantization -----------------------------------------------------------------------------------------------
@@ -343,6 +355,7 @@ def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provide
                       threads: int = 1, x: np.ndarray | None = None, min_saving: float = MIN_SAVING,
                       on_layer=None, only=None) -> PrecisionProfile:
     """Measure what int8 saves per layer of `model` on `provider` (see the module doc) and choose the int8 set.
+    One float input of a fixed size only (`check_inputs`).
 
     Every comparison is two sessions timed side by side (`runtime.measure_pair`, interleaved rounds), so a drift
     of the machine hits both. `x` (batch 1; default the first calibration sample) is the timed input.
@@ -351,6 +364,7 @@ def measure_precision(model: onnx.ModelProto, calibration_x: np.ndarray, provide
     dropped whole — the cost model priced that set, and one by one the noise split resnet18's 11-layer chain into
     subsets of 3–8 that ran 0.80–0.87× fp32 where all 11 ran 0.56–0.60×. Its layers' savings are then not measured
     one by one (None)."""
+    check_inputs(model)
     src = named(model)
     names = [n for n in candidates(src) if only is None or n in set(only)]
     x = np.ascontiguousarray(calibration_x[:1] if x is None else x, dtype=np.float32)
@@ -598,6 +612,7 @@ def plan_precision(proto: onnx.ModelProto, analysis, cost, profile, data, opts, 
 
     if profile is None:
         raise UserError("--knobs precision needs a measured latency profile: pass --profile P.json")
+    check_inputs(proto)
     x = np.asarray(data.x_train[:CALIBRATION_SAMPLES], dtype=np.float32)
     if emit is not None:
         emit("stage", {"name": "precision"})

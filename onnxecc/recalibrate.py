@@ -56,7 +56,10 @@ def _forward_with_hooks(module: torch.nn.Module, x: torch.Tensor, hook) -> None:
     handles = [m.register_forward_hook(lambda m, _i, out, n=n: hook(n, m, out)) for n, m in _convolutions(module)]
     try:
         module.eval()
-        module(x.to(next(module.parameters(), x).device))  # the samples stay on the CPU; the model may be elsewhere
+        if isinstance(x, torch.Tensor):
+            module(x.to(next(module.parameters(), x).device))  # the samples stay on the CPU; the model may be elsewhere
+        else:  # `finetune.TorchInputs`: several inputs or integer ones (it moves them to the model's device)
+            x(module)
     finally:
         for h in handles:
             h.remove()

@@ -139,6 +139,13 @@ def run_batched(sess: ort.InferenceSession, x: Batch, batch_size: int = 256,
     return np.concatenate(outs, axis=0)
 
 
+def quiet_run() -> ort.RunOptions:
+    """Run options under which a failing run logs nothing (the caller reports the failure itself)."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def fixed_batch(sess: ort.InferenceSession) -> int | None:
     """The batch size the model's first input insists on (axis 0 a fixed number), else None."""
     shape = sess.get_inputs()[0].shape

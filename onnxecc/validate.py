@@ -16,6 +16,7 @@ import onnx
 from onnxecc import ingest, runtime
 from onnxecc.budget import parse_budget
 from onnxecc.errors import UserError
+from onnxecc.inputs import resolve_shapes, shapes_text
 from onnxecc.layers import count_params, find_layers
 
 META_PREFIX = "onnxecc."
@@ -75,10 +76,11 @@ def write_metadata(model: onnx.ModelProto, values: dict) -> None:
             model.metadata_props.add(key=full, value=json.dumps(value))
 
 
-def analytic_cost(model: onnx.ModelProto, metric: str) -> float | None:
-    """Costs that can be counted on the file itself (independently of how it was compressed)."""
+def analytic_cost(model: onnx.ModelProto, metric: str, input_shapes=None) -> float | None:
+    """Costs that can be counted on the file itself (independently of how it was compressed); MACs of a model
+    with symbolic input sizes at `input_shapes` (`inputs.resolve_shapes`)."""
     if metric == "macs":
-        return float(sum(layer.macs for layer in find_layers(model)))
+        return float(sum(layer.macs for layer in find_layers(model, input_shapes=input_shapes)))
     if metric == "params":
         return float(count_params(model))
     return None
@@ -86,8 +88,14 @@ def analytic_cost(model: onnx.ModelProto, metric: str) -> float | None:
 
 def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data: str | None = None,
              provider: str = "CPUExecutionProvider", threads: int = 1, samples: int = 256,
-             seed: int = 0, hardware: str | None = None, meter: str | None = None) -> ValidateResult:
-    """Compare two models in onnxruntime on the test split of `data` (or random inputs without data).
+             seed: int = 0, hardware: str | None = None, meter: str | None = None,
+             input_shapes=None) -> ValidateResult:
+    """Compare two models in onnxruntime on the test split of `data` (or random inputs without data, of every
+    input's dtype: `inputs.example_feeds`).
+
+    Inputs with symbolic sizes are fed at `input_shapes` (parsed --input-shape), else the size of `data`, else
+    the size `compress` counted at (the compressed model's metadata); a MACs budget is counted again at
+    compress's size.
 
     `hardware` (the accelerator JSON an energy budget was compressed for, `--method wsp`): the modelled energy
     is counted again on the compressed file; without it an energy budget is not re-checked.
@@ -101,18 +109,23 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
         from onnxecc.hardware import load_hardware
 
         hw = load_hardware(hardware)
-    sess_o = runtime.session(runtime.on_disk(original, ingest.load(original)), provider, threads)  # checked, dropped
+    orig_proto = ingest.load(original)
+    sess_o = runtime.session(runtime.on_disk(original, orig_proto), provider, threads)  # checked
+    orig = ingest.skeleton(orig_proto)  # its graph and inputs: the weights are not needed again
+    del orig_proto
     comp_proto = ingest.load(compressed)
     sess_c = runtime.session(runtime.on_disk(compressed, comp_proto), provider, threads)
     labels = None
+    counted_at = read_metadata(comp_proto).get("input_shapes")
     if data is not None:
-        from onnxecc.data import load_data
+        from onnxecc.data import load_for_model
 
-        ds = load_data(data, tuple(sess_o.get_inputs()[0].shape), seed=seed)
+        ds = load_for_model(data, orig, seed=seed)
         x = ds.x_test if len(ds.x_test) else ds.x_train
         labels = ds.y_test if len(ds.x_test) else ds.y_train
     else:
-        x = runtime.example_input(sess_o, batch=min(samples, 64), seed=seed)
+        shapes = resolve_shapes(orig, input_shapes or counted_at)
+        x = runtime.example_input(sess_o, batch=min(samples, 64), seed=seed, model=orig, shapes=shapes)
     out_o, out_c = runtime.run_batched(sess_o, x), runtime.run_batched(sess_c, x)
     diff = np.abs(out_o - out_c)
     acc_o = acc_c = None
@@ -121,7 +134,7 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
         acc_c = float((out_c.argmax(1) == labels).mean())
     pair = runtime.measure_pair(sess_o, sess_c, x[:1])
     energy = _measure_energy(comp_proto, meter, sess_o, sess_c, x[:1]) if meter is not None else None
-    budget = _budget_check(comp_proto, pair, hw, energy)
+    budget = _budget_check(comp_proto, pair, hw, energy, counted_at)
     return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
                           float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget,
                           {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)})
@@ -151,7 +164,7 @@ ENERGY_ROUNDS = 5  # side-by-side rounds of an energy re-check (as many as the l
 
 
 def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None,
-                  energy: tuple[runtime.Pair, str] | None = None) -> dict:
+                  energy: tuple[runtime.Pair, str] | None = None, input_shapes=None) -> dict:
     """The budget in the file's metadata, checked again. MACs and params: counted on the file. Latency: a budget
     given as a fraction of the original is checked as the ratio of the two latencies measured side by side (the
     median of per-round ratios, `runtime.Pair`, as compress's closed loop checks it: an absolute time from another
@@ -163,8 +176,8 @@ def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None,
     if "metric" not in meta or "budget" not in meta:
         return {}
     metric, budget = meta["metric"], float(meta["budget"])
-    cost = analytic_cost(model, metric)
-    how = "counted"
+    cost = analytic_cost(model, metric, input_shapes)  # at compress's size (`input_shapes` from the metadata)
+    how = "counted" + (f" at {shapes_text(input_shapes)}" if input_shapes else "")
     if cost is None and metric == "latency":
         fraction = _fraction(meta.get("budget_text"), metric)
         if fraction is not None:

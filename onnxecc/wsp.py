@@ -72,6 +72,7 @@ from onnxecc import atomic, checkpoint, ingest, runtime
 from onnxecc import hardware as hwm
 from onnxecc.budget import Budget, format_cost
 from onnxecc.errors import UnsupportedModelError, UserError
+from onnxecc.inputs import graph_inputs, symbolic
 from onnxecc.layers import with_static_shapes
 from onnxecc.sparse_projection import knapsack, prefix_by_score, project
 
@@ -137,6 +138,11 @@ def make_plan(model: ingest.ModelSource, hardware: str | hwm.Hardware, budget: B
     supports and every projection use the lower widths, so the same budget buys more weights."""
     hw = hardware if isinstance(hardware, hwm.Hardware) else hwm.load_hardware(hardware)
     proto = hwm.densify(ingest.load(model))
+    inputs = graph_inputs(proto)
+    if len(inputs) != 1 or inputs[0].dtype.kind != "f" or symbolic(proto):  # (a plan of one float input's size)
+        kinds = ", ".join(f"{i.name} ({i.dtype}, {list(i.dims)})" for i in inputs)
+        raise UnsupportedModelError(f"--method wsp works on one float input of a fixed size; this model takes "
+                                    f"{kinds}: not implemented, use --method project or ecc")
     shaped = with_static_shapes(proto)
     geoms = hwm.geometries(proto, shaped)
     if not geoms:

@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import onnx
 from onnxecc import atomic, ingest, runtime
 from onnxecc.costs import BilinearCost, Term, Variables, _merge, layer_costs
 from onnxecc.errors import UserError
+from onnxecc.inputs import symbolic
 from onnxecc.profiler import fit as fitting
 from onnxecc.profiler import meters, sampling, store
 from onnxecc.profiler.meters import Meter, make_meter
@@ -51,16 +52,18 @@ class ModelInfo:
     layer_costs: list[BilinearCost]
     features: fitting.Features
     fingerprint: str
+    input_shapes: dict = field(default_factory=dict)  # the size measured at (batch first; see `inputs`)
 
     @classmethod
-    def of(cls, model: ingest.ModelSource) -> ModelInfo:
+    def of(cls, model: ingest.ModelSource, input_shapes=None) -> ModelInfo:
+        """`input_shapes`: sizes of symbolic input dims (parsed --input-shape; `inputs.resolve_shapes`)."""
         from onnxecc.analysis import analyse
 
         proto = ingest.load(model)
-        a = analyse(proto, "profile")
+        a = analyse(proto, "profile", input_shapes)
         costs = layer_costs(a.graph, a.layers, proto, a.variables)
         return cls(proto, a.shaped, a.layers, a.graph, a.variables, costs, _features(a.graph, a.variables, costs),
-                   fingerprint(proto))
+                   fingerprint(proto), a.input_shapes)
 
 
 def _features(graph, variables: Variables, costs: list[BilinearCost]) -> fitting.Features:
@@ -83,7 +86,7 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
             meter: str | Meter = "latency", samples: int = DEFAULT_SAMPLES, seed: int = 0, threads: int = 1,
             warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, min_width: int = 1, step: int | str = "auto",
             on_progress: Callable[[int, int, dict], None] | None = None, knobs="width",
-            calibration: np.ndarray | None = None, paired: bool = True) -> Profile:
+            calibration: np.ndarray | None = None, paired: bool = True, input_shapes=None) -> Profile:
     """Measure `samples` width variants of `model` and fit the bilinear model; write the profile to `output`.
 
     If `output` already holds a profile of the same model structure with the same settings, its samples are
@@ -98,7 +101,10 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
     the level of whichever samples fell into a slow spell. Twice the measuring time.
 
     `knobs="width,precision"`: also measure int8 per layer (`precision_section`; latency meter only), stored in
-    the profile's `precision` section for `compress --knobs width,precision` (kept when resuming)."""
+    the profile's `precision` section for `compress --knobs width,precision` (kept when resuming).
+
+    A model with symbolic input sizes is measured at `input_shapes` (parsed --input-shape), recorded in the
+    settings: `compress --profile` analyses at that size."""
     from onnxecc.quantize import parse_knobs
 
     knobs = parse_knobs(knobs)
@@ -119,13 +125,15 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
         if Path(output).exists():  # a profile never replaces the model it measures (nor its external data)
             atomic.refuse_input(output, [Path(output)], ingest.model_files(model), "-o",
                                 "give the profile its own .json path")
-    info = ModelInfo.of(model)
+    info = ModelInfo.of(model, input_shapes)
     m = make_meter(meter)
     if m.name == "cputime" and threads != 1:
         m.close()
         raise UserError("--meter cputime times the calling thread only: use it with --threads 1")
     try:
         settings = _settings(provider, provider_options, m, threads, warmup, repeats, seed, min_width, step, paired)
+        if symbolic(info.model):  # the size measured at (absent for fixed-size models: older profiles resume)
+            settings["input_shapes"] = {n: list(v) for n, v in info.input_shapes.items()}
         prof = _start(info, output, m, settings, model)
         measured = {x["index"] for x in prof.samples}
         todo = [s for s in sampling.plan(info.graph, samples, seed, min_width, step) if s.index not in measured]
@@ -141,8 +149,8 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
             variant = sampling.build(info.model, info.graph, s)
             sess = runtime.session(variant, provider, threads, provider_options)
             if x is None:
-                x = runtime.example_input(sess, batch=1, seed=seed)
-            feed = {sess.get_inputs()[0].name: x}
+                x = runtime.example_input(sess, batch=1, seed=seed, model=info.model, shapes=info.input_shapes)
+            feed = runtime.feed(sess, x)  # every input, at the model's fixed batch size if it has one
             run = lambda sess=sess, feed=feed: sess.run(None, feed)  # noqa: E731
             if paired:
                 if reference is None:
@@ -193,7 +201,7 @@ def precision_section(info: ModelInfo, prof: Profile, calibration: np.ndarray | 
     seed = int(prof.settings.get("seed", 0))
     if calibration is None:
         sess = runtime.session(info.model, provider, threads)
-        x = runtime.example_input(sess, batch=32, seed=seed)
+        x = runtime.example_input(sess, batch=32, seed=seed, model=info.model, shapes=info.input_shapes)
         how = f"{len(x)} seeded random inputs (seed {seed})"
     else:
         x = np.ascontiguousarray(calibration, dtype=np.float32)
