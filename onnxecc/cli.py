@@ -189,6 +189,8 @@ def compress(
                                           "model's mean and spread on up to 512 training inputs again (re-estimating "
                                           "the BatchNorm that export folded away)."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Let -o replace the input model (or its external data); refused without."),
     checkpoint: str = typer.Option(None, "--checkpoint",
                                    help="Where Ctrl-C saves the training state (default: OUTPUT.ckpt)."),
     resume: str = typer.Option(None, "--resume", help="Continue the run interrupted into this checkpoint."),
@@ -267,7 +269,7 @@ def compress(
 
     try:
         result = run_compress(model, budget, output, options, report=report, on_event=on_event,
-                              checkpoint=checkpoint, resume=resume)
+                              checkpoint=checkpoint, resume=resume, overwrite=overwrite)
     except Interrupted as exc:  # exit here: typer turns a KeyboardInterrupt into a silent exit 130
         if progress.live.is_started:
             progress.stop()
@@ -299,7 +301,7 @@ def compress(
     def fmt(v):
         return format_cost(v, metric) if v is not None else "-"
 
-    table = Table(title=f"{model} → {output}")
+    table = Table(title=f"{model} → {result.output or output}")  # an over-budget model: its own name
     table.add_column("")
     table.add_column("original", justify="right")
     table.add_column("compressed", justify="right")

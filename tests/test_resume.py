@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,7 +95,11 @@ def test_resume_with_other_options_or_files_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="the model"):
         compress(REPO / "models" / "digits_resdw.onnx", "0.5", None, OPTS, resume=ckpt)
     assert ckpt.exists()  # a refused resume leaves the checkpoint alone
+    not_a_checkpoint = tmp_path / "model-copy.ckpt"
+    shutil.copyfile(MODEL, not_a_checkpoint)
     with pytest.raises(UserError, match="not an onnxecc checkpoint"):
+        compress(MODEL, "0.5", None, OPTS, resume=not_a_checkpoint)
+    with pytest.raises(UserError, match="would overwrite the input model"):  # resumed runs save where they read
         compress(MODEL, "0.5", None, OPTS, resume=MODEL)
     with pytest.raises(UserError, match="no such checkpoint"):
         compress(MODEL, "0.5", None, OPTS, resume=tmp_path / "missing.ckpt")
