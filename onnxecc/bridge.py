@@ -27,7 +27,10 @@ from onnxecc.graph import Graph
 from onnxecc.normalize import normalize
 
 _MIN_OPSET = 7  # lowest opset tried when a model must be down-converted for onnx2torch
-_BN_ROLES = ("weight", "bias", "running_mean", "running_var")
+# A BatchNorm kept in the graph trains its weight and bias; its running statistics are constants of the function
+# (training keeps BatchNorm in eval mode, `finetune`), so they are not mapped: mapped, they were "weights" to every
+# trainer, and ADMM's proximal step pulled a pruned channel's running_var below zero (NaN outputs, a dead run).
+_BN_ROLES = ("weight", "bias")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Layout:
 @dataclass
 class TorchModel:
     """A converted model: `params` maps an ONNX tensor name (as the compute node of the *original* graph
-    uses it) to the qualified name of its torch tensor (a parameter; BatchNorm statistics are buffers)."""
+    uses it) to the qualified name of its torch parameter (BatchNorm running statistics are not mapped: see
+    `_BN_ROLES`)."""
 
     module: nn.Module
     params: dict[str, str]
@@ -65,7 +69,7 @@ class TorchModel:
     target_opset: int | None = None  # the opset the model was converted to for onnx2torch (None: kept)
 
     def parameter(self, onnx_name: str) -> torch.Tensor:
-        """The torch tensor holding ONNX tensor `onnx_name` (an nn.Parameter, or a buffer for BN stats)."""
+        """The torch tensor holding ONNX tensor `onnx_name`."""
         qualified = self.params[onnx_name]
         try:
             return self.module.get_parameter(qualified)
@@ -96,6 +100,7 @@ def to_torch(model: onnx.ModelProto) -> TorchModel:
             raise UnsupportedModelError(f"onnx2torch cannot convert {missing[0]} even at opset {target}")
     _relax_reshapes(norm)
     _check_conv_weights(norm)
+    _complete_shapes(norm)
     try:
         gm = convert(norm, attach_onnx_mapping=True)
     except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ValueError, ... on what it lacks
@@ -121,6 +126,50 @@ def _relax_reshapes(model: onnx.ModelProto) -> None:
             keep = [a for a in node.attribute if a.name != "allowzero"]
             del node.attribute[:]
             node.attribute.extend(keep)
+
+
+# onnx2torch converters that read their input's shape from value_info (the rank picks BatchNorm1d/2d/3d, a pool's
+# spatial rank; LayerNorm reads the normalised dims): without one they fail ("spatial rank == -2").
+_SHAPE_READERS = ("BatchNormalization", "InstanceNormalization", "AveragePool", "MaxPool", "GlobalAveragePool",
+                  "LayerNormalization")
+
+
+def _complete_shapes(model: onnx.ModelProto) -> None:
+    """Give the inputs of `_SHAPE_READERS` a shape where onnx's inference leaves none (in place, normalised copy).
+
+    paddle2onnx's recogniser reshapes with a computed shape (Shape → Gather → Concat → Reshape) before three
+    BatchNorms; onnx's inference stops there, onnx2torch then cannot choose the BatchNorm class. The static
+    shapes (`layers.with_static_shapes`: onnx's inference, then one onnxruntime run for what it misses) fill
+    them in, the batch dim left symbolic: these converters read the rank and the non-batch dims only."""
+    from onnxecc.errors import UserError
+    from onnxecc.layers import tensor_shapes, with_static_shapes
+
+    readers = [n.input[0] for n in model.graph.node if n.op_type in _SHAPE_READERS and n.domain in ("", "ai.onnx")]
+    if not readers:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # onnx raises InferenceError or bare RuntimeErrors; the static pass below decides
+        inferred = model
+    known = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+             if vi.type.tensor_type.HasField("shape")}
+    missing = [name for name in dict.fromkeys(readers) if name not in known]
+    if not missing:
+        return
+    try:
+        shapes = tensor_shapes(with_static_shapes(model))
+    except UserError:  # no static size to measure at: onnx2torch says what it cannot convert
+        return
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    own = {vi.name: vi for vi in model.graph.value_info}
+    for name in missing:
+        if name in shapes:
+            dims = ["batch", *shapes[name][1:]] if shapes[name] else []
+            vi = onnx.helper.make_tensor_value_info(name, elem.get(name) or onnx.TensorProto.FLOAT, dims)
+            if name in own:
+                own[name].CopyFrom(vi)
+            else:
+                model.graph.value_info.append(vi)
 
 
 def _check_conv_weights(model: onnx.ModelProto) -> None:
@@ -170,7 +219,9 @@ def _missing_converters(model: onnx.ModelProto) -> list[str]:
 
 def _target_opset(model: onnx.ModelProto) -> int | None:
     """None when onnx2torch converts every op at the model's opset; else the highest lower default-domain
-    opset at which it converts them all (read from onnx2torch's registry, not hard-coded)."""
+    opset at which it converts them all (read from onnx2torch's registry, not hard-coded), else the lowest
+    higher one: onnx2torch has no converter for some ops of opset 7-9 graphs (Upsample, Dropout-7,
+    BatchNormalization-7, Gemm-7), which onnx's version converter rewrites on the way up (Upsample → Resize)."""
     missing = _missing_converters(model)
     if not missing:
         return None
@@ -183,7 +234,30 @@ def _target_opset(model: onnx.ModelProto) -> int | None:
     for version in range(opsets[""] - 1, _MIN_OPSET - 1, -1):
         if all(_op_exists(op, version) and _converter_ok("", op, version) for op in ops):
             return version
+    upward = _upward_opset(model, opsets[""])
+    if upward is not None:
+        return upward
     raise UnsupportedModelError(f"onnx2torch has no converter for {missing[0]} at any opset")
+
+
+_MAX_UPWARD = 13  # up to the opset whose versions onnx2torch covers best (its registry stops at 13 for most ops)
+
+
+def _upward_opset(model: onnx.ModelProto, current: int) -> int | None:
+    """The lowest opset above `current` at which the model, converted by onnx's version converter (op by op: the
+    rewritten graph is what is checked), has a converter for every op; None if none up to _MAX_UPWARD. The
+    model's skeleton is converted (op types are what matter, the weights stay out of the copies)."""
+    from onnxecc.layers import shape_skeleton
+
+    step = shape_skeleton(model)
+    for version in range(current + 1, _MAX_UPWARD + 1):
+        try:
+            step = onnx.version_converter.convert_version(step, version)
+        except Exception:  # the converter raises bare RuntimeErrors: that step has no adapter, nor the ones above
+            return None
+        if not _missing_converters(step):
+            return version
+    return None
 
 
 def _op_exists(op: str, version: int) -> bool:

@@ -8,6 +8,7 @@ keeps every tensor *name*, so a weight found here under name N is the tensor N o
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -46,6 +47,39 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> None:
         model.graph.input.extend(keep)
 
 
+def drop_unused_masks(model: onnx.ModelProto) -> None:
+    """Caffe2-era exports (the onnx package's own test models) write Dropout with its optional mask output even
+    when nothing reads it; onnx2torch maps such a node to a module that returns one tensor for two outputs, and
+    the network computes on a piece of it. An unread mask is removed (in place): the node and its output stay."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and len(node.output) > 1 \
+                and not any(o in used for o in node.output[1:]):
+            del node.output[1:]
+
+
+def fill_clip_bounds(model: onnx.ModelProto) -> None:
+    """Clip (opset ≥ 11) may leave its min out and give only a max (`Clip(x, "", max)`); onnx2torch reads an
+    omitted input as a missing constant and refuses the node. The omitted bound becomes an initializer holding
+    the lowest value of the bound's type (−inf for floats: the same function), in place."""
+    g = Graph(model)
+    taken = set(g.initializers) | set(g.producer) | {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type != "Clip" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 \
+                or node.input[1] or not node.input[2]:
+            continue
+        bound = g.const(node.input[2])
+        if bound is None:
+            continue
+        lowest = np.array(-np.inf if bound.dtype.kind == "f" else np.iinfo(bound.dtype).min, bound.dtype)
+        name, k = f"{node.output[0]}__min", 1
+        while name in taken:
+            name, k = f"{node.output[0]}__min{k}", k + 1
+        taken.add(name)
+        model.graph.initializer.append(numpy_helper.from_array(lowest, name))
+        node.input[1] = name
+
+
 def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Convert the default-domain opset (e.g. down to one whose op versions a converter knows)."""
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -65,6 +99,8 @@ def normalize(model: onnx.ModelProto, target_opset: int | None = None) -> onnx.M
     """All passes, in order; returns a new model and leaves `model` untouched."""
     out = fold_constants(model)
     drop_initializer_inputs(out)
+    drop_unused_masks(out)
+    fill_clip_bounds(out)
     if out.ir_version < 4:
         out.ir_version = 4
     if target_opset is not None:
