@@ -16,7 +16,10 @@ Each op's channel rule is one small function registered in `RULES`, so supportin
 change. An op without a rule freezes every group it touches, and so does reaching a graph output; graph inputs
 are never pruned. A frozen group records what froze it (`frozen_by`). Channel counts read by `Shape` are
 tracked too: they may only flow, through shape arithmetic, into the shape inputs of Reshape/Slice/Split/Expand
-(which surgery rewrites as constants); any other use freezes the groups whose counts were read.
+(which surgery rewrites as constants); any other use freezes the groups whose counts were read. Whether a value
+really carries a count is checked by evaluating the arithmetic again under two prunings (`follows_pruning`):
+`Shape(x)[2:]` does not, and Resize/Upsample sizes read from the resized tensor's own shape (torch's
+`interpolate(size=...)` at every opset) follow the pruning at run time, so neither freezes anything.
 
 The analysis runs on `layers.with_static_shapes(model)` (every tensor has a static shape, batch 1); surgery
 (`onnxecc.surgery`) applies its result to the original model. Only onnx and numpy are used here.
@@ -201,6 +204,7 @@ class _Groups:
         self.map: list[np.ndarray | None] = []
         self.size: list[int] = []
         self.frozen: dict[int, str] = {}
+        self.unions = 0  # merges so far (a merge renumbers units: values derived from them are stale)
 
     def new(self, size: int, frozen: str | None = None) -> int:
         g = len(self.parent)
@@ -240,6 +244,7 @@ class _Groups:
             raise AssertionError("unify: layouts of different lengths")
         if np.array_equal(r1, r2) and np.array_equal(u1, u2):
             return
+        self.unions += 1
         roots = list(dict.fromkeys(np.concatenate([r1, r2]).tolist()))
         if len(roots) == 2 and (r1 == roots[0]).all() and (r2 == roots[1]).all() \
                 and self.size[roots[0]] == self.size[roots[1]] == r1.size \
@@ -320,6 +325,8 @@ class _Analysis:
         self.io: dict[int, tuple[str, str, Layout]] = {}  # compute node index -> (input, output, input layout)
         self.concats: list[int] = []
         self.static: dict[str, np.ndarray | None] = {}
+        self.pruned: dict[str, dict[str, np.ndarray | None]] = {}  # `shape_value` under a pruning
+        self.pruned_at = 0  # `_Groups.unions` when `pruned` was computed
         self.skip: set[int] = set()  # nodes already handled by an earlier rule (a channel-shuffle chain)
         self.node_at = {n.output[0]: i for i, n in enumerate(shaped.graph.node) if n.output}
         self.index, self.where, self.cur_taint = -1, "", set()
@@ -339,22 +346,59 @@ class _Analysis:
 
     def static_value(self, name: str) -> np.ndarray | None:
         """Value of a constant or of shape arithmetic on static shapes (batch 1)."""
+        return self.shape_value(name, None)
+
+    def shape_value(self, name: str, pruning: str | None) -> np.ndarray | None:
+        """`static_value`, or with `pruning` ("one" or "last", see `pruned_shape`) the value the same shape
+        arithmetic computes at run time once the channels are pruned that way (None: not known)."""
         if not name:
             return None
-        if name in self.static:
-            return self.static[name]
+        memo = self.static if pruning is None else self.pruned.setdefault(pruning, {})
+        if name in memo:
+            return memo[name]
         value = self.const(name)
         node = self.g.producer.get(name)
         if value is None and node is not None and node.domain in ("", "ai.onnx"):
-            if node.op_type == "Shape" and self.shape(node.input[0]) is not None:
-                full = np.array(self.shape(node.input[0]), np.int64)
-                value = full[_attr(node, "start", 0):_attr(node, "end", None)]
+            if node.op_type == "Shape":
+                x = node.input[0]
+                shape = self.shape(x) if pruning is None else self.pruned_shape(x, pruning)
+                if shape is not None:
+                    value = np.array(shape, np.int64)[_attr(node, "start", 0):_attr(node, "end", None)]
             elif node.op_type in SHAPE_ARITH:
-                inputs = [self.static_value(i) if i else None for i in node.input]
+                inputs = [self.shape_value(i, pruning) if i else None for i in node.input]
                 if all(v is not None for i, v in zip(node.input, inputs) if i):
                     value = _evaluate_node(node, inputs, self.model)[list(node.output).index(name)]
-        self.static[name] = value
+        memo[name] = value
         return value
+
+    def pruned_shape(self, name: str, pruning: str) -> tuple[int, ...] | None:
+        """The shape of `name` once every channel group keeps only its first unit ("one") or loses its last unit
+        ("last"): two prunings far apart, under which shape arithmetic that copies a channel count shows it and
+        arithmetic that does not read one stays put (None: channels over several axes, not modelled)."""
+        shape = self.shape(name)
+        lay = self.lay(name)
+        if shape is None or lay is None:
+            return shape
+        if len(lay.axes) != 1:
+            return None
+        roots, units = self.groups.resolve(lay)
+        sizes = np.array([self.groups.size[r] for r in roots.tolist()], np.int64)
+        kept = units == 0 if pruning == "one" else units < np.maximum(sizes - 1, 1)
+        out = list(shape)
+        out[lay.axes[0]] = int(kept.sum())
+        return tuple(out)
+
+    def follows_pruning(self, name: str, expected: Callable[[str | None], np.ndarray | None]) -> bool:
+        """Whether shape arithmetic `name` computes `expected(pruning)` statically and under both prunings: the
+        run-time computation then stays right for the pruned model without being rewritten."""
+        if self.pruned_at != self.groups.unions:  # groups merged since the last check: their units changed
+            self.pruned, self.pruned_at = {}, self.groups.unions
+        for pruning in (None, "one", "last"):
+            value, want = self.shape_value(name, pruning), expected(pruning)
+            if value is None or want is None or np.shape(value) != np.shape(want) or \
+                    not np.array_equal(np.asarray(value), np.asarray(want)):
+                return False
+        return True
 
     # -- building blocks for rules --
     def fresh(self, dims: tuple[int, ...], axes: tuple[int, ...], frozen: str | None = None) -> Layout:
@@ -457,11 +501,43 @@ class _Analysis:
             self.cur_taint = sources  # the rule rewrites these inputs; if it gives up, these freeze too
             return True
         if node.op_type in SHAPE_ARITH and not tracked:
-            for out in node.output:
-                if out:
+            for out in node.output:  # e.g. Shape(x)[2:] reads no channel count: its users are free
+                if out and not self.follows_pruning(out, lambda p, o=out: self.shape_value(o, None)):
                     self.taint[out] = sources
             return False
+        if node.op_type in ("Resize", "Upsample") and set(tainted) <= {1, 2, 3} and self.resize_follows(node):
+            return True  # sizes computed from the pruned tensor's own shape at run time: nothing to rewrite
         self._freeze_ids(sources, f"{self.where} (uses a channel count)")
+        return True
+
+    def resize_follows(self, node: onnx.NodeProto) -> bool:
+        """Whether every computed input of Resize/Upsample stays right after pruning: roi and scales unchanged,
+        sizes (torch's `interpolate(size=...)`: Concat(Shape(x)[0:2], H, W)) with the pruned channel count of
+        its input at the channel axis."""
+        x = node.input[0]
+        lay = self.lay(x)
+        if all(not name or self.is_const(name) for name in node.input[1:]):
+            return True
+        if lay is None or len(lay.axes) != 1:
+            return False
+        axes = _attr(node, "axes")
+        axes = list(range(len(self.shape(x)))) if axes is None else [int(v) % len(self.shape(x)) for v in axes]
+        at = axes.index(lay.axes[0]) if lay.axes[0] in axes else None
+        for k, name in enumerate(node.input[1:], 1):
+            if not name or self.is_const(name):
+                continue
+
+            def want(pruning, name=name, sizes=node.op_type == "Resize" and k == 3):
+                value = self.shape_value(name, None)
+                shape = self.shape(x) if pruning is None else self.pruned_shape(x, pruning)
+                if value is None or shape is None or not sizes or at is None:
+                    return value
+                value = np.array(value, copy=True)
+                value[at] = shape[lay.axes[0]]
+                return value
+
+            if not self.follows_pruning(name, want):
+                return False
         return True
 
     # -- result --
@@ -722,8 +798,16 @@ def _resize(a: _Analysis, node: onnx.NodeProto) -> None:
         a.freeze_all(node, f"{a.where} (resizes the channel axis)")
         return
     sizes = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 else ""
-    if sizes:  # explicit sizes hard-code the channel count
-        a.freeze_all(node, f"{a.where} (explicit sizes)")
+    axes = _attr(node, "axes")
+    rank = len(a.shape(node.input[0]))
+    if sizes and a.is_const(sizes) and (axes is None or any(int(v) % rank in lay.axes for v in axes)):
+        if len(lay.axes) != 1:  # constant sizes hard-code the channel count: rewritten by surgery
+            a.freeze_all(node, f"{a.where} (constant sizes over split channel axes)")
+            return
+        at = lay.axes[0] if axes is None else [int(v) % rank for v in axes].index(lay.axes[0])
+        a.edit("sizes", lay=lay, at=at, sizes=a.const(sizes).astype(np.int64))
+    elif not a.resize_follows(node):  # computed: right after pruning only if it reads the pruned shape
+        a.freeze_all(node, f"{a.where} (computed scales or sizes that do not follow the channel count)")
         return
     a.set(node.output[0], lay)
 

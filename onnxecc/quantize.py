@@ -52,6 +52,7 @@ import onnx
 
 from onnxecc import atomic, runtime
 from onnxecc.errors import UnsupportedModelError, UserError
+from onnxecc.inputs import graph_inputs, symbolic
 from onnxecc.layers import find_layers, node_name
 
 KNOBS = ("width", "precision")
@@ -101,7 +102,6 @@ def check_knobs(opts) -> None:
 
 def check_inputs(model: onnx.ModelProto) -> None:
     """int8 calibration here feeds one float input of one size: say so for any other model (not implemented)."""
-    from onnxecc.inputs import graph_inputs, symbolic
 
     inputs = graph_inputs(model)
     if len(inputs) != 1 or inputs[0].dtype.kind != "f" or symbolic(model):
@@ -128,10 +128,15 @@ def candidates(model: onnx.ModelProto) -> list[str]:
 
 
 class _Reader:
-    """A `CalibrationDataReader` over a numpy array, in batches."""
+    """A `CalibrationDataReader` over a numpy array, in batches; a model with a fixed batch size (`fixed`) gets
+    exactly that many samples each time (the last batch padded with copies of its last sample)."""
 
-    def __init__(self, name: str, x: np.ndarray, batch: int = 32):
-        self._it = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+    def __init__(self, name: str, x: np.ndarray, batch: int = 32, fixed: int | None = None):
+        from onnxecc.runtime import to_batch
+
+        batch = fixed or batch
+        self._it = iter([{name: to_batch(x[i:i + batch], fixed) if fixed else x[i:i + batch]}
+                         for i in range(0, len(x), batch)])
 
     def get_next(self):
         return next(self._it, None)
@@ -177,7 +182,8 @@ def quantize_layers(model: onnx.ModelProto, calibration_x: np.ndarray, nodes, *,
         src_path, out_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(src, str(src_path))
         with _quiet():
-            quantize_static(str(src_path), str(out_path), _Reader(src.graph.input[0].name, x),
+            reader = _Reader(src.graph.input[0].name, x, fixed=graph_inputs(src)[0].fixed_batch)
+            quantize_static(str(src_path), str(out_path), reader,
                             quant_format=QuantFormat.QDQ, op_types_to_quantize=None, per_channel=True,
                             reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=nodes + glue_nodes(src, nodes), calibrate_method=CalibrationMethod.MinMax,

@@ -3,9 +3,10 @@
 `prune_channels(model, keep)` takes, per prunable channel group (see `onnxecc.channels`), the unit indices to
 keep, and returns a new, smaller model: every producer's weight/bias, every consumer's input slice (at Concat
 offsets, in H×W blocks after Flatten), BatchNorm and per-channel constants are sliced; conv `group` attributes,
-Reshape/Expand target shapes, Slice bounds and Split sizes are rewritten; value_info is re-inferred. Node names,
-graph inputs/outputs and the opset are kept; a constant shared with a node that needs other values gets a
-copy of its own (`<name>_pruned`).
+Reshape/Expand target shapes, Slice bounds, Split sizes and constant Resize sizes are rewritten; value_info is
+re-inferred. Node names, graph inputs/outputs and the opset are kept; a constant shared with a node that needs
+other values gets a copy of its own (`<name>_pruned`); a file of IR 3 lists every new initializer among its
+graph inputs, as that version requires.
 
 `zero_channels(model, keep)` is the reference it must agree with: the original graph with every consumer-side
 weight slice of the removed channels set to zero, so those channels contribute nothing.
@@ -247,8 +248,15 @@ class _Writer:
 
     def add_const(self, base: str, value: np.ndarray) -> str:
         name = self.unique(base)
-        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self._append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
+
+    def _append(self, tensor: onnx.TensorProto) -> None:
+        """A new initializer; IR 3 (caffe2-era exports) requires every initializer among the graph inputs too."""
+        self.model.graph.initializer.append(tensor)
+        if self.model.ir_version < 4:
+            self.model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                             list(tensor.dims)))
 
     def _replace(self, name: str, value: np.ndarray) -> None:
         if self.g.weight_source(name) in self.g.initializers:
@@ -262,7 +270,7 @@ class _Writer:
         kept = [o for o in producer.output if o != name]
         del producer.output[:]
         producer.output.extend(kept)
-        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self._append(numpy_helper.from_array(np.ascontiguousarray(value), name))
 
     def set_input(self, index: int, position: int, value: np.ndarray, suffix: str) -> None:
         node = self.nodes[index]
@@ -388,6 +396,14 @@ def _edit_expand(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> 
     w.set_input(e.node_index, 1, np.array(shape, np.int64), "shape")
 
 
+def _edit_sizes(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
+    """Resize with constant sizes: the channel entry becomes the kept count."""
+    sizes = e.data["sizes"].copy()
+    sizes[e.data["at"]] = int(e.data["lay"].kept(flat, graph.offsets).sum())
+    if not np.array_equal(sizes, e.data["sizes"]):
+        w.set_input(e.node_index, 3, sizes, "sizes")
+
+
 def _edit_permute(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) -> None:
     """Channel shuffle Reshape → Transpose → Reshape: the first becomes a Gather of the kept channels in
     shuffled order, the other two Identity (node names kept)."""
@@ -407,4 +423,4 @@ def _edit_permute(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) ->
 
 
 _EDITS = {"permute": _edit_permute, "group": _edit_group, "reshape": _edit_reshape, "slice": _edit_slice,
-          "split": _edit_split, "expand": _edit_expand}
+          "split": _edit_split, "expand": _edit_expand, "sizes": _edit_sizes}

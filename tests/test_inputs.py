@@ -314,3 +314,18 @@ def test_batch_baked_into_a_reshape_trains_at_that_batch():
         log = mm.train(1)
         assert len(log) == 1 and np.isfinite(log[0]["loss"])
         assert mm.accuracy(small.x_test, small.y_test) > 0.5
+
+
+def test_int8_calibration_feeds_a_fixed_batch():
+    """onnxruntime's static quantization calibrates a batch-1 model one sample at a time (32 at once fails); the
+    int8 model then answers as the fp32 one on held-out digits."""
+    from onnxecc import quantize, runtime
+    from onnxecc.data import load_digits
+
+    model = _fixed_batch(onnx.load(REPO / "models" / "digits_cnn.onnx"), 1)
+    digits = load_digits()
+    int8 = quantize.quantize_layers(model, digits.x_train[:40], quantize.candidates(model))
+    assert quantize.int8_nodes(int8)
+    x = digits.x_test[:100]
+    fp32, q = (runtime.run_batched(runtime.session(m), x) for m in (model, int8))
+    assert (fp32.argmax(1) == q.argmax(1)).mean() >= 0.95
