@@ -28,15 +28,17 @@ MIN_SAMPLES_FOR_SPLIT = 10
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A train/test split: x are float32 N×(sample shape), y int64 labels or None when unlabelled.
+    """A train/test split: x are N×(sample shape) arrays of the model input's dtype (float32 for the usual
+    float input), or `inputs.Feeds` (one array per input) for a model with several inputs; y int64 labels or
+    None when unlabelled.
 
     `eq=False` because element-wise array comparison makes the generated `__eq__` ambiguous.
     The test part may be empty (see `load_npz`); callers that evaluate must check `len(x_test)`.
     """
 
-    x_train: np.ndarray
+    x_train: np.ndarray | Feeds
     y_train: np.ndarray | None
-    x_test: np.ndarray
+    x_test: np.ndarray | Feeds
     y_test: np.ndarray | None
     name: str
 
