@@ -85,8 +85,10 @@ class TorchModel:
 
 
 # ---- conversion ------------------------------------------------------------------------------------------
-def to_torch(model: onnx.ModelProto) -> TorchModel:
-    """Convert `model` (left untouched) into a trainable torch module with a verified weight map."""
+def to_torch(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> TorchModel:
+    """Convert `model` (left untouched) into a trainable torch module with a verified weight map. `input_shapes`
+    (`inputs.resolve_shapes`) sizes symbolic input dims where onnx2torch needs a shape onnx cannot infer
+    (`_complete_shapes`); the module itself takes any size the model does."""
     from onnx2torch import convert
 
     original = onnx.ModelProto()
@@ -100,7 +102,7 @@ def to_torch(model: onnx.ModelProto) -> TorchModel:
             raise UnsupportedModelError(f"onnx2torch cannot convert {missing[0]} even at opset {target}")
     _relax_reshapes(norm)
     _check_conv_weights(norm)
-    _complete_shapes(norm)
+    _complete_shapes(norm, input_shapes)
     try:
         gm = convert(norm, attach_onnx_mapping=True)
     except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ValueError, ... on what it lacks
@@ -134,14 +136,13 @@ _SHAPE_READERS = ("BatchNormalization", "InstanceNormalization", "AveragePool", 
                   "LayerNormalization")
 
 
-def _complete_shapes(model: onnx.ModelProto) -> None:
+def _complete_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
     """Give the inputs of `_SHAPE_READERS` a shape where onnx's inference leaves none (in place, normalised copy).
 
     paddle2onnx's recogniser reshapes with a computed shape (Shape → Gather → Concat → Reshape) before three
     BatchNorms; onnx's inference stops there, onnx2torch then cannot choose the BatchNorm class. The static
     shapes (`layers.with_static_shapes`: onnx's inference, then one onnxruntime run for what it misses) fill
     them in, the batch dim left symbolic: these converters read the rank and the non-batch dims only."""
-    from onnxecc.errors import UserError
     from onnxecc.layers import tensor_shapes, with_static_shapes
 
     readers = [n.input[0] for n in model.graph.node if n.op_type in _SHAPE_READERS and n.domain in ("", "ai.onnx")]
@@ -156,10 +157,7 @@ def _complete_shapes(model: onnx.ModelProto) -> None:
     missing = [name for name in dict.fromkeys(readers) if name not in known]
     if not missing:
         return
-    try:
-        shapes = tensor_shapes(with_static_shapes(model))
-    except UserError:  # no static size to measure at: onnx2torch says what it cannot convert
-        return
+    shapes = tensor_shapes(with_static_shapes(model, input_shapes=input_shapes))  # UserError naming --input-shape
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     own = {vi.name: vi for vi in model.graph.value_info}
     for name in missing:

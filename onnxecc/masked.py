@@ -19,6 +19,7 @@ from onnxecc.errors import TrainingDiverged, UnsupportedModelError
 from onnxecc.finetune import Mask, TorchInputs, TrainConfig, distillation_loss, finetune
 from onnxecc.guard import all_finite, diverged_message
 from onnxecc.importance import channel_masks
+from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes
 
 PROBE_SAMPLES = 1024  # the rate probe's training samples (16 batches of 64): digits' 35 %-vs-97 % split shows there
 
@@ -35,7 +36,9 @@ class MaskedModel:
         self.graph = graph
         self.data = data
         self.config = config
-        self.tm: TorchModel = to_torch(proto)
+        # symbolic input sizes at the data's: onnx2torch reads some shapes onnx cannot infer (`bridge._complete_shapes`)
+        names = [i.name for i in graph_inputs(proto)]
+        self.tm: TorchModel = to_torch(proto, resolve_shapes(proto, samples=per_sample_shapes(data.x_train, names)))
         session = runtime.session(proto)
         self.teacher = runtime.run_batched(session, data.x_train)  # in chunks of a fixed batch size, if any
         # a model exported with a fixed batch size: torch trains it at larger batches only if its converted module

@@ -267,6 +267,26 @@ def test_paddleocr_classifier_batchnorms_are_recalibrated_and_the_pruned_graph_m
     np.testing.assert_allclose(got, mm.tm.run(x[:8]), rtol=1e-4, atol=1e-5)
 
 
+def test_paddleocr_recogniser_with_symbolic_width_converts_to_torch():
+    """The recogniser reshapes with a computed shape before three BatchNorms: onnx infers no shape there, and
+    onnx2torch needs their rank. MaskedModel converts it at the data's size; the module then reads any width."""
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None:
+        pytest.skip("rapidocr-onnxruntime is not installed (pyproject's dev extra)")
+    proto = onnx.load(Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_PP-OCRv4_rec_infer.onnx")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert not dims[3].HasField("dim_value")  # the width is symbolic
+    from onnxecc.layers import with_static_shapes
+
+    graph = analyze(proto, with_static_shapes(proto, input_shapes={"x": (1, 3, 48, 320)}))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 320)).astype(np.float32)
+    mm = MaskedModel(proto, graph, Dataset(x, None, x[:0], None, "test"), TrainConfig(), recalibration=False)
+    sess = runtime.session(proto)
+    for width in (320, 640):
+        x = np.random.default_rng(width).uniform(-1, 1, (1, 3, 48, width)).astype(np.float32)
+        np.testing.assert_allclose(mm.tm.run(x), sess.run(None, {"x": x})[0], rtol=1e-3, atol=1e-5)
+
+
 # ---- HardSigmoid SE and Clip as ReLU6, written node by node as paddle2onnx writes them ---------------------------
 def _clip(opset: int, form: str, x: str, out: str, nodes: list) -> None:
     if form == "attributes":  # opset < 11
