@@ -128,7 +128,15 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                       temperature: float, distill_weight: float) -> torch.Tensor:
-    """T²·KL(teacher‖student) at temperature T, mixed with cross-entropy when labels are given."""
+    """Class scores (N×C, C ≥ 2): T²·KL(teacher‖student) at temperature T, mixed with cross-entropy when labels
+    are given. Any other output — a detector's score map, per-step scores of a sequence, a regression — has no
+    class axis to soften: a softmax over its one channel is constant, so its KL is zero and trains nothing. Those
+    are matched by mean squared error relative to the teacher's mean square (comparable across models)."""
+    if student.dim() != 2 or student.shape[1] < 2:
+        if labels is not None:
+            raise UserError(f"labels (y) need a model whose output is class scores N×C, this one outputs "
+                            f"{list(student.shape[1:])} per sample: leave y out of the .npz to train by distillation")
+        return F.mse_loss(student, teacher) / teacher.detach().pow(2).mean().clamp_min(1e-12)
     t = temperature
     kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
                   reduction="batchmean", log_target=True) * (t * t)

@@ -229,7 +229,9 @@ class MaskedModel:
         """Diagonal empirical Fisher of the named trained tensors (ONNX layout): Σ over batches of (∂L/∂w)².
 
         L is cross-entropy on the labels, or on the original model's own top-1 when there are none (the
-        distillation loss has zero gradient where the student equals the teacher). Masks in force stay in
+        distillation loss has zero gradient where the student equals the teacher). An output without a class
+        axis (N×C) has no top-1: L is then the squared error to the teacher's output plus Gaussian noise, whose
+        expected squared gradient is the Fisher of a Gaussian model of that output (JᵀJ, scaled). Masks in force stay in
         force: a pruned weight's Fisher is measured like any other, its value is zero. `max_samples` bounds
         the cost (one forward/backward pass over at most that many training samples)."""
         tensors = {n: self.tensor(n) for n in names if n in self.tm.params}
@@ -241,9 +243,15 @@ class MaskedModel:
         module.eval()  # deterministic: no dropout noise, BatchNorm statistics as trained
         step = self.config.batch_size
         skipped = 0
+        noise = torch.Generator().manual_seed(0)
         for i in range(0, len(x), step):
             out = self.inputs(x[i:i + step])(module)
-            loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i:i + step], dtype=torch.long))
+            if out.dim() == 2 and out.shape[1] >= 2:
+                loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i:i + step], dtype=torch.long))
+            else:  # no class axis (a score map, a sequence): the Fisher of a Gaussian output, sampled at the teacher
+                teacher = torch.as_tensor(self.teacher[i:i + step], dtype=torch.float32)
+                target = teacher + torch.randn(teacher.shape, generator=noise) * teacher.std().clamp_min(1e-6)
+                loss = 0.5 * (out - target).pow(2).sum() / len(teacher)
             grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
             squares = [g.detach().pow(2) if g is not None else None for g in grads]
             if not all_finite(squares):  # one bad batch must not make every importance NaN (`onnxecc.guard`)
