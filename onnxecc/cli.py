@@ -620,6 +620,16 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(aborts)
 
 
+def _exit_with_one_line(exc: Exception, code: int) -> None:
+    """An error whose message says what to do: that one line (taken literally, not as rich markup), then exit."""
+    if _state["debug"]:
+        traceback.print_exc()
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; explained failures (e.g. training that diverged after
     every recovery) print one line and exit 1; internal errors exit 1; Ctrl-C exits 130."""
@@ -631,17 +641,9 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _exit_with_one_line(exc, 2)
     except ExplainedFailure as exc:  # not the input, not a bug: its line says what to try
-        if _state["debug"]:
-            traceback.print_exc()
-        from rich.markup import escape
-
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _exit_with_one_line(exc, 1)
     except SystemExit:
         raise
     except KeyboardInterrupt:
