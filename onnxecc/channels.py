@@ -102,6 +102,20 @@ class LayerChannels:
 
 
 @dataclass
+class Product:
+    """A MatMul of two computed operands (attention's Q·Kᵀ and softmax·V): no weight, but MACs that scale with
+    the channels its output carries (the heads): k multiply-accumulates per output position."""
+
+    name: str
+    node_index: int
+    output: str
+    k: int
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "output": self.output, "k": self.k}
+
+
+@dataclass
 class Positions:
     """Resolved layout of one tensor (or weight axis): group id and unit per position, shaped like the axes."""
 
@@ -138,9 +152,12 @@ class ChannelGraph:
     """The channel groups of a model, per-layer group ids, and what surgery needs to slice them."""
 
     def __init__(self, groups: list[ChannelGroup], layers: dict[str, LayerChannels],
-                 positions: dict[str, Positions], binds: list[Bind], edits: list[Edit], opset: int):
+                 positions: dict[str, Positions], binds: list[Bind], edits: list[Edit], opset: int,
+                 products: list[Product] | None = None, heads: dict[int, list[str]] | None = None):
         self.groups = groups
         self.layers = layers
+        self.products = products or []
+        self.heads = heads or {}  # group id -> the attention products whose heads it holds (one unit per head)
         self._positions = positions
         self.binds = binds
         self.edits = edits
@@ -177,7 +194,9 @@ class ChannelGraph:
 
     def as_dict(self) -> dict:
         return {"groups": [g.as_dict() for g in self.groups],
-                "layers": {name: lc.as_dict() for name, lc in self.layers.items()}}
+                "layers": {name: lc.as_dict() for name, lc in self.layers.items()},
+                "products": [p.as_dict() for p in self.products],
+                "heads": {str(g): names for g, names in self.heads.items()}}
 
 
 # ---- layouts and the group union-find ------------------------------------------------------------------------
@@ -324,10 +343,18 @@ class _Analysis:
         self.edits: list[tuple[str, int, dict]] = []
         self.io: dict[int, tuple[str, str, Layout]] = {}  # compute node index -> (input, output, input layout)
         self.concats: list[int] = []
+        self.products: list[tuple[int, str, int, Layout | None]] = []  # (node index, output, k, head layout)
+        self.gathered: list[tuple[Layout, int, str]] = []  # (layout, axis, where): an axis indexed by a Gather
+        self.source: onnx.ModelProto | None = None  # the model before its batch was fixed (for `batch_shapes`)
+        self._batch_shapes: dict[str, tuple[int, ...]] | None = None
         self.static: dict[str, np.ndarray | None] = {}
         self.pruned: dict[str, dict[str, np.ndarray | None]] = {}  # `shape_value` under a pruning
         self.pruned_at = 0  # `_Groups.unions` when `pruned` was computed
         self.skip: set[int] = set()  # nodes already handled by an earlier rule (a channel-shuffle chain)
+        self.stats: dict[str, Statistic | None] = {}  # tensor -> the statistic over channels it is (`statistic`)
+        self.reductions: list[str] = []  # outputs of reductions over exactly the channels (each a `Statistic`)
+        self.stat_uses: set[tuple[str, int]] = set()  # (statistic, node index): applied back to channels there
+        self.normalised: list[tuple[Layout, list[Layout], str]] = []  # (channels, their statistics' sources, why)
         self.node_at = {n.output[0]: i for i, n in enumerate(shaped.graph.node) if n.output}
         self.index, self.where, self.cur_taint = -1, "", set()
 
@@ -361,7 +388,8 @@ class _Analysis:
         if value is None and node is not None and node.domain in ("", "ai.onnx"):
             if node.op_type == "Shape":
                 x = node.input[0]
-                shape = self.shape(x) if pruning is None else self.pruned_shape(x, pruning)
+                shape = self.shape(x) if pruning is None else self.batch_shapes().get(x) \
+                    if pruning == "batch2" else self.pruned_shape(x, pruning)
                 if shape is not None:
                     value = np.array(shape, np.int64)[_attr(node, "start", 0):_attr(node, "end", None)]
             elif node.op_type in SHAPE_ARITH:
@@ -371,21 +399,44 @@ class _Analysis:
         memo[name] = value
         return value
 
+    def batch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Static shapes at batch 2 (empty when the batch is fixed or inference fails): a computed Reshape entry on
+        a channel axis that doubles with the batch holds batch × channels (torch's `view(T, B * heads, d)`)."""
+        if self._batch_shapes is None:
+            self._batch_shapes = {}
+            open_batch = [vi.name for vi in (self.source.graph.input if self.source is not None else [])
+                          if vi.type.HasField("tensor_type") and vi.type.tensor_type.shape.dim
+                          and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")]
+            if open_batch:
+                probe = onnx.ModelProto()
+                probe.CopyFrom(self.model)
+                for vi in probe.graph.input:
+                    if vi.name in open_batch:
+                        vi.type.tensor_type.shape.dim[0].dim_value = 2
+                del probe.graph.value_info[:]
+                for o in probe.graph.output:
+                    o.type.tensor_type.ClearField("shape")
+                try:
+                    self._batch_shapes = tensor_shapes(onnx.shape_inference.infer_shapes(probe, data_prop=True))
+                except Exception:  # onnx raises InferenceError or bare RuntimeErrors: then no entry scales
+                    pass
+        return self._batch_shapes
+
     def pruned_shape(self, name: str, pruning: str) -> tuple[int, ...] | None:
         """The shape of `name` once every channel group keeps only its first unit ("one") or loses its last unit
         ("last"): two prunings far apart, under which shape arithmetic that copies a channel count shows it and
-        arithmetic that does not read one stays put (None: channels over several axes, not modelled)."""
+        arithmetic that does not read one stays put."""
         shape = self.shape(name)
         lay = self.lay(name)
         if shape is None or lay is None:
             return shape
-        if len(lay.axes) != 1:
-            return None
         roots, units = self.groups.resolve(lay)
         sizes = np.array([self.groups.size[r] for r in roots.tolist()], np.int64)
-        kept = units == 0 if pruning == "one" else units < np.maximum(sizes - 1, 1)
+        kept = (units == 0 if pruning == "one" else units < np.maximum(sizes - 1, 1)).reshape(lay.grp.shape)
         out = list(shape)
-        out[lay.axes[0]] = int(kept.sum())
+        for t, ax in enumerate(lay.axes):  # over several axes (heads × head width): what each axis keeps
+            others = tuple(o for o in range(kept.ndim) if o != t)
+            out[ax] = int(kept.any(axis=others).sum()) if others else int(kept.sum())
         return tuple(out)
 
     def follows_pruning(self, name: str, expected: Callable[[str | None], np.ndarray | None]) -> bool:
@@ -485,6 +536,11 @@ class _Analysis:
                 continue
             (rule or _unknown)(self, node)
         self.index, self.cur_taint = -1, set()
+        for lay, axis, where in self.gathered:
+            roots, units = self.groups.resolve(lay)
+            key = (roots * (units.max() + 1) + units).reshape(lay.grp.shape)
+            if not (key == np.take(key, [0], axis=lay.axes.index(axis))).all():
+                self.freeze(lay, f"{where} (indexes an axis whose channels would be pruned)")
         for out in self.model.graph.output:
             self.freeze(self.lay(out.name), f"graph output '{out.name}'")
             if out.name in self.taint:
@@ -608,7 +664,12 @@ class _Analysis:
             ins = list(dict.fromkeys(pos(lin).gid.ravel().tolist()))
             outs = list(dict.fromkeys(positions[y].gid.ravel().tolist()))
             layers[name] = LayerChannels(name, op, index, x, y, ins, outs)
-        return ChannelGraph(groups, layers, positions, binds, edits, self.opset)
+        products, heads = [], {}
+        for index, out, k, head in self.products:
+            products.append(Product(label(index)[0], index, out, k))
+            for g in ([] if head is None else np.unique(pos(head).gid).tolist()):
+                heads.setdefault(g, []).append(label(index)[0])
+        return ChannelGraph(groups, layers, positions, binds, edits, self.opset, products, heads)
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -618,6 +679,7 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 def analyze(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> ChannelGraph:
     """Channel groups of `model`. `shaped` may pass `layers.with_static_shapes(model)` if already computed."""
     analysis = _Analysis(shaped if shaped is not None else with_static_shapes(model))
+    analysis.source = model
     analysis.run()
     return analysis.finish()
 
@@ -870,7 +932,7 @@ def _reshape_layout(lay: Layout, shape_in: tuple[int, ...], shape_out: tuple[int
     trailing axes (Flatten: each channel repeated over the H×W features that follow it)."""
     axes = lay.axes
     if list(axes) != list(range(axes[0], axes[-1] + 1)):
-        return None
+        return _blockwise_layout(lay, shape_in, shape_out)
     a0, b = axes[0], axes[-1]
     lead, span = int(np.prod(shape_in[:a0])), int(np.prod(shape_in[a0:b + 1]))
     if span <= 1:
@@ -894,6 +956,93 @@ def _reshape_layout(lay: Layout, shape_in: tuple[int, ...], shape_out: tuple[int
     return None
 
 
+_PASS_AXES = {"Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where", "Neg"}  # keep every axis in place
+
+
+def _head_split(a: _Analysis, name: str, axis: int, depth: int = 8) -> bool:
+    """Whether `axis` of `name` (the inner axis of a split channel span) reaches a MatMul of two computed operands
+    as its contracted axis or its columns: it is then the head width of attention (q, k and v), and the outer
+    axes are the heads. Followed through transposes, scalings and reshapes that leave it whole."""
+    if depth == 0 or name in a.g.output_names:
+        return False
+    shape = a.shape(name)
+    for user in a.g.consumers.get(name, []):
+        op, out = user.op_type, user.output[0] if user.output else ""
+        oshape = a.shape(out)
+        if oshape is None:
+            continue
+        moved = None
+        if op == "MatMul":
+            other = user.input[1] if user.input[0] == name else user.input[0]
+            if not a.is_const(other):
+                first = user.input[0] == name
+                if axis == len(shape) - 1 if first else axis >= len(shape) - 2:
+                    return True
+            continue
+        if op == "Transpose":
+            moved = list(_attr(user, "perm", list(reversed(range(len(shape)))))).index(axis)
+        elif op in _PASS_AXES:
+            moved = axis + len(oshape) - len(shape)
+        elif op == "Gather" and user.input[0] == name and a.const(user.input[1]) is not None \
+                and a.const(user.input[1]).ndim == 0 and _attr(user, "axis", 0) % len(shape) != axis:
+            moved = axis - (_attr(user, "axis", 0) % len(shape) < axis)  # q, k or v of a fused projection
+        elif op in ("Reshape", "Squeeze", "Unsqueeze"):
+            blocks = _reshape_blocks(shape, oshape) or []
+            for ins, outs in blocks:
+                big_in = [k for k in ins if shape[k] != 1]
+                big_out = [k for k in outs if oshape[k] != 1]
+                if axis in ins and big_in == [axis] and len(big_out) == 1 and oshape[big_out[0]] == shape[axis]:
+                    moved = big_out[0]
+        if moved is not None and _head_split(a, out, moved, depth - 1):
+            return True
+    return False
+
+
+def _reshape_blocks(shape_in, shape_out) -> list[tuple[list[int], list[int]]] | None:
+    """The reshape as consecutive blocks of input axes and output axes with equal products (a block splits one
+    axis, merges several, or keeps one)."""
+    blocks, i, j = [], 0, 0
+    while i < len(shape_in) or j < len(shape_out):
+        ins, outs, p, q = [], [], 1, 1
+        while True:
+            if p <= q and i < len(shape_in) and (not ins or p < q or shape_in[i] == 1):
+                ins.append(i)
+                p *= shape_in[i]
+                i += 1
+            elif j < len(shape_out) and (not outs or q < p or shape_out[j] == 1):
+                outs.append(j)
+                q *= shape_out[j]
+                j += 1
+            else:
+                break
+            if p == q and ins and outs and (i == len(shape_in) or shape_in[i] != 1) \
+                    and (j == len(shape_out) or shape_out[j] != 1):
+                break
+        if p != q:
+            return None
+        blocks.append((ins, outs))
+    return blocks
+
+
+def _blockwise_layout(lay: Layout, shape_in, shape_out) -> Layout | None:
+    """A channel span over axes that are not contiguous (heads with the sequence between them): the reshape's
+    blocks (`_reshape_blocks`) that hold a channel axis give the output's channel axes; a block may also merge a
+    channel axis with others (grouped-query attention repeats each k/v head over the q heads that share it)."""
+    blocks = _reshape_blocks(shape_in, shape_out)
+    if blocks is None:
+        return None
+    axes = sorted({k for ins, outs in blocks if set(ins) & set(lay.axes) for k in outs if shape_out[k] != 1})
+    if not axes:
+        return None
+    view = [shape_in[k] if k in lay.axes else 1 for k in range(len(shape_in))]
+
+    def spread(arr: np.ndarray) -> np.ndarray:
+        whole = np.broadcast_to(arr.reshape(view), tuple(shape_in)).reshape(tuple(shape_out))
+        return whole[tuple(slice(None) if k in axes else 0 for k in range(len(shape_out)))]
+
+    return Layout(tuple(axes), spread(lay.grp), spread(lay.idx))
+
+
 def _fold_rectangular(a: _Analysis, lay: Layout) -> None:
     """A channel span over several axes must prune as a product (all of some axes × a subset of one):
     units may vary along one axis only (the last varying one); fold the others."""
@@ -913,9 +1062,11 @@ def _fold_rectangular(a: _Analysis, lay: Layout) -> None:
     a.unify(lay, Layout(lay.axes, np.full(key.shape, g, np.int64), idx))
 
 
-@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+@register("Reshape", "Flatten")
 def _reshape(a: _Analysis, node: onnx.NodeProto) -> None:
-    """Follow the channel span through the new shape; Reshape's target shape is rewritten by surgery."""
+    """Follow the channel span through the new shape; Reshape's target shape is rewritten by surgery. A span
+    split over several axes prunes as a product: along the heads when it is split into heads × head width
+    (`_head_split`), else along its last axis."""
     x, out = node.input[0], node.output[0]
     lay = a.lay(x)
     if lay is None:
@@ -927,16 +1078,55 @@ def _reshape(a: _Analysis, node: onnx.NodeProto) -> None:
         return
     if len(new.axes) > 1 and _permutation_chain(a, node, lay):
         return
-    _fold_rectangular(a, new)
+    if len(new.axes) > 1 and _head_split(a, out, new.axes[-1]):
+        _fold_to(a, new, list(new.axes[:-1]))  # heads × head width: a head is the unit
+    else:
+        _fold_rectangular(a, new)
     if node.op_type == "Reshape":
         shape_value = a.const(node.input[1])
         allowzero = _attr(node, "allowzero", 0)
-        if shape_value is None and (allowzero or 0 in new.axes or shape_in[0] != shape_out[0]):
-            a.freeze_all(node, f"{a.where} (computed shape that moves the batch axis)")
+        if shape_value is None and (allowzero or 0 in new.axes):
+            a.freeze_all(node, f"{a.where} (computed shape with the channels on the batch axis)")
             return
+        scaled, moved = [], shape_in[0] != shape_out[0]  # entries computed as batch × channels; batch off axis 0
+        if shape_value is None:
+            one, two = a.shape_value(node.input[1], None), a.shape_value(node.input[1], "batch2")
+            if one is not None and two is not None and np.shape(one) == np.shape(two) == (len(shape_out),):
+                scaled = [ax for ax in new.axes if int(two[ax]) == 2 * int(one[ax]) != 0]
+                differ = [ax for ax in range(len(shape_out)) if int(two[ax]) != int(one[ax])]
+                x2 = a.batch_shapes().get(x)  # a constant shape copies the batch as a 0 at axis 0 only
+                moved = moved or any(differ) or (differ == [0] and (x2 is None or x2[0] != int(two[0])))
         a.edit("reshape", out=new, shape_in=shape_in, shape_out=shape_out,
-               const=None if shape_value is None else shape_value.astype(np.int64), allowzero=allowzero)
+               const=None if shape_value is None else shape_value.astype(np.int64), allowzero=allowzero,
+               scaled=scaled, moved=moved)
     a.set(out, new)
+
+
+@register("Squeeze", "Unsqueeze")
+def _squeeze(a: _Analysis, node: onnx.NodeProto) -> None:
+    """Removing or inserting axes of size 1 moves the channel axes and nothing else (whatever axes lie between
+    them: the fused q/k/v of `nn.MultiheadAttention` is squeezed between its two channel axes)."""
+    x, out = node.input[0], node.output[0]
+    lay = a.lay(x)
+    if lay is None:
+        return
+    shape_in, shape_out = a.shape(x), a.shape(out)
+    axes = _ints(a, node, 1, "axes")
+    if node.op_type == "Squeeze":
+        axes = [k for k, d in enumerate(shape_in) if d == 1] if axes is None else [v % len(shape_in) for v in axes]
+        if set(axes) & set(lay.axes):
+            a.freeze_all(node, f"{a.where} (squeezes a channel axis)")
+            return
+        kept = [k for k in range(len(shape_in)) if k not in axes]
+        moved = [kept.index(ax) for ax in lay.axes]
+    else:
+        if axes is None:
+            a.freeze_all(node, f"{a.where} (axes not known statically)")
+            return
+        axes = [v % len(shape_out) for v in axes]
+        place = [k for k in range(len(shape_out)) if k not in axes]
+        moved = [place[ax] for ax in lay.axes]
+    a.set(out, lay.moved(moved))
 
 
 def _permutation_chain(a: _Analysis, node: onnx.NodeProto, lay: Layout) -> bool:
@@ -1090,13 +1280,29 @@ def _split(a: _Analysis, node: onnx.NodeProto) -> None:
 
 @register("Gather")
 def _gather(a: _Analysis, node: onnx.NodeProto) -> None:
-    """Indexing along another axis keeps the channels (moved by the index rank)."""
+    """Indexing along another axis keeps the channels (moved by the index rank). Rows of a constant table (an
+    embedding) produce its columns as channels: the table is sliced along them like a layer's weight."""
+    table = a.const(node.input[0])
+    if table is not None and table.ndim == 2 and _attr(node, "axis", 0) % 2 == 0 and not a.is_const(node.input[1]):
+        lout = a.fresh((table.shape[1],), (len(a.shape(node.output[0])) - 1,))
+        a.bind(node.input[0], 1, lout, "producer")
+        a.set(node.output[0], lout)
+        return
     lay = a.lay(node.input[0])
     if lay is None:
         return
     rank = len(a.shape(node.input[0]))
     axis = _attr(node, "axis", 0) % rank
     ind = a.shape(node.input[1])
+    index = a.const(node.input[1])
+    if axis in lay.axes and len(lay.axes) > 1 and index is not None and index.ndim == 0:
+        # one row of a span over several axes: q, k or v of a fused in-projection reshaped to (3, channels)
+        t = lay.axes.index(axis)
+        at = int(index) % lay.grp.shape[t]
+        a.gathered.append((lay, axis, a.where))
+        a.set(node.output[0], Layout(tuple(ax - (ax > axis) for ax in lay.axes if ax != axis),
+                                     np.take(lay.grp, at, axis=t), np.take(lay.idx, at, axis=t)))
+        return
     if axis in lay.axes or ind is None:
         a.freeze_all(node, f"{a.where} (indexes the channel axis)")
         return
@@ -1202,6 +1408,9 @@ def _matmul(a: _Analysis, node: onnx.NodeProto) -> None:
     """X (…×K) · W (K×N) with a constant 2-D W: features of the last axis consumed / produced."""
     x, w, out = node.input[0], node.input[1], node.output[0]
     weight = a.const(w)
+    if weight is None and not a.is_const(x):
+        _product(a, node)
+        return
     if weight is None or weight.ndim != 2 or a.is_const(x):
         a.freeze_all(node, f"{a.where} (no constant 2-D weight)")
         return
@@ -1212,3 +1421,83 @@ def _matmul(a: _Analysis, node: onnx.NodeProto) -> None:
     a.bind(w, 0, lin, "consumer")
     a.bind(w, 1, lout, "producer")
     a.set(out, lout)
+
+
+def _fold_to(a: _Analysis, lay: Layout, axes: list[int]) -> None:
+    """Identify the positions of `lay` that differ only off `axes`: its units then vary along `axes` alone."""
+    t = [lay.axes.index(ax) for ax in axes]
+    dims = [lay.grp.shape[k] for k in t]
+    g = a.groups.new(int(np.prod(dims)))
+    shape = [lay.grp.shape[k] if k in t else 1 for k in range(lay.grp.ndim)]
+    idx = np.broadcast_to(np.arange(int(np.prod(dims)), dtype=np.int64).reshape(shape), lay.grp.shape)
+    a.unify(lay, Layout(lay.axes, np.full(lay.grp.shape, g, np.int64), idx))
+
+
+def _restrict(lay: Layout, axes: list[int], to: dict[int, int]) -> Layout:
+    """`lay` on `axes` only (the first position along the others), renumbered to output axes by `to`."""
+    pick = tuple(slice(None) if ax in axes else 0 for ax in lay.axes)
+    return Layout(tuple(to[ax] for ax in lay.axes if ax in axes), lay.grp[pick], lay.idx[pick])
+
+
+def _product(a: _Analysis, node: onnx.NodeProto) -> None:
+    """A · B with both operands computed (attention: Q·Kᵀ, then softmax·V). Channels on the batch axes are the
+    heads: a head is the unit, so a span over a batch axis and a matrix axis (heads × head width) is folded to
+    vary along the batch axis only, and both operands share it. Channels on the contracted axis go together in
+    both operands; A's rows and B's columns pass to the output. Removing a head removes its scores, its softmax
+    and its context: the rest is computed exactly as before."""
+    x, y, out = node.input[0], node.input[1], node.output[0]
+    sa, sb, so = a.shape(x), a.shape(y), a.shape(out)
+    if len(sa) < 2 or len(sb) < 2:
+        a.freeze_all(node, f"{a.where} (a 1-D operand)")
+        return
+    r = len(so)
+    ops = []
+    for name, shp, first in ((x, sa, True), (y, sb, False)):
+        rank = len(shp)
+        to = {ax: ax + r - rank for ax in range(rank - 2)}
+        to.update({rank - 2: r - 2} if first else {rank - 1: r - 1})
+        batch = list(range(rank - 2))
+        contracted = rank - 1 if first else rank - 2
+        lay = a.lay(name)
+        if lay is not None and set(lay.axes) & set(batch) and not set(lay.axes) <= set(batch):
+            _fold_to(a, lay, [ax for ax in lay.axes if ax in batch])
+        ops.append((name, shp, lay, to, batch, contracted))
+    (_, _, la, ta, _, ka), (_, _, lb, tb, _, kb) = ops
+    # the batch axes: the heads of both operands are the same heads
+    heads = None
+    for (name, shp, lay, to, batch, _), (oname, oshp, olay, oto, obatch, _) in (ops, ops[::-1]):
+        mine = [ax for ax in (lay.axes if lay is not None else ()) if ax in batch]
+        if not mine:
+            continue
+        part = _restrict(lay, mine, to)
+        heads = part if heads is None else heads
+        back = {v: k for k, v in oto.items()}
+        theirs = [back.get(ax) for ax in part.axes]
+        if any(t is None for t in theirs) or all(oshp[t] == 1 for t in theirs):
+            continue  # broadcast along the heads
+        if olay is not None and set(theirs) <= set(olay.axes):
+            a.unify(part, _restrict(olay, theirs, oto))
+        else:
+            a.unify(part, a.need(oname, tuple(theirs)).moved(part.axes))
+    # the contracted axis (when it is not part of a head): both operands drop the same channels
+    if la is not None and la.axes == (ka,) or lb is not None and lb.axes == (kb,):
+        a.unify(a.need(x, (ka,)), a.need(y, (kb,)))
+    elif (la is not None and ka in la.axes and not set(la.axes) & set(ops[0][4])) or \
+            (lb is not None and kb in lb.axes and not set(lb.axes) & set(ops[1][4])):
+        a.freeze_all(node, f"{a.where} (channels on the contracted axis and a matrix axis)")
+        return
+    # the output: A's rows or B's columns, with the heads
+    rows = la is not None and len(sa) - 2 in la.axes
+    cols = lb is not None and len(sb) - 1 in lb.axes
+    if rows and cols:
+        a.freeze_all(node, f"{a.where} (channels on both operands' free axes)")
+        return
+    result = None
+    if rows or cols:
+        lay, to, contracted = (la, ta, ka) if rows else (lb, tb, kb)
+        result = _restrict(lay, [ax for ax in lay.axes if ax != contracted], to)
+    elif heads is not None:
+        result = heads
+    a.products.append((a.index, out, int(sa[-1]), heads))
+    a.set(out, result)
+

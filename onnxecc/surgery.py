@@ -279,7 +279,8 @@ class _Writer:
             node.input.append("")
         node.input[position] = new
 
-    def computed_shape(self, index: int, position: int, rank: int, replace: dict[int, int]) -> None:
+    def computed_shape(self, index: int, position: int, rank: int, replace: dict[int, int],
+                       scaled: dict[int, tuple[int, int]] | None = None) -> None:
         """Input `position` of node `index` is a shape of `rank` entries computed in the graph (from `Shape` of a
         tensor): its entries at the axes of `replace` become those values and every other entry stays computed,
         `shape · keep + values` (keep 0 at the replaced axes, 1 elsewhere). The analysis ran at one input size; a
@@ -291,6 +292,15 @@ class _Writer:
         values = np.zeros(rank, np.int64)
         for axis, value in replace.items():
             keep[axis], values[axis] = 0, value
+        if scaled:  # (shape · kept) / original at those entries first: integer division, exact by construction
+            num, den = np.ones(rank, np.int64), np.ones(rank, np.int64)
+            for axis, (old, new_count) in scaled.items():
+                num[axis], den[axis] = new_count, old
+            times, over = self.unique(f"{base}_times"), self.unique(f"{base}_over")
+            self.before[index] += [
+                onnx.helper.make_node("Mul", [shape, self.add_const(f"{base}_num", num)], [times], name=times),
+                onnx.helper.make_node("Div", [times, self.add_const(f"{base}_den", den)], [over], name=over)]
+            shape = over
         keep_name = self.add_const(f"{base}_keep", keep)
         values_name = self.add_const(f"{base}_values", values)
         kept, new = self.unique(f"{base}_kept"), self.unique(f"{base}_pruned")
@@ -345,8 +355,13 @@ def _edit_reshape(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) ->
                 shape[ax] = dims[t]
         if np.array_equal(shape, const):
             return
-    elif w.dynamic:  # computed from Shape at one of many input sizes: only the channel entries change
-        w.computed_shape(e.node_index, 1, len(shape_out), {ax: int(dims[t]) for t, ax in enumerate(out.axes)})
+    elif w.dynamic or e.data.get("scaled") or e.data.get("moved"):
+        # computed from Shape at one of many input sizes (or batch sizes): only the channel entries change; an
+        # entry that holds batch × channels (`view(T, B * heads, d)`) is scaled by kept / original channels
+        scaled = {ax: (int(shape_out[ax]), int(dims[t])) for t, ax in enumerate(out.axes)
+                  if ax in e.data.get("scaled", ())}
+        w.computed_shape(e.node_index, 1, len(shape_out),
+                         {ax: int(dims[t]) for t, ax in enumerate(out.axes) if ax not in scaled}, scaled)
         return
     else:  # computed from Shape: a constant now, the batch copied from the input
         shape = np.array(shape_out, np.int64)
