@@ -309,7 +309,7 @@ SINKS = {"Reshape": {1}, "Slice": {1, 2, 3, 4}, "Split": {1}, "Expand": {1}}
 # Ops that only compute on shape values (a channel count flows through them to a sink).
 SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub",
                "Slice", "Identity", "Floor", "Ceil", "ReduceProd", "Max", "Min", "Equal", "Where", "Neg", "Abs",
-               "Mod"}
+               "Mod", "Reshape", "ConstantOfShape"}
 
 
 def register(*ops: str) -> Callable[[Rule], Rule]:
@@ -956,7 +956,7 @@ def _reshape_layout(lay: Layout, shape_in: tuple[int, ...], shape_out: tuple[int
     return None
 
 
-_PASS_AXES = {"Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where", "Neg"}  # keep every axis in place
+_PASS_AXES = {"Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where", "Neg", "Expand"}  # keep every axis in place
 
 
 def _head_split(a: _Analysis, name: str, axis: int, depth: int = 8) -> bool:
