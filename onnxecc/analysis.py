@@ -34,7 +34,7 @@ def analyse(proto: onnx.ModelProto, purpose: str = "compress",
     input_shapes = resolve_shapes(proto, input_shapes)
     shaped = with_static_shapes(proto, input_shapes=input_shapes)
     layers = find_layers(proto, shaped)
-    if not layers:
+    if not any(layer.weight is not None for layer in layers):  # products of computed tensors alone: no weights
         raise UserError(f"the model has no compute layers (Conv, ConvTranspose, Gemm, MatMul): nothing to {purpose}")
     graph = analyze(proto, shaped)
     return Analysis(proto, shaped, layers, graph, unit_classes(graph), input_shapes)

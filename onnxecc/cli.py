@@ -77,7 +77,8 @@ def inspect(
     table.add_column("out grp", justify="right")
     for layer in result.layers:
         ins, outs = result.layer_groups.get(layer.name, ([], []))
-        table.add_row(layer.name, layer.op, str(layer.cin), str(layer.cout),
+        op = layer.op if layer.weight is not None else f"{layer.op} (A·B)"  # both operands computed, no weight
+        table.add_row(layer.name, op, str(layer.cin), str(layer.cout),
                       "×".join(map(str, layer.kernel)) or "-", str(layer.groups),
                       "×".join(map(str, layer.out_spatial)) or "-", f"{layer.macs:,}", f"{layer.params:,}",
                       _group_ids(ins), _group_ids(outs))
@@ -108,8 +109,13 @@ def inspect(
         groups.add_row(str(g.id), str(g.size), str(g.channels), str(len(g.producers)), str(len(g.consumers)),
                        status)
     console.print(groups)
+    products = sum(layer.weight is None for layer in result.layers)
     console.print(f"{len(result.layers)} compute layers; {result.model_params:,} parameters in the model "
                   "(MACs count Conv/Gemm/MatMul multiply-accumulates for batch 1)")
+    if products:
+        console.print(f"{products} of them (A·B) multiply two computed tensors, as attention's Q·Kᵀ and softmax·V "
+                      f"do: {result.activation_macs:,} MACs without weights, counted at the input size analysed",
+                      highlight=False)
     if result.symbolic:
         from onnxecc.inputs import shapes_text
 

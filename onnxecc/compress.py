@@ -277,7 +277,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     if data is not None:
         from onnxecc.data import check_classes
 
-        check_classes(data, layers[-1].cout)
+        check_classes(data, next(layer.cout for layer in reversed(layers) if layer.weight is not None))
     precision, fp32_cost, int8_dropped = None, cost, None
     if "precision" in opts.knobs and target < original:  # int8 layers by measurement; their terms scaled down
         from onnxecc.quantize import plan_precision

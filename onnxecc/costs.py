@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxecc.errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class Term:
@@ -129,10 +131,11 @@ class Variables:
 
 
 def unit_classes(graph) -> Variables:
-    """Split every group's units by where they occur (see `Variables`)."""
+    """Split every group's units by where they occur (see `Variables`): in the constants sliced (binds) and in
+    the outputs of the products of two computed tensors (whose MACs count their kept positions)."""
     signature: dict[tuple[int, int], list] = {}
-    for i, bind in enumerate(graph.binds):
-        gid, unit = bind.pos.gid.ravel(), bind.pos.unit.ravel()
+    for i, pos in enumerate([b.pos for b in graph.binds] + _product_positions(graph)):
+        gid, unit = pos.gid.ravel(), pos.unit.ravel()
         keys, counts = np.unique(np.stack([gid, unit]), axis=1, return_counts=True)
         for (g, u), c in zip(keys.T.tolist(), counts.tolist()):
             signature.setdefault((g, u), []).append((i, c))
@@ -147,20 +150,37 @@ def unit_classes(graph) -> Variables:
     return Variables(groups, units)
 
 
-def _bound_axes(graph, variables: Variables) -> dict[str, dict[int, dict[int, dict[int, float]]]]:
-    """name -> node index -> axis -> {variable: positions per kept unit}: the axis keeps Σ_v coef_v · w_v
-    positions (exact: the units of one variable occur equally often)."""
-    lookup = np.full((len(graph.groups), max(g.size for g in graph.groups)), -1, dtype=np.int64)
+def _product_positions(graph) -> list:
+    """Channel positions of the products' outputs (`ChannelGraph.products`; those that carry tracked channels)."""
+    found = (graph.positions(p.output) for p in getattr(graph, "products", []))
+    return [pos for pos in found if pos is not None]
+
+
+def _per_unit(graph, variables: Variables):
+    """A function Positions -> {variable: positions per kept unit}: the positions keep Σ_v coef_v · w_v of
+    themselves (exact: the units of one variable occur equally often there, see `unit_classes`)."""
+    lookup = np.full((len(graph.groups), max((g.size for g in graph.groups), default=0)), -1, dtype=np.int64)
     for v, (g, us) in enumerate(zip(variables.group, variables.units)):
         lookup[g, us] = v
     sizes = np.array([len(u) for u in variables.units], dtype=np.float64)
+
+    def per_unit(pos) -> dict[int, float]:
+        var, counts = np.unique(lookup[pos.gid.ravel(), pos.unit.ravel()], return_counts=True)
+        return {int(v): float(c) / sizes[v] for v, c in zip(var, counts)}
+
+    return per_unit
+
+
+def _bound_axes(graph, variables: Variables) -> dict[str, dict[int, dict[int, dict[int, float]]]]:
+    """name -> node index -> axis -> {variable: positions per kept unit}: the axis keeps Σ_v coef_v · w_v
+    positions (exact: the units of one variable occur equally often)."""
+    per_unit = _per_unit(graph, variables)
     out: dict[str, dict[int, dict[int, dict[int, float]]]] = {}
     for bind in graph.binds:
         axes = out.setdefault(bind.name, {}).setdefault(bind.node_index, {})
         if bind.axis in axes:
             continue
-        var, counts = np.unique(lookup[bind.pos.gid.ravel(), bind.pos.unit.ravel()], return_counts=True)
-        axes[bind.axis] = {int(v): float(c) / sizes[v] for v, c in zip(var, counts)}
+        axes[bind.axis] = per_unit(bind.pos)
     return out
 
 
@@ -195,21 +215,64 @@ def _tensor_terms(shape: tuple[int, ...], axes: dict[int, dict[int, float]], sca
 
 def macs_cost(graph, layers, model, variables: Variables) -> BilinearCost:
     """MACs of the compute layers as a function of group widths: each layer's MACs scale with the kept
-    positions of its weight's two channel axes (exact for plain, depthwise, Concat and Flatten→Gemm layers)."""
+    positions of its weight's two channel axes (exact for plain, depthwise, Concat and Flatten→Gemm layers);
+    a product of two computed tensors' with the kept positions of its output (see `_product_terms`)."""
+    terms: list[Term] = []
+    constant = 0.0
+    for t, c in _layer_terms(graph, layers, model, variables):
+        terms += t
+        constant += c
+    return BilinearCost("macs", "MACs", _full(variables), _merge(terms), constant)
+
+
+def _layer_terms(graph, layers, model, variables: Variables) -> list[tuple[list[Term], float]]:
+    """(terms, constant) of each layer's MACs, in the order of `layers`."""
     from onnxecc.graph import Graph
 
     consts = Graph(model)
     bound = _bound_axes(graph, variables)
-    terms: list[Term] = []
-    constant = 0.0
+    per_unit = _per_unit(graph, variables)
+    products = {p.node_index: p for p in getattr(graph, "products", [])}
+    full = _full(variables)
+    out = []
     for layer in layers:
+        if layer.weight is None:
+            node = model.graph.node[layer.node_index]
+            out.append(_product_terms(layer, node, products.get(layer.node_index), graph, per_unit))
+            continue
         w_shape = consts.const(layer.weight).shape
         per_weight = layer.macs / float(np.prod(w_shape, dtype=np.float64))
-        t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight,
-                             layer.name, _full(variables))
-        terms += t
-        constant += c
-    return BilinearCost("macs", "MACs", _full(variables), _merge(terms), constant)
+        out.append(_tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight,
+                                 layer.name, full))
+    return out
+
+
+def _product_terms(layer, node, product, graph, per_unit) -> tuple[list[Term], float]:
+    """A product of two computed tensors (attention's Q·Kᵀ, softmax·V) makes k MACs per output element: its MACs
+    are (kept positions of the output over its channel axes) × (the output's other dims) × k, linear in the
+    widths — one term per variable, coefficient = positions per kept unit × other dims × k. Its count at full
+    width is `layer.macs`, so other dims × k = layer.macs / the positions. A product the channel analysis did
+    not record, or whose output carries no tracked channel, costs its full MACs whatever the widths.
+
+    A prunable group on the operands but not on the output lies on the contraction axis (every other axis of
+    the operands reaches the output): k would shrink with it, which this form does not model — said so rather
+    than a cost that is off."""
+    pos = graph.positions(product.output) if product is not None else None
+    operands = [graph.positions(t) for t in node.input]
+    inner = set().union(*(set(o.gid.ravel().tolist()) for o in operands if o is not None))
+    inner = (inner - (set() if pos is None else set(pos.gid.ravel().tolist()))) & \
+        {g.id for g in graph.groups if g.prunable}
+    if inner:
+        raise UnsupportedModelError(
+            f"{layer.name}: channel group(s) {sorted(inner)} lie on the contraction axis of a product of two "
+            "computed tensors; pruning them changes its MACs in a way onnxecc does not model yet")
+    if pos is None:
+        return [], float(layer.macs)
+    if product.k != layer.cin:
+        raise ValueError(f"{layer.name}: the channel analysis contracts {product.k} positions, the layer "
+                         f"count {layer.cin}")
+    per_position = layer.macs / float(pos.gid.size)
+    return [Term(per_position * c, v) for v, c in per_unit(pos).items()], 0.0
 
 
 def params_cost(graph, model, variables: Variables) -> BilinearCost:
@@ -241,17 +304,8 @@ def _merge(terms: list[Term]) -> list[Term]:
 
 
 def layer_costs(graph, layers, model, variables: Variables) -> list[BilinearCost]:
-    """Each compute layer's MACs as a bilinear cost of its own (the per-layer terms `macs_cost` sums): the
-    features of a fitted profile are these divided by their full-width value."""
-    from onnxecc.graph import Graph
-
-    consts = Graph(model)
-    bound = _bound_axes(graph, variables)
-    out = []
-    for layer in layers:
-        w_shape = consts.const(layer.weight).shape
-        per_weight = layer.macs / float(np.prod(w_shape, dtype=np.float64))
-        t, c = _tensor_terms(w_shape, _axes_of(bound, layer.weight, layer.node_index), per_weight, layer.name,
-                             _full(variables))
-        out.append(BilinearCost("macs", "MACs", _full(variables), _merge(t), c))
-    return out
+    """Each compute layer's MACs as a bilinear cost of its own (the per-layer terms `macs_cost` sums; products
+    of two computed tensors included): the features of a fitted profile are these divided by their full-width
+    value."""
+    return [BilinearCost("macs", "MACs", _full(variables), _merge(t), c)
+            for t, c in _layer_terms(graph, layers, model, variables)]

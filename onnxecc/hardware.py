@@ -532,6 +532,8 @@ def geometries(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) ->
     g = Graph(shaped)
     out = []
     for layer in find_layers(model, shaped):
+        if layer.weight is None:  # a product of two computed tensors: the array model streams a stationary weight
+            continue
         node = shaped.graph.node[layer.node_index]
         w = g.const(layer.weight)
         if layer.op == "ConvTranspose" or (layer.op == "Conv" and w.ndim not in (3, 4)):

@@ -36,6 +36,11 @@ class InspectResult:
         return sum(layer.macs for layer in self.layers)
 
     @property
+    def activation_macs(self) -> int:
+        """MACs of the products of two computed tensors (attention's Q·Kᵀ and softmax·V), part of `macs`."""
+        return sum(layer.macs for layer in self.layers if layer.weight is None)
+
+    @property
     def layer_params(self) -> int:
         return sum(layer.params for layer in self.layers)
 
@@ -45,8 +50,8 @@ class InspectResult:
             "declared_inputs": self.declared_inputs, "symbolic_inputs": self.symbolic,
             "layers": [{**layer.as_dict(), **self._group_ids(layer.name)} for layer in self.layers],
             "groups": [g.as_dict() for g in self.groups],
-            "totals": {"macs": self.macs, "layer_params": self.layer_params, "model_params": self.model_params,
-                       "layers": len(self.layers), "groups": len(self.groups),
+            "totals": {"macs": self.macs, "activation_macs": self.activation_macs, "layer_params": self.layer_params,
+                       "model_params": self.model_params, "layers": len(self.layers), "groups": len(self.groups),
                        "prunable_groups": sum(g.prunable for g in self.groups)},
             **self.extra,
         }
@@ -75,7 +80,7 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None,
     shapes = resolve_shapes(proto, input_shapes)
     shaped = with_static_shapes(proto, input_shapes=shapes)
     layers = find_layers(proto, shaped)
-    if not layers:
+    if not any(layer.weight is not None for layer in layers):  # products of computed tensors alone: no weights
         raise UserError(f"{source} has no compute layers (Conv, ConvTranspose, Gemm, MatMul with constant "
                         "weights): nothing to compress")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -89,8 +94,27 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None,
     return InspectResult(source, opset, _io_shapes(shaped, shaped.graph.input, proto),
                          _io_shapes(shaped, shaped.graph.output, proto), layers, count_params(proto), extra,
                          groups=channels.groups,
-                         layer_groups={n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()},
+                         layer_groups={**{n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()},
+                                       **_product_groups(layers, shaped, channels)},
                          declared_inputs={i.name: list(i.dims) for i in graph_inputs(proto)}, symbolic=symbolic(proto))
+
+
+def _product_groups(layers: list[Layer], shaped: onnx.ModelProto, channels) -> dict[str, tuple[list, list]]:
+    """(in, out) channel groups of each product of two computed tensors: the groups its operands and its output
+    carry (the heads of an attention's scores and context), so that its MACs show which groups shrink them."""
+    def ids(*tensors: str) -> list[int]:
+        out: list[int] = []
+        for t in tensors:
+            pos = channels.positions(t)
+            out += [] if pos is None else pos.gid.ravel().tolist()
+        return list(dict.fromkeys(out))
+
+    out = {}
+    for layer in layers:
+        if layer.weight is None:
+            node = shaped.graph.node[layer.node_index]
+            out[layer.name] = (ids(*node.input), ids(node.output[0]))
+    return out
 
 
 def _io_shapes(shaped: onnx.ModelProto, values, original: onnx.ModelProto) -> dict[str, list[int]]:

@@ -1,9 +1,10 @@
-"""Find the compute layers of a graph (Conv, ConvTranspose, Gemm, MatMul with a constant operand) and count
-their MACs and parameters exactly, for a batch of one.
+"""Find the compute layers of a graph (Conv, ConvTranspose, Gemm, MatMul with a constant operand, and MatMul of
+two computed tensors) and count their MACs and parameters exactly, for a batch of one.
 
 These are the layers whose channels or weights a budget can remove; everything else (activations,
 pooling, BatchNorm) is cheap or follows them. Counting convention: one multiply-accumulate per weight use,
-bias additions not counted.
+bias additions not counted. A MatMul of two computed tensors (attention's Q·Kᵀ and softmax·V) has no weight
+but its MACs grow with heads × d_k × T²: it is a layer with `weight=None`, counted at the analysed input size.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @dataclass
 class Layer:
-    """One compute node. `cin`/`cout` are channel counts (features for Gemm/MatMul)."""
+    """One compute node. `cin`/`cout` are channel counts (features for Gemm/MatMul; for a product of two
+    computed tensors, the contraction length K and the output's last dim N)."""
 
     name: str  # ONNX node name (or its first output when the node is unnamed)
     op: str
-    weight: str  # tensor name of the weight
+    weight: str | None  # tensor name of the weight; None for a MatMul of two computed tensors (kind "activation")
     bias: str | None
     cin: int
     cout: int
@@ -39,13 +41,18 @@ class Layer:
     node_index: int = field(repr=False, default=-1)
 
     @property
+    def kind(self) -> str:
+        """Whether a constant operand holds its weights ("weight") or both operands are computed ("activation")."""
+        return "weight" if self.weight is not None else "activation"
+
+    @property
     def depthwise(self) -> bool:
         return self.op == "Conv" and self.groups > 1 and self.groups == self.cin and self.cin == self.cout
 
     def as_dict(self) -> dict:
         return {
-            "name": self.name, "op": self.op, "weight": self.weight, "bias": self.bias, "cin": self.cin,
-            "cout": self.cout, "kernel": list(self.kernel), "groups": self.groups,
+            "name": self.name, "op": self.op, "kind": self.kind, "weight": self.weight, "bias": self.bias,
+            "cin": self.cin, "cout": self.cout, "kernel": list(self.kernel), "groups": self.groups,
             "out_spatial": list(self.out_spatial), "macs": self.macs, "params": self.params,
         }
 
@@ -180,8 +187,9 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def find_layers(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None,
                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[Layer]:
-    """Compute layers in graph order. `shaped` may pass a model already through `with_static_shapes`, else it is
-    made at `input_shapes` (needed when the inputs have symbolic sizes)."""
+    """Compute layers in graph order, products of two computed tensors included (`weight=None`: filter on
+    `layer.weight` where weights are needed). `shaped` may pass a model already through `with_static_shapes`,
+    else it is made at `input_shapes` (needed when the inputs have symbolic sizes)."""
     shaped = shaped if shaped is not None else with_static_shapes(model, input_shapes=input_shapes)
     shapes = tensor_shapes(shaped)
     g = Graph(shaped)
@@ -246,13 +254,28 @@ def _layer(node: onnx.NodeProto, index: int, g: Graph, shapes) -> Layer | None:
         return Layer(name, op, node.input[1], bias, int(k), int(n), (), 1, (), int(m * k * n), params, index)
     if op == "MatMul":
         b = _const_like(g, node.input[1])
-        if b is None or b.ndim != 2 or _const_like(g, node.input[0]) is not None:
+        a_const = _const_like(g, node.input[0]) is not None
+        if b is None and not a_const:
+            return _product(node, index, shapes)
+        if b is None or b.ndim != 2 or a_const:
             return None
         out_shape = _shape(shapes, node.output[0], node, index)
         k, n = int(b.shape[0]), int(b.shape[1])
         return Layer(name, op, node.input[1], None, k, n, (), 1, tuple(out_shape[1:-1]),
                      int(np.prod(out_shape)) * k, int(b.size), index)
     return None
+
+
+def _product(node: onnx.NodeProto, index: int, shapes) -> Layer:
+    """A MatMul of two computed tensors (…×M×K)·(…×K×N): one MAC per output element and step of K, whatever
+    broadcasting or 1-D operand the ONNX MatMul semantics give (the output's shape says which)."""
+    a_shape = _shape(shapes, node.input[0], node, index)
+    b_shape = _shape(shapes, node.input[1], node, index)
+    out_shape = _shape(shapes, node.output[0], node, index)
+    k = int(a_shape[-1])
+    n = int(b_shape[-1]) if len(b_shape) > 1 else 1
+    return Layer(node_name(node, index), node.op_type, None, None, k, n, (), 1, tuple(out_shape[1:-1]),
+                 int(np.prod(out_shape, dtype=np.int64)) * k, 0, index)
 
 
 def _const_like(g: Graph, name: str) -> np.ndarray | None:

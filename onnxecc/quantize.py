@@ -124,7 +124,7 @@ def named(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def candidates(model: onnx.ModelProto) -> list[str]:
     """Names of the compute layers that can go int8 (Conv, Gemm, MatMul with a constant weight)."""
-    return [layer.name for layer in find_layers(named(model)) if layer.op in CANDIDATE_OPS]
+    return [layer.name for layer in find_layers(named(model)) if layer.op in CANDIDATE_OPS and layer.weight]
 
 
 class _Reader:
