@@ -188,6 +188,10 @@ class ChannelGraph:
         parts = [masks.get(g.id, np.ones(g.size, bool)) for g in self.groups]
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
+    def products_order(self, name: str) -> int:
+        """Graph position of the product `name` (attention layers listed in the order they run)."""
+        return next((p.node_index for p in self.products if p.name == name), -1)
+
     def kept_counts(self, tensor: str, masks: dict[int, np.ndarray]) -> int | None:
         pos = self._positions.get(tensor)
         return None if pos is None else int(pos.kept(self.flat(masks), self.offsets).sum())
@@ -1465,7 +1469,7 @@ def _product(a: _Analysis, node: onnx.NodeProto) -> None:
     (_, _, la, ta, _, ka), (_, _, lb, tb, _, kb) = ops
     # the batch axes: the heads of both operands are the same heads
     heads = None
-    for (name, shp, lay, to, batch, _), (oname, oshp, olay, oto, obatch, _) in (ops, ops[::-1]):
+    for (_, _, lay, to, batch, _), (oname, oshp, olay, oto, _, _) in (ops, ops[::-1]):  # A then B
         mine = [ax for ax in (lay.axes if lay is not None else ()) if ax in batch]
         if not mine:
             continue

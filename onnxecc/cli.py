@@ -324,6 +324,9 @@ def compress(
                       f"{result.latency_after.median_s * 1e3:.3f} ms",
                       f"{result.latency_ratio:.3f}")
     console.print(table)
+    if result.heads:
+        console.print("attention heads: " + ", ".join(f"{h['layer']} {h['before']}→{h['after']}"
+                                                      for h in result.heads), highlight=False, markup=False)
     verdict = "[green]meets the budget[/]" if result.meets_budget else "[red]misses the budget[/]"
     console.print(f"budget {result.budget.describe(result.original_cost)}: {verdict} "
                   f"({fmt(result.final_cost)}, {result.meets_budget_by})")

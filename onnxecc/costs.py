@@ -37,6 +37,9 @@ class BilinearCost:
     full_widths: dict[int, int]
     terms: list[Term] = field(default_factory=list)
     constant: float = 0.0
+    # channels one unit of a variable stands for, where not 1 (an attention head: its head width): `--min-width`
+    # and `--round-to` count channels, so they allow any head count once a head holds a multiple of the step
+    channels_per_unit: dict[int, int] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:

@@ -70,7 +70,8 @@ def solve_exact(
         return projection_from_widths(cost, importance, {}, orders)
     check_reachable(cost, orders, budget, min_width=min_width, round_to=round_to, fmt=fmt)
     red = reduce_cost(cost, orders)
-    allowed = [allowed_widths(s, min_width, round_to) for s in red.full]
+    allowed = [allowed_widths(s, min_width, round_to, cost.channels_per_unit.get(g, 1))
+               for s, g in zip(red.full, red.groups)]
     values = [orders[g][1][a] for g, a in zip(red.groups, allowed)]
     # normalise the constraint so the solver's absolute tolerances are relative to the budget
     scale = max(abs(budget), 1e-300)
@@ -157,7 +158,7 @@ def max_step_importance(cost: BilinearCost, importance: dict[int, np.ndarray], m
     """The largest importance a single greedy step can remove (the greedy's additive error scale)."""
     best = 0.0
     for g, (_, prefix) in importance_order(cost, importance).items():
-        a = allowed_widths(cost.full_widths[g], min_width, round_to)
+        a = allowed_widths(cost.full_widths[g], min_width, round_to, cost.channels_per_unit.get(g, 1))
         if len(a) > 1:
             best = max(best, float(np.max(np.diff(prefix[a]))))
     return best
@@ -181,4 +182,5 @@ def greedy_vs_exact_gaps(n_instances: int, seed: int, *, round_to_choices=(1, 2)
 
 
 def _min_widths(cost, importance, min_width, round_to):
-    return {g: int(allowed_widths(cost.full_widths[g], min_width, round_to)[0]) for g in importance}
+    return {g: int(allowed_widths(cost.full_widths[g], min_width, round_to, cost.channels_per_unit.get(g, 1))[0])
+            for g in importance}

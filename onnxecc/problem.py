@@ -54,7 +54,8 @@ class Problem:
         return self.variables.group_keep(keep)
 
     def allowed(self, v: int) -> np.ndarray:
-        return allowed_widths(self.cost.full_widths[v], self.min_width, self.round_to)
+        return allowed_widths(self.cost.full_widths[v], self.min_width, self.round_to,
+                              self.cost.channels_per_unit.get(v, 1))
 
     def producer_tensors(self) -> list[str]:
         """Tensors whose values decide the importance of prunable channels."""

@@ -31,6 +31,7 @@ ONNX side: numpy only.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -58,9 +59,13 @@ class Projection:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def allowed_widths(full: int, min_width: int = 1, round_to: int = 1) -> np.ndarray:
+def allowed_widths(full: int, min_width: int = 1, round_to: int = 1, per_unit: int = 1) -> np.ndarray:
     """Ascending allowed widths of a group of `full` channels: `full` itself and the multiples of `round_to`
-    below it that are at least max(min_width, round_to); `full` only if it is below that floor."""
+    below it that are at least max(min_width, round_to); `full` only if it is below that floor. For units of
+    `per_unit` channels each (heads), both options count channels and are turned into units first."""
+    if per_unit > 1:
+        min_width = -(-int(min_width) // per_unit)
+        round_to = int(round_to) // math.gcd(int(round_to), int(per_unit))
     full = int(full)
     lo = max(int(min_width), int(round_to))
     if full <= lo:
@@ -184,7 +189,8 @@ def projection_from_widths(
 
 def min_widths(cost: BilinearCost, prunable_groups: Iterable[int], min_width: int = 1, round_to: int = 1):
     """Every prunable group at its smallest allowed width."""
-    return {int(g): int(allowed_widths(cost.full_widths[int(g)], min_width, round_to)[0]) for g in prunable_groups}
+    return {int(g): int(allowed_widths(cost.full_widths[int(g)], min_width, round_to,
+                                       cost.channels_per_unit.get(int(g), 1))[0]) for g in prunable_groups}
 
 
 def min_cost(cost: BilinearCost, prunable_groups: Iterable[int], min_width: int = 1, round_to: int = 1) -> float:
@@ -267,7 +273,8 @@ def project(
 
     red = reduce_cost(cost, orders)
     n = len(red.groups)
-    allowed = [allowed_widths(s, min_width, round_to).tolist() for s in red.full]
+    allowed = [allowed_widths(s, min_width, round_to, cost.channels_per_unit.get(g, 1)).tolist()
+               for s, g in zip(red.full, red.groups)]
     prefix = [orders[g][1].tolist() for g in red.groups]
     idx = [len(a) - 1 for a in allowed]
     adj: list[list[tuple[int, float]]] = [[] for _ in range(n)]
