@@ -1089,7 +1089,7 @@ def _reshape(a: _Analysis, node: onnx.NodeProto) -> None:
     if node.op_type == "Reshape":
         shape_value = a.const(node.input[1])
         allowzero = _attr(node, "allowzero", 0)
-        if shape_value is None and (allowzero or 0 in new.axes):
+        if shape_value is None and 0 in new.axes:
             a.freeze_all(node, f"{a.where} (computed shape with the channels on the batch axis)")
             return
         scaled, moved = [], shape_in[0] != shape_out[0]  # entries computed as batch × channels; batch off axis 0

@@ -355,8 +355,9 @@ def _edit_reshape(w: _Writer, graph: ChannelGraph, e: Edit, flat: np.ndarray) ->
                 shape[ax] = dims[t]
         if np.array_equal(shape, const):
             return
-    elif w.dynamic or e.data.get("scaled") or e.data.get("moved"):
-        # computed from Shape at one of many input sizes (or batch sizes): only the channel entries change; an
+    elif w.dynamic or e.data.get("scaled") or e.data.get("moved") or e.data["allowzero"]:
+        # computed from Shape at one of many input sizes (or batch sizes, or with allowzero, where a 0 written for
+        # the batch would be a size of 0): only the channel entries change; an
         # entry that holds batch × channels (`view(T, B * heads, d)`) is scaled by kept / original channels
         scaled = {ax: (int(shape_out[ax]), int(dims[t])) for t, ax in enumerate(out.axes)
                   if ax in e.data.get("scaled", ())}

@@ -205,3 +205,58 @@ def test_grouped_query_heads_prune_a_kv_head_with_its_q_heads(tmp_path):
         want = model(torch.from_numpy(x)).numpy()
     got = _run(surgery.prune_channels(proto, keep, graph), {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("full,per_unit,min_width,round_to", [(12, 64, 1, 16), (4, 8, 1, 16), (12, 64, 100, 16),
+                                                               (16, 24, 1, 16), (32, 1, 1, 16)])
+def test_min_width_and_round_to_count_channels_of_a_head(full, per_unit, min_width, round_to):
+    """Widths allowed for a group whose unit holds `per_unit` channels: head counts whose channels are a multiple
+    of --round-to and at least --min-width (and the full count), enumerated directly."""
+    from onnxecc.projection import allowed_widths
+    want = [w for w in range(1, full) if (w * per_unit) % round_to == 0 and w * per_unit >= max(min_width, 1)
+            and w * per_unit >= min(round_to, per_unit * full)] + [full]
+    assert allowed_widths(full, min_width, round_to, per_unit).tolist() == want
+
+
+def test_data_free_compress_removes_heads_and_reports_them(tmp_path):
+    """A MACs budget on the HF-style encoder removes heads (reported per layer, before → after, equal to the
+    head groups' kept widths) and the output runs at another batch and length than analysed."""
+    from onnxecc.compress import CompressOptions, compress
+    out = tmp_path / "enc.onnx"
+    result = compress(zoo.export_encoder(), 0.5, out, CompressOptions(
+        metric="macs", input_shapes={"input_ids": (1, 16), "attention_mask": (1, 16)}))
+    assert [h["layer"] for h in result.heads] == ["/blocks.0", "/blocks.1"]
+    assert all(h["before"] == 4 and (h["after"], h["before"]) == result.widths[h["group"]] for h in result.heads)
+    assert any(h["after"] < h["before"] for h in result.heads)
+    feeds = {"input_ids": np.ones((2, 30), np.int64), "attention_mask": np.ones((2, 30), np.int64)}
+    assert _run(onnx.load(out), feeds)[0].shape == (2, 5)
+
+
+def test_dynamo_export_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
+    """torch's dynamo exporter writes the head split as one Reshape with allowzero=1 and a shape computed from
+    the symbolic batch and length, shared by q, k and v."""
+    from onnxecc import ingest, surgery
+    model = zoo.build_encoder()
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=zoo.ENCODER_MAX_LEN)
+    ids, mask = torch.randint(0, zoo.ENCODER_VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.int64)
+    path = tmp_path / "dynamo.onnx"
+    torch.onnx.export(model, (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
+                      external_data=False)
+    proto = ingest.load(path)
+    assert any(a.name == "allowzero" and a.i == 1 for n in proto.graph.node if n.op_type == "Reshape"
+               for a in n.attribute)
+    graph = _analyse(proto, {"input_ids": (1, 16), "attention_mask": (1, 16)})
+    assert sorted(graph.groups[g].size for g in graph.heads) == [4, 4]
+    keep = _random_keep(graph, np.random.default_rng(7))
+    for n, gid in enumerate(sorted(graph.heads)):
+        b = model.blocks[n]
+        dropped = sorted(set(range(4)) - set(keep[gid].tolist()))
+        for lin in (b.q, b.k, b.v):
+            _zero_heads([0], lin.weight, lin.bias, dropped, b.head_dim)
+    ids = np.random.default_rng(8).integers(0, zoo.ENCODER_VOCAB, (3, 21))
+    mask = np.ones((3, 21), np.int64)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    got = _run(surgery.prune_channels(proto, keep, graph), {"input_ids": ids, "attention_mask": mask})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
