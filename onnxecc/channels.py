@@ -14,12 +14,15 @@ depthwise convolutions, Concat offsets and shuffles all reduce to that one opera
 
 Each op's channel rule is one small function registered in `RULES`, so supporting a new op is one local
 change. An op without a rule freezes every group it touches, and so does reaching a graph output; graph inputs
-are never pruned. A frozen group records what froze it (`frozen_by`). Channel counts read by `Shape` are
-tracked too: they may only flow, through shape arithmetic, into the shape inputs of Reshape/Slice/Split/Expand
-(which surgery rewrites as constants); any other use freezes the groups whose counts were read. Whether a value
-really carries a count is checked by evaluating the arithmetic again under two prunings (`follows_pruning`):
-`Shape(x)[2:]` does not, and Resize/Upsample sizes read from the resized tensor's own shape (torch's
-`interpolate(size=...)` at every opset) follow the pruning at run time, so neither freezes anything.
+are never pruned. A frozen group records what froze it (`frozen_by`). A group that a normalisation runs over
+(LayerNormalization, or its mean and variance written out as reductions: see `Statistic`) stays prunable but
+*approximate* (`approximate`): pruning it changes the function, so only training recovers it. Channel counts
+read by `Shape` are tracked too: they may only flow, through shape arithmetic, into the shape inputs of
+Reshape/Slice/Split/Expand (which surgery rewrites as constants); any other use freezes the groups whose counts
+were read. Whether a value really carries a count is checked by evaluating the arithmetic again under two
+prunings (`follows_pruning`): `Shape(x)[2:]` does not, and Resize/Upsample sizes read from the resized tensor's
+own shape (torch's `interpolate(size=...)` at every opset) follow the pruning at run time, so neither freezes
+anything.
 
 The analysis runs on `layers.with_static_shapes(model)` (every tensor has a static shape, batch 1); surgery
 (`onnxecc.surgery`) applies its result to the original model. Only onnx and numpy are used here.
@@ -74,6 +77,9 @@ class ChannelGroup:
     consumers: list[Slot] = field(default_factory=list)
     members: list[Slot] = field(default_factory=list)
     frozen_by: str | None = None
+    # why pruning it is not exact (a normalisation over its channels): still prunable, but the pruned model computes
+    # another function, so it is pruned only when training follows (`compress --data`)
+    approximate: str | None = None
 
     @property
     def prunable(self) -> bool:
@@ -81,7 +87,8 @@ class ChannelGroup:
 
     def as_dict(self) -> dict:
         return {"id": self.id, "size": self.size, "channels": self.channels, "prunable": self.prunable,
-                "frozen_by": self.frozen_by, "producers": [s.as_dict() for s in self.producers],
+                "frozen_by": self.frozen_by, "approximate": self.approximate,
+                "producers": [s.as_dict() for s in self.producers],
                 "consumers": [s.as_dict() for s in self.consumers], "members": [s.as_dict() for s in self.members]}
 
 
@@ -560,7 +567,7 @@ class _Analysis:
         if set(tainted) <= SINKS.get(node.op_type, set()) and self.lay(node.input[0]) is not None:
             self.cur_taint = sources  # the rule rewrites these inputs; if it gives up, these freeze too
             return True
-        if node.op_type in SHAPE_ARITH and not tracked:
+        if node.op_type in SHAPE_ARITH and not tracked and _embedding_table(self, node) is None:
             for out in node.output:  # e.g. Shape(x)[2:] reads no channel count: its users are free
                 if out and not self.follows_pruning(out, lambda p, o=out: self.shape_value(o, None)):
                     self.taint[out] = sources
@@ -602,6 +609,7 @@ class _Analysis:
 
     # -- result --
     def finish(self) -> ChannelGraph:
+        approximate = _settle_statistics(self)
         nodes = list(self.model.graph.node)
         order: dict[int, int] = {}
 
@@ -625,8 +633,8 @@ class _Analysis:
         edits = [Edit(kind, i, {k: pos(v) if isinstance(v, Layout) else v for k, v in d.items()})
                  for kind, i, d in self.edits]
         roots = sorted(order, key=order.get)
-        groups = [ChannelGroup(order[r], self.groups.size[r], 0, frozen_by=self.groups.frozen.get(r))
-                  for r in roots]
+        groups = [ChannelGroup(order[r], self.groups.size[r], 0, frozen_by=self.groups.frozen.get(r),
+                               approximate=None if r in self.groups.frozen else approximate.get(r)) for r in roots]
 
         def label(i: int) -> tuple[str, str]:
             return node_name(nodes[i], i), nodes[i].op_type
@@ -738,21 +746,27 @@ def _elementwise(a: _Analysis, node: onnx.NodeProto) -> None:
     rank = len(oshape)
     first = a.lay(tracked[0])
     axes = tuple(ax + rank - len(a.shape(tracked[0])) for ax in first.axes)
-    result, consts = None, []
+    result, consts, stats = None, [], []
     for name in node.input:
         if not name:
             continue
         shp, lay = a.shape(name), a.lay(name)
         own = tuple(ax - (rank - len(shp)) for ax in axes)
+        stat = _statistic(a, name) if lay is None and not a.is_const(name) else None
         if any(o < 0 for o in own) or all(shp[o] == 1 for o in own):  # broadcast along the channels
             if lay is not None and lay.grp.size > 1:
                 a.freeze(lay, f"{a.where} (channels broadcast against another channel axis)")
+            elif stat is not None:  # x − mean, x · 1/σ: a normalisation
+                stats.append((name, own, stat))
             continue
         if any(shp[o] != oshape[x] for o, x in zip(own, axes)):
             a.freeze_all(node, f"{a.where} (partial broadcast over the channel axes)")
             return
         if a.is_const(name):
             consts.append((name, own))
+            continue
+        if stat is not None and stat.params:  # 1/σ · γ, per channel
+            stats.append((name, own, stat))
             continue
         lay = lay if lay is not None and lay.axes == own else a.need(name, own)
         if result is None:
@@ -765,6 +779,8 @@ def _elementwise(a: _Analysis, node: onnx.NodeProto) -> None:
             a.freeze(result, f"{a.where} (constant over split channel axes)")
         else:
             a.bind(name, own[0], result.moved(own), "param")
+    for name, own, stat in stats:
+        _apply_statistic(a, name, own, stat, result)
     a.set(out, result.moved(axes))
 
 
@@ -783,6 +799,139 @@ def _norm(a: _Analysis, node: onnx.NodeProto) -> None:
     a.set(node.output[0], lay)
 
 
+# ---- normalisations: statistics of the channels ------------------------------------------------------------------
+# A sum or mean over exactly the channel axes (LayerNorm's mean and variance, RMSNorm's mean square) is a *statistic*:
+# it holds no channels, and once channels are pruned it is computed from the kept ones alone. Applied back to the
+# channels it was taken over (x − mean, x / rms) it makes a normalisation, which pruning changes rather than just
+# shortens: those groups are *approximate* (prunable, but only when training follows). Used anywhere else, a
+# statistic freezes the channels it was taken over.
+STATISTICS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")
+# ops whose result is a statistic when each input is a statistic or a constant: arithmetic ...
+_STAT_MATH = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log",
+              "Clip", "Cast", "Identity", "Erf", "Tanh", "Sigmoid", "Relu"}
+# ... and moves that keep its size (tf2onnx reshapes and broadcasts a keepdims=0 mean back to rank)
+_STAT_MOVES = {"Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose", "Flatten"}
+
+
+@dataclass
+class Statistic:
+    """A value computed from reductions over channels and from constants; it holds no channels itself."""
+
+    sources: list[Layout]  # the channels it was reduced over
+    reason: str  # why a group it is applied back to is approximate
+    # constants broadcast over it (LayerNorm's γ and β multiplied into 1/σ first): sliced with the channels when
+    # they run along them; (name, node index)
+    params: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _statistic(a: _Analysis, name: str) -> Statistic | None:
+    """The statistic that tensor `name` is (None: not one), found back through its producers (iteratively: a long
+    chain of untracked tensors must not exhaust the stack)."""
+    stack = [name]
+    while stack:
+        top = stack[-1]
+        if top in a.stats:
+            stack.pop()
+            continue
+        node = a.g.producer.get(top)
+        inputs = None
+        if node is not None and node.domain in ("", "ai.onnx") and not a.is_const(top) and a.lay(top) is None:
+            inputs = [i for i in node.input if i] if node.op_type in _STAT_MATH else \
+                node.input[:1] if node.op_type in _STAT_MOVES else None
+        pending = [i for i in inputs or () if not a.is_const(i) and i not in a.stats]
+        if pending:
+            stack.extend(pending)
+            continue
+        a.stats[top] = None if inputs is None else _derived_statistic(a, node, inputs)
+        stack.pop()
+    return a.stats[name]
+
+
+def _derived_statistic(a: _Analysis, node: onnx.NodeProto, inputs: list[str]) -> Statistic | None:
+    stats = [(i, a.stats[i]) for i in inputs if not a.is_const(i)]
+    if not stats or any(s is None for _, s in stats):
+        return None
+    sources = [lay for _, s in stats for lay in s.sources]
+    params = [p for _, s in stats for p in s.params]
+    out = node.output[0]
+    if node.op_type in _STAT_MOVES:  # a move after per-channel constants would lose where their channels are
+        shape_in, shape_out = a.shape(node.input[0]), a.shape(out)
+        if params or shape_in is None or shape_out is None or np.prod(shape_in) != np.prod(shape_out):
+            return None
+        return Statistic(sources, stats[0][1].reason)
+    shapes = [a.shape(i) for i, _ in stats]
+    if a.shape(out) is None or any(s is None for s in shapes):
+        return None
+    rank = len(a.shape(out))
+    shapes = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    for i in inputs:
+        value = a.const(i) if a.is_const(i) else None
+        if value is None:
+            continue
+        dims = (1,) * (rank - value.ndim) + value.shape
+        if any(d != 1 and all(s[k] == 1 for s in shapes) for k, d in enumerate(dims)):
+            params.append((i, a.node_at[out]))  # broadcast over the statistic: maybe one value per channel
+    return Statistic(sources, stats[0][1].reason, params)
+
+
+def _apply_statistic(a: _Analysis, name: str, own: tuple[int, ...], stat: Statistic, lay: Layout) -> None:
+    """Statistic `name` meets channels `lay` (at its axes `own`) in the current elementwise node: a normalisation if
+    they are the channels it was taken over (checked once the groups are final, `_settle_statistics`). Per-channel
+    constants multiplied into it are sliced with those channels."""
+    a.stat_uses.add((name, a.index))
+    shp = a.shape(name)
+    along = any(o >= 0 and shp[o] != 1 for o in own)  # it runs along the channels: only through constants
+    for param, index in stat.params:
+        value = a.const(param)
+        at = [o - len(shp) + value.ndim for o in own]
+        if all(k < 0 or value.shape[k] == 1 for k in at):
+            continue
+        if len(at) != 1 or value.shape[at[0]] != lay.grp.size:
+            a.freeze(lay, f"{a.where} ('{param}' cannot be sliced with the channels)")
+            return
+        a.binds.append((param, index, at[0], lay.moved(at), "param"))
+        along = False
+    if along:
+        a.freeze(lay, f"{a.where} (a statistic broadcast along the channels)")
+        return
+    a.normalised.append((lay, stat.sources, stat.reason))
+
+
+def _settle_statistics(a: _Analysis) -> dict[int, str]:
+    """Once every rule has run: freeze the channels of a statistic used anywhere but applied back to channels, and
+    of one applied to other channels than it was taken over; the approximate groups' reasons, by root."""
+    seen, todo = set(), list(a.reductions)
+    outputs = set(a.g.output_names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        leaks = [f"graph output '{name}'"] if name in outputs else []
+        for user in a.g.consumers.get(name, []):
+            index = a.node_at.get(user.output[0]) if user.output else None
+            if (name, index) in a.stat_uses or user.op_type in ("Shape", "Size"):
+                continue
+            if user.output and user.output[0] and _statistic(a, user.output[0]) is not None:
+                todo.append(user.output[0])
+                continue
+            leaks.append(f"{user.op_type} '{node_name(user, -1 if index is None else index)}'")
+        if leaks:
+            stat = a.stats[name]
+            for lay in stat.sources:
+                a.freeze(lay, f"{leaks[0]} (uses a statistic of the channels: {stat.reason})")
+    approximate: dict[int, str] = {}
+    for lay, sources, reason in a.normalised:
+        roots, units = a.groups.resolve(lay)
+        if all(np.array_equal(roots, r) and np.array_equal(units, u) for r, u in map(a.groups.resolve, sources)):
+            for root in roots.tolist():
+                approximate.setdefault(root, reason)
+        else:
+            for other in (lay, *sources):
+                a.freeze(other, f"{reason} (applied back to other channels)")
+    return approximate
+
+
 def _reduced_axes(node: onnx.NodeProto, rank: int, a: _Analysis) -> list[int] | None:
     axes = _attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
@@ -798,11 +947,16 @@ def _reduced_axes(node: onnx.NodeProto, rank: int, a: _Analysis) -> list[int] | 
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 def _reduce(a: _Analysis, node: onnx.NodeProto) -> None:
-    """Reductions over spatial axes keep the channels (moved when keepdims=0); over channels: frozen."""
+    """Reductions over spatial axes keep the channels (moved when keepdims=0). A sum or mean over exactly the
+    channels is a statistic of them (see `Statistic`); any other reduction over channels freezes them."""
     lay = a.lay(node.input[0])
     if lay is None:
         return
     axes = _reduced_axes(node, len(a.shape(node.input[0])), a)
+    if axes is not None and set(axes) == set(lay.axes) and node.op_type in STATISTICS:
+        a.stats[node.output[0]] = Statistic([lay], f"{a.where} normalises over these channels")
+        a.reductions.append(node.output[0])
+        return
     if axes is None or set(axes) & set(lay.axes):
         a.freeze_all(node, f"{a.where} (reduces over channels)")
         return
@@ -836,6 +990,15 @@ def _normalize_over(a: _Analysis, node: onnx.NodeProto) -> None:
         mixed = set(range(axis, rank))
     else:
         mixed = {axis}
+    if node.op_type == "LayerNormalization" and mixed == set(lay.axes) == {rank - 1} and not any(node.output[1:]):
+        # over exactly the channels: a normalisation (approximate, see `Statistic`); scale and bias are per channel
+        for p in node.input[1:3]:
+            value = a.const(p) if p else None
+            if p and (value is None or value.size > 1):
+                a.bind(p, max(value.ndim - 1, 0) if value is not None else 0, lay, "param")
+        a.normalised.append((lay, [lay], f"{a.where} normalises over these channels"))
+        a.set(node.output[0], lay)
+        return
     if mixed & set(lay.axes) or any(node.output[1:]):
         a.freeze_all(node, f"{a.where} (mixes values across channels)")
         return
@@ -1286,8 +1449,8 @@ def _split(a: _Analysis, node: onnx.NodeProto) -> None:
 def _gather(a: _Analysis, node: onnx.NodeProto) -> None:
     """Indexing along another axis keeps the channels (moved by the index rank). Rows of a constant table (an
     embedding) produce its columns as channels: the table is sliced along them like a layer's weight."""
-    table = a.const(node.input[0])
-    if table is not None and table.ndim == 2 and _attr(node, "axis", 0) % 2 == 0 and not a.is_const(node.input[1]):
+    table = _embedding_table(a, node)
+    if table is not None:
         lout = a.fresh((table.shape[1],), (len(a.shape(node.output[0])) - 1,))
         a.bind(node.input[0], 1, lout, "producer")
         a.set(node.output[0], lout)
@@ -1311,6 +1474,16 @@ def _gather(a: _Analysis, node: onnx.NodeProto) -> None:
         a.freeze_all(node, f"{a.where} (indexes the channel axis)")
         return
     a.set(node.output[0], lay.moved(ax if ax < axis else ax + len(ind) - 1 for ax in lay.axes))
+
+
+def _embedding_table(a: _Analysis, node: onnx.NodeProto) -> np.ndarray | None:
+    """The constant 2-D float table whose rows a Gather looks up (an embedding; its ids are no shape arithmetic even
+    when computed from a shape, as BERT's token-type ids are), or None."""
+    if node.op_type != "Gather" or len(node.input) < 2 or a.is_const(node.input[1]):
+        return None
+    table = a.const(node.input[0])
+    ok = table is not None and table.ndim == 2 and table.dtype.kind == "f" and _attr(node, "axis", 0) % 2 == 0
+    return table if ok else None
 
 
 @register("Expand")

@@ -57,6 +57,7 @@ def inspect(
 ) -> None:
     """List the compute layers of MODEL with channels, kernel, MACs and parameters."""
     from onnxecc.inputs import parse_input_shapes
+    from onnxecc.inspection import group_status
     from onnxecc.inspection import inspect as run_inspect
 
     result = run_inspect(model, hardware=hardware, input_shapes=parse_input_shapes(input_shape))
@@ -105,7 +106,7 @@ def inspect(
     for name in ("group", "units", "channels", "producers", "consumers", "status"):
         groups.add_column(name, justify="left" if name == "status" else "right")
     for g in result.groups:
-        status = "prunable" if g.prunable else (f"frozen by {g.frozen_by}" if g.frozen_by else "single unit")
+        status = group_status(g)
         groups.add_row(str(g.id), str(g.size), str(g.channels), str(len(g.producers)), str(len(g.consumers)),
                        status)
     console.print(groups)

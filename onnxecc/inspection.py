@@ -52,13 +52,21 @@ class InspectResult:
             "groups": [g.as_dict() for g in self.groups],
             "totals": {"macs": self.macs, "activation_macs": self.activation_macs, "layer_params": self.layer_params,
                        "model_params": self.model_params, "layers": len(self.layers), "groups": len(self.groups),
-                       "prunable_groups": sum(g.prunable for g in self.groups)},
+                       "prunable_groups": sum(g.prunable for g in self.groups),
+                       "approximate_groups": sum(g.prunable and g.approximate is not None for g in self.groups)},
             **self.extra,
         }
 
     def _group_ids(self, name: str) -> dict:
         ins, outs = self.layer_groups.get(name, ([], []))
         return {"in_groups": list(ins), "out_groups": list(outs)}
+
+
+def group_status(group: ChannelGroup) -> str:
+    """What `inspect` says of a group: prunable, approximate (prunable with --data only: why), frozen (by what)."""
+    if group.prunable:
+        return f"approximate ({group.approximate})" if group.approximate else "prunable"
+    return f"frozen by {group.frozen_by}" if group.frozen_by else "single unit"
 
 
 def inspect(model: ingest.ModelSource, hardware: str | None = None,
