@@ -67,6 +67,7 @@ class TorchModel:
     layouts: dict[str, Layout] = field(default_factory=dict, repr=False)
     input_names: list[str] = field(default_factory=list)
     target_opset: int | None = None  # the opset the model was converted to for onnx2torch (None: kept)
+    modules: dict[str, str] = field(default_factory=dict, repr=False)  # ONNX node output -> its torch module
 
     def parameter(self, onnx_name: str) -> torch.Tensor:
         """The torch tensor holding ONNX tensor `onnx_name`."""
@@ -108,12 +109,14 @@ def to_torch(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] |
     except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError, ValueError, ... on what it lacks
         raise UnsupportedModelError(f"onnx2torch cannot convert the model: {_first_line(exc)}") from exc
     params, layouts = _Binder(gm, norm, original).bind()
+    modules = {out: name for name, mod in gm.named_modules() if "onnx_mapping" in mod.__dict__
+               for out in mod.onnx_mapping.outputs if out}
     for mod in gm.modules():
         if "onnx_mapping" in mod.__dict__:
             del mod.__dict__["onnx_mapping"]
     init_names = {t.name for t in norm.graph.initializer}
     inputs = [i.name for i in norm.graph.input if i.name not in init_names]
-    return TorchModel(gm, params, original, layouts, inputs, target)
+    return TorchModel(gm, params, original, layouts, inputs, target, modules)
 
 
 def _relax_reshapes(model: onnx.ModelProto) -> None:
@@ -404,6 +407,7 @@ def _parameterised_submodule(module: nn.Module, op: str) -> tuple[str, nn.Module
     kinds: tuple[type, ...] = {
         "Conv": (nn.modules.conv._ConvNd,), "ConvTranspose": (nn.modules.conv._ConvNd,),
         "Gemm": (nn.Linear,), "BatchNormalization": (nn.modules.batchnorm._BatchNorm,),
+        "LayerNormalization": (nn.LayerNorm,),
     }.get(op, ())
     if not kinds:
         return None
@@ -437,6 +441,8 @@ def _roles(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
         return [(1, "weight")] if const(1) and not const(0) else []
     if op == "BatchNormalization":
         return [(i + 1, role) for i, role in enumerate(_BN_ROLES) if const(i + 1)]
+    if op == "LayerNormalization":  # nn.LayerNorm trains its scale and bias: they must be written back too
+        return [(i, role) for i, role in ((1, "weight"), (2, "bias")) if const(1) and const(i)]
     if op == "Add" and node.output[0] in bias_adds:
         return [(bias_adds[node.output[0]], "bias")]
     return []

@@ -107,6 +107,8 @@ class CompressResult:
     measured_miss: bool = False  # the measurement missed the budget after every round
     precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.quantize)
     input_shapes: dict | None = None  # inputs with symbolic sizes: the size costs were counted at (batch first)
+    # groups a normalisation runs over: pruned only with --data; {"id", "reason", "pruned", "left" (why not)}
+    approximate_groups: list[dict] = field(default_factory=list)
 
     @property
     def final_cost(self) -> float:
@@ -153,6 +155,7 @@ class CompressResult:
             "latency_ratio": self.latency_ratio,
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
             "precision": self.precision, "input_shapes": self.input_shapes,
+            "approximate_groups": self.approximate_groups,
         }
 
 
@@ -284,7 +287,9 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
 
         precision = plan_precision(proto, analysis, cost, profile, data, opts, emit)
         cost = precision.cost
-    prunable_groups = {g.id for g in graph.prunable_groups}
+    # approximate groups (a normalisation runs over them) change the function when pruned: only training recovers it
+    approximate = {g.id: g.approximate for g in graph.prunable_groups if g.approximate}
+    prunable_groups = {g.id for g in graph.prunable_groups if data is not None or g.id not in approximate}
     problem = Problem(proto, graph, variables, cost, [v for v, g in enumerate(variables.group) if g in prunable_groups],
                       opts.min_width, opts.round_to, fmt)
     timings["analyse"] = time.perf_counter() - t0
@@ -301,6 +306,10 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         out_model, pruned = proto, False
         warnings.append(f"budget {fmt(target)} is at or above the original cost {fmt(original)}: no pruning needed")
     else:
+        if not problem.prunable and approximate:
+            raise UserError(f"no channel group of this model can be pruned exactly: {len(approximate)} group(s) have a "
+                            "normalisation over their channels (approximate), which only fine-tuning recovers: pass "
+                            "--data (see `onnxecc inspect`)")
         if not problem.prunable:
             raise UserError("no channel group of this model can be pruned (all frozen; see `onnxecc inspect`)")
         reach = lambda c: check_reachable(c, problem.prunable, target, min_width=opts.min_width,  # noqa: E731
@@ -309,7 +318,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
             problem.cost = cost = precision.reachable_cost(reach)
             precision.fp32_reaches = _reaches(reach, fp32_cost)
         else:
-            reach(cost)
+            _reach_or_name_data(reach, cost, problem, approximate if data is None else {}, target, fmt)
         if data is None:
             warnings.append("no --data: channels were chosen by weight magnitude only and accuracy is not "
                             "recovered by fine-tuning; pass --data to fine-tune")
@@ -397,6 +406,13 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     )
     result.method = method if pruned else "none"
     result.rounds = rounds
+    result.approximate_groups = [
+        {"id": g, "reason": why, "pruned": result.widths[g][0] < result.widths[g][1]} if data is not None
+        else {"id": g, "reason": why, "pruned": False, "left": "approximate: needs --data"}
+        for g, why in approximate.items()]
+    if approximate and data is None and pruned:
+        warnings.append(f"{len(approximate)} approximate group(s) left at full width (a normalisation runs over their "
+                        f"channels; approximate: needs --data): {', '.join(map(str, approximate))}")
     if symbolic(proto):  # the costs hold at this size; the output keeps the sizes symbolic
         result.input_shapes = {n: list(v) for n, v in opts.input_shapes.items()}
         write_metadata(out_model, {"input_shapes": result.input_shapes})
@@ -442,6 +458,23 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     if resume is not None:  # the run the checkpoint was for is complete
         Path(resume).unlink(missing_ok=True)
     return result
+
+
+def _reach_or_name_data(reach, cost, problem: Problem, approximate: dict[int, str], target: float, fmt) -> None:
+    """`reach(cost)`; when it refuses but the approximate groups left out (no --data) would reach the budget, the
+    refusal says so: with --data they are pruned too and fine-tuned."""
+    from onnxecc.projection import min_cost
+
+    try:
+        reach(cost)
+    except UserError as exc:
+        more = [v for v, g in enumerate(problem.variables.group) if g in approximate]
+        smallest = min_cost(cost, problem.prunable + more, problem.min_width, problem.round_to) if more else None
+        if smallest is None or smallest > target * (1 + 1e-12):
+            raise
+        raise UserError(f"{exc}; or pass --data: the {len(approximate)} approximate group(s) (a normalisation runs "
+                        f"over their channels) are then pruned too and fine-tuned (smallest cost {fmt(smallest)})") \
+            from None
 
 
 def recovery_warnings(history: list[dict]) -> list[str]:

@@ -20,6 +20,7 @@ from onnxecc.finetune import Mask, TorchInputs, TrainConfig, distillation_loss, 
 from onnxecc.guard import all_finite, diverged_message
 from onnxecc.importance import channel_masks
 from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes
+from onnxecc.masked_norm import Normalisations
 
 PROBE_SAMPLES = 1024  # the rate probe's training samples (16 batches of 64): digits' 35 %-vs-97 % split shows there
 
@@ -53,6 +54,7 @@ class MaskedModel:
         if self.batch_limit is not None:
             self.config = TrainConfig(**{**config.__dict__, "batch_size": self.batch_limit})
         self.masks: list[Mask] = []
+        self.normalisations = Normalisations(self.tm, graph)  # over the kept channels only, once some are pruned
         self.recoveries: list[dict] = []  # what `onnxecc.guard` undid since the last `take_recoveries`
         # the original model's per-channel statistics, before any training moves the weights (`recalibrate`);
         # one forward pass over the calibration samples, skipped when the caller will not recalibrate
@@ -112,6 +114,7 @@ class MaskedModel:
                 self.masks.append(Mask(tensor, mask))
             with torch.no_grad():
                 tensor.mul_(mask.to(tensor.dtype))
+        self.normalisations.set_keep(keep)
 
     def recalibrate(self) -> dict:
         """Give every convolution's live output channels the original model's mean and standard deviation again
