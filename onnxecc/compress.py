@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -107,6 +108,7 @@ class CompressResult:
     measured_miss: bool = False  # the measurement missed the budget after every round
     precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.quantize)
     input_shapes: dict | None = None  # inputs with symbolic sizes: the size costs were counted at (batch first)
+    heads: list[dict] = field(default_factory=list)  # per attention layer: {"layer", "group", "before", "after"}
     # groups a normalisation runs over: pruned only with --data; {"id", "reason", "pruned", "left" (why not)}
     approximate_groups: list[dict] = field(default_factory=list)
 
@@ -155,7 +157,7 @@ class CompressResult:
             "latency_ratio": self.latency_ratio,
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
             "precision": self.precision, "input_shapes": self.input_shapes,
-            "approximate_groups": self.approximate_groups,
+            "approximate_groups": self.approximate_groups, "heads": self.heads,
         }
 
 
@@ -287,6 +289,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
 
         precision = plan_precision(proto, analysis, cost, profile, data, opts, emit)
         cost = precision.cost
+    cost.channels_per_unit = {v: graph.groups[g].channels // graph.groups[g].size
+                              for v, g in enumerate(variables.group) if g in graph.heads}  # a head: many channels
     # approximate groups (a normalisation runs over them) change the function when pruned: only training recovers it
     approximate = {g.id: g.approximate for g in graph.prunable_groups if g.approximate}
     prunable_groups = {g.id for g in graph.prunable_groups if data is not None or g.id not in approximate}
@@ -406,6 +410,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     )
     result.method = method if pruned else "none"
     result.rounds = rounds
+    result.heads = attention_heads(graph, keep)
     result.approximate_groups = [
         {"id": g, "reason": why, "pruned": result.widths[g][0] < result.widths[g][1]} if data is not None
         else {"id": g, "reason": why, "pruned": False, "left": "approximate: needs --data"}
@@ -907,6 +912,19 @@ def _choose_round(rounds: list[dict]) -> dict:
 def _selected_round(rounds: list[dict]) -> dict | None:
     """The closed-loop round whose output was returned (the last one in reports written before the mark)."""
     return next((r for r in rounds if r.get("selected")), rounds[-1] if rounds else None)
+
+
+def attention_heads(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> list[dict]:
+    """Heads before → after per attention layer (named by the path its products share, e.g. '/blocks.0'; a head
+    group's unit is one head, or one k/v head with the q heads that share it)."""
+    out = []
+    for gid, products in sorted(graph.heads.items(), key=lambda kv: graph.products_order(kv[1][0])):
+        size = graph.groups[gid].size
+        kept = len(keep[gid]) if keep is not None and gid in keep else size
+        prefix = os.path.commonprefix(products).rsplit("/", 1)[0] if len(products) > 1 else ""
+        out.append({"layer": prefix or products[0], "group": gid, "before": size, "after": kept,
+                    "frozen_by": graph.groups[gid].frozen_by})
+    return out
 
 
 def _widths(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> dict[int, tuple[int, int]]:

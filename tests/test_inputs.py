@@ -178,7 +178,8 @@ def test_pruned_encoder_equals_zeroed_channels_at_another_length():
     proto = ingest.load(zoo.export_encoder())
     a = analyse(proto, "compress", {"input_ids": (1, 16)})
     cost = macs_cost(a.graph, a.layers, proto, a.variables)
-    prunable = {g.id for g in a.graph.prunable_groups}
+    # exact groups only: the residual width is approximate (LayerNorm runs over it), zeroing it is not removing it
+    prunable = {g.id for g in a.graph.prunable_groups if not g.approximate}
     problem = Problem(proto, a.graph, a.variables, cost, [v for v, g in enumerate(a.variables.group) if g in prunable],
                       1, 1, str)
     keep = problem.project(0.5 * cost(None))[0]
