@@ -320,7 +320,7 @@ SINKS = {"Reshape": {1}, "Slice": {1, 2, 3, 4}, "Split": {1}, "Expand": {1}}
 # Ops that only compute on shape values (a channel count flows through them to a sink).
 SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub",
                "Slice", "Identity", "Floor", "Ceil", "ReduceProd", "Max", "Min", "Equal", "Where", "Neg", "Abs",
-               "Mod", "Reshape", "ConstantOfShape"}
+               "Mod", "Reshape", "ConstantOfShape", "Transpose"}
 
 
 def register(*ops: str) -> Callable[[Rule], Rule]:
@@ -1049,8 +1049,8 @@ def _pad(a: _Analysis, node: onnx.NodeProto) -> None:
         return
     rank = len(a.shape(node.input[0]))
     pads = _attr(node, "pads")
-    if pads is None and len(node.input) > 1:
-        pads = a.const(node.input[1])
+    if pads is None and len(node.input) > 1:  # computed (Swin pads its windows): its value at the analysed size;
+        pads = a.static_value(node.input[1])  # one that read a channel count was frozen by the taint gate
     axes = list(range(rank))
     if len(node.input) > 3 and node.input[3]:
         value = a.const(node.input[3])

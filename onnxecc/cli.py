@@ -106,7 +106,7 @@ def inspect(
     for name in ("group", "units", "channels", "producers", "consumers", "status"):
         groups.add_column(name, justify="left" if name == "status" else "right")
     for g in result.groups:
-        status = group_status(g)
+        status = group_status(g, result.heads)
         groups.add_row(str(g.id), str(g.size), str(g.channels), str(len(g.producers)), str(len(g.consumers)),
                        status)
     console.print(groups)

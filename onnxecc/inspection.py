@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class InspectResult:
     layer_groups: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # layer -> (in, out) ids
     declared_inputs: dict[str, list] = field(default_factory=dict)  # the model's own dims (str: symbolic)
     symbolic: bool = False  # the model leaves input sizes open: the counts hold at `inputs` (the size analysed)
+    heads: dict[int, list[str]] = field(default_factory=dict)  # head groups -> their attention products
 
     @property
     def macs(self) -> int:
@@ -49,10 +51,10 @@ class InspectResult:
             "source": self.source, "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
             "declared_inputs": self.declared_inputs, "symbolic_inputs": self.symbolic,
             "layers": [{**layer.as_dict(), **self._group_ids(layer.name)} for layer in self.layers],
-            "groups": [g.as_dict() for g in self.groups],
+            "groups": [{**g.as_dict(), "heads": g.id in self.heads} for g in self.groups],
             "totals": {"macs": self.macs, "activation_macs": self.activation_macs, "layer_params": self.layer_params,
                        "model_params": self.model_params, "layers": len(self.layers), "groups": len(self.groups),
-                       "prunable_groups": sum(g.prunable for g in self.groups),
+                       "prunable_groups": sum(g.prunable for g in self.groups), "head_groups": len(self.heads),
                        "approximate_groups": sum(g.prunable and g.approximate is not None for g in self.groups)},
             **self.extra,
         }
@@ -62,8 +64,12 @@ class InspectResult:
         return {"in_groups": list(ins), "out_groups": list(outs)}
 
 
-def group_status(group: ChannelGroup) -> str:
-    """What `inspect` says of a group: prunable, approximate (prunable with --data only: why), frozen (by what)."""
+def group_status(group: ChannelGroup, heads: Mapping[int, list[str]] | None = None) -> str:
+    """What `inspect` says of a group: prunable (attention heads: how many, of how many channels, and where),
+    approximate (prunable with --data only: why), frozen (by what)."""
+    if group.prunable and heads and group.id in heads:
+        names = heads[group.id]
+        return f"prunable: {group.size} attention heads ({os.path.commonprefix(names).rsplit('/', 1)[0] or names[0]})"
     if group.prunable:
         return f"approximate ({group.approximate})" if group.approximate else "prunable"
     return f"frozen by {group.frozen_by}" if group.frozen_by else "single unit"
@@ -104,7 +110,8 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None,
                          groups=channels.groups,
                          layer_groups={**{n: (lc.in_groups, lc.out_groups) for n, lc in channels.layers.items()},
                                        **_product_groups(layers, shaped, channels)},
-                         declared_inputs={i.name: list(i.dims) for i in graph_inputs(proto)}, symbolic=symbolic(proto))
+                         declared_inputs={i.name: list(i.dims) for i in graph_inputs(proto)}, symbolic=symbolic(proto),
+                         heads=channels.heads)
 
 
 def _product_groups(layers: list[Layer], shaped: onnx.ModelProto, channels) -> dict[str, tuple[list, list]]:

@@ -147,6 +147,8 @@ def test_swin_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
                     {"input": {0: "batch"}, "out": {0: "batch"}})
     graph = _analyse(proto, None)
     assert sorted(graph.groups[g].size for g in graph.heads) == [2, 2, 4, 4]
+    # its windows are padded by amounts computed from the spatial size: that leaves the channels alone
+    assert not any("computed pads" in (g.frozen_by or "") for g in graph.groups)
     keep = _random_keep(graph, np.random.default_rng(4))
     blocks = [blk for stage in (model.features[1], model.features[3]) for blk in stage]
     for n, gid in enumerate(sorted(graph.heads)):
@@ -260,3 +262,13 @@ def test_dynamo_export_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
         want = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     got = _run(surgery.prune_channels(proto, keep, graph), {"input_ids": ids, "attention_mask": mask})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_names_the_head_groups():
+    from onnxecc.inspection import group_status, inspect
+    result = inspect(zoo.export_encoder(), input_shapes={"input_ids": (1, 16), "attention_mask": (1, 16)})
+    info = result.as_dict()
+    heads = [g["id"] for g in info["groups"] if g["heads"]]
+    assert len(heads) == info["totals"]["head_groups"] == 2
+    for gid, block in zip(heads, ("/blocks.0", "/blocks.1")):
+        assert group_status(result.groups[gid], result.heads) == f"prunable: 4 attention heads ({block})"
