@@ -1360,9 +1360,31 @@ def _concat(a: _Analysis, node: onnx.NodeProto) -> None:
                 a.freeze(first, f"{a.where} (constant input over split channel axes)")
             else:
                 a.bind(n, first.axes[0], first, "param")
+        elif a.lay(n) is None and len(first.axes) == 1 and _expanded_constant(a, n, first):
+            a.set(n, first)
         else:
             a.unify(first, a.need(n, first.axes))
     a.set(out, first)
+
+
+def _expanded_constant(a: _Analysis, name: str, lay: Layout) -> bool:
+    """Whether `name` is a constant broadcast to the batch (ViT's class token: `token.expand(B, -1, -1)`), whose
+    channel axis the Expand leaves at the constant's size: then the constant is sliced with `lay` (bound for the
+    Expand) and the broadcast follows the pruned channels by itself."""
+    node = a.g.producer.get(name)
+    if node is None or node.op_type != "Expand" or not a.is_const(node.input[0]):
+        return False
+    value, target = a.const(node.input[0]), a.static_value(node.input[1])
+    rank, (axis,) = len(a.shape(name)), lay.axes
+    at = axis - (rank - value.ndim)  # the constant's channel axis
+    if target is None or at < 0 or value.shape[at] != lay.grp.size:
+        return False
+    if int(np.asarray(target).ravel()[axis - (rank - np.size(target))]) not in (1, -1):
+        return False  # a size written into the target would stay after pruning
+    index, a.index = a.index, a.node_at[name]
+    a.bind(node.input[0], at, lay, "param")
+    a.index = index
+    return True
 
 
 def _ints(a: _Analysis, node: onnx.NodeProto, position: int, attr: str) -> list[int] | None:

@@ -272,3 +272,31 @@ def test_inspect_names_the_head_groups():
     assert len(heads) == info["totals"]["head_groups"] == 2
     for gid, block in zip(heads, ("/blocks.0", "/blocks.1")):
         assert group_status(result.groups[gid], result.heads) == f"prunable: 4 attention heads ({block})"
+
+
+def test_vit_residual_width_with_class_token_is_approximate_and_masked_torch_equals_pruned_onnx(tmp_path):
+    """ViT's residual width runs through the class token (`token.expand(B, -1, -1)` concatenated with the patch
+    tokens), the position embedding and every LayerNorm: one approximate group. With heads, MLP and residual
+    pruned at random, the masked torch model (pruned channels zero, LayerNorms over the kept ones) computes what
+    onnxruntime computes on the physically pruned file."""
+    from onnxecc.analysis import analyse
+    from onnxecc.data import Dataset
+    from onnxecc.finetune import TrainConfig
+    from onnxecc.masked import MaskedModel
+    from onnxecc.surgery import prune_channels
+    model = _small_vit()
+    proto = _export(model, (torch.randn(1, 3, 32, 32),), ["input"], tmp_path / "vit.onnx",
+                    {"input": {0: "batch"}, "out": {0: "batch"}})
+    graph = analyse(proto).graph
+    (residual,) = [g for g in graph.prunable_groups if g.approximate]
+    assert residual.size == 32 and "LayerNormalization" in residual.approximate
+    x = np.random.default_rng(9).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    mm = MaskedModel(proto, graph, Dataset(x, None, x[:0], None, "vit"), TrainConfig(batch_size=8, seed=0),
+                     recalibration=False)
+    rng = np.random.default_rng(10)
+    keep = {g.id: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False)) for g in graph.prunable_groups}
+    mm.set_keep(keep)
+    with torch.no_grad():
+        expected = mm.inputs(x[:4])(mm.tm.module.eval()).numpy()
+    got = _run(prune_channels(mm.write_back(), keep, graph), {"input": x[:4]})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
