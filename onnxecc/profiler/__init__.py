@@ -70,7 +70,16 @@ def _features(graph, variables: Variables, costs: list[BilinearCost]) -> fitting
     prunable_groups = {g.id for g in graph.prunable_groups}
     full = np.array([len(u) for u in variables.units], dtype=np.float64)
     prunable = np.array([g in prunable_groups for g in variables.group], dtype=bool)
-    return fitting.Features(costs, full, prunable)
+    per_unit = variable_channels_per_unit(graph, variables)
+    return fitting.Features(costs, full, prunable, [per_unit.get(v, 1) for v in range(len(variables.group))])
+
+
+def variable_channels_per_unit(graph, variables: Variables) -> dict[int, int]:
+    """Channels one unit of each width variable stands for, where not 1 (a head of an attention-head group):
+    what `BilinearCost.channels_per_unit` holds, so that a step or --round-to in channels means the same
+    head counts to the profiler's sampling and fit as to compress's projection."""
+    per_group = sampling.channels_per_unit(graph)
+    return {v: per_group[g] for v, g in enumerate(variables.group) if g in per_group}
 
 
 def _settings(provider, provider_options, meter: Meter, threads, warmup, repeats, seed, min_width, step,
@@ -332,6 +341,9 @@ def _start(info: ModelInfo, output, m: Meter, settings: dict, source) -> Profile
             diff = sorted(k for k in set(old.settings) | set(settings) if old.settings.get(k) != settings.get(k))
             raise UserError(f"{output} holds a profile measured with other settings ({', '.join(diff)}): use the "
                             "same options to resume it, or another -o to start a new one")
+        if old.variables != _variables(info):
+            raise UserError(f"{output} holds a profile with other width variables (an onnxecc before #25 stepped "
+                            "head counts in heads, not channels): use another -o to start a new one")
         old.fit = None
         return old
     from onnxecc import __version__
@@ -341,11 +353,17 @@ def _start(info: ModelInfo, output, m: Meter, settings: dict, source) -> Profile
         fingerprint=info.fingerprint, source=source_name, metric=m.metric, unit=m.unit,
         provider=settings["provider"], provider_options=settings["provider_options"], meter=m.describe(),
         machine=store.machine_info(), settings=settings,
-        variables=[{"group": int(g), "units": int(len(u)), "prunable": bool(p)}
-                   for g, u, p in zip(info.variables.group, info.variables.units, info.features.prunable)],
-        layers=[{"name": layer.name, "macs": int(layer.macs)} for layer in info.layers],
+        variables=_variables(info), layers=[{"name": layer.name, "macs": int(layer.macs)} for layer in info.layers],
         tool_version=__version__, path=Path(output) if output is not None else None,
     )
+
+
+def _variables(info: ModelInfo) -> list[dict]:
+    """The profile's `variables` entries: group, units, prunable, and a head's channels where not 1."""
+    return [{"group": int(g), "units": int(len(u)), "prunable": bool(p),
+             **({"channels_per_unit": int(c)} if c > 1 else {})}
+            for g, u, p, c in zip(info.variables.group, info.variables.units, info.features.prunable,
+                                  info.features.per_unit)]
 
 
 def sample_arrays(prof: Profile) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -399,11 +417,14 @@ def profile_cost(prof: Profile, model: onnx.ModelProto, graph, layers, variables
     fit is not (cache-capacity regimes make small variants cheaper per MAC than large ones)."""
     if prof.fit is None:
         raise UserError(f"profile {prof.path} has no fitted model: re-run `onnxecc profile` to finish it")
-    mine = [(int(g), int(len(u))) for g, u in zip(variables.group, variables.units)]
-    theirs = [(int(v["group"]), int(v["units"])) for v in prof.variables]
+    per_unit = variable_channels_per_unit(graph, variables)
+    mine = [(int(g), int(len(u)), per_unit.get(v, 1)) for v, (g, u) in enumerate(zip(variables.group, variables.units))]
+    theirs = [(int(v["group"]), int(v["units"]), int(v.get("channels_per_unit", 1))) for v in prof.variables]
     if mine != theirs:
-        raise UserError(f"profile {prof.path} does not match this model's channel groups: profile this model with "
-                        "`onnxecc profile`")
+        older = [x[:2] for x in mine] == [x[:2] for x in theirs]  # the same groups, head widths stepped in heads
+        raise UserError(f"profile {prof.path} does not match this model's channel groups"
+                        f"{' (measured before #25 stepped head counts in channels)' if older else ''}: profile this "
+                        "model with `onnxecc profile`")
     costs = layer_costs(graph, layers, model, variables)
     by_name = {layer.name: k for k, layer in enumerate(layers)}
     if [v["name"] for v in prof.layers] != [layer.name for layer in layers]:
@@ -422,7 +443,7 @@ def profile_cost(prof: Profile, model: onnx.ModelProto, graph, layers, variables
     for v, c in fit.linear.items():
         terms.append(Term(c / len(variables.units[v]), v))
     full_widths = {v: len(u) for v, u in enumerate(variables.units)}
-    return BilinearCost(prof.metric, prof.unit, full_widths, _merge(terms), constant)
+    return BilinearCost(prof.metric, prof.unit, full_widths, _merge(terms), constant, channels_per_unit=per_unit)
 
 
 def local_fit(prof: Profile, feats: fitting.Features, layers, around: float, sigma: float = 0.35) -> Fit:

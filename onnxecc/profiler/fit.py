@@ -6,11 +6,13 @@ per-layer terms of `costs.macs_cost`. The model is
 
     E(w) = b + Σ_l a_l · f_l(snap(w)) [+ Σ_v c_v · snap(w)_v / S_v],     a, b, c ≥ 0,
 
-where snap rounds each width up to a multiple of `step` (capped at the full width; step 1 = no snapping):
-CPU kernels work on blocks of channels, so a layer with 17 output channels costs about what one with 32
-costs when the block is 16. Every candidate is a non-negative combination of bilinear terms, so it is a
-`BilinearCost` in the (snapped) widths, and on widths that are multiples of `step` it *is* the bilinear cost
-that the projection uses (compress with `--round-to step`).
+where snap rounds each width up to a multiple of `step` channels (capped at the full width; step 1 = no
+snapping): CPU kernels work on blocks of channels, so a layer with 17 output channels costs about what one with
+32 costs when the block is 16. A width counts units, so a variable whose unit is a head of p channels snaps in
+steps of step / gcd(step, p) heads (a head of 64 channels: any head count). Every candidate is a non-negative
+combination of bilinear terms, so it is a `BilinearCost` in the (snapped) widths, and on widths that are
+multiples of `step` channels it *is* the bilinear cost that the projection uses (compress with
+`--round-to step`, which counts channels too).
 
 Fitting: non-negative least squares (Lawson–Hanson active set, implemented here), either plain or weighted
 by 1/measurement so that it minimises *relative* error. Candidates (weighting × step × linear terms) are
@@ -72,11 +74,14 @@ class Features:
     """Per-layer MACs fractions and per-variable width fractions of width vectors (one row per sample).
 
     `layer_costs[l]` is layer l's MACs as a `BilinearCost` over the width variables; `full[v]` the full width
-    of variable v; `prunable[v]` whether it varies (frozen variables stay at full width)."""
+    of variable v; `prunable[v]` whether it varies (frozen variables stay at full width); `per_unit[v]` the
+    channels one unit of v stands for (a head's width; 1 by default), which the snap to a channel step needs."""
 
-    def __init__(self, layer_costs, full: np.ndarray, prunable: np.ndarray):
+    def __init__(self, layer_costs, full: np.ndarray, prunable: np.ndarray, per_unit: np.ndarray | None = None):
         self.full = np.asarray(full, dtype=np.float64)
         self.prunable = np.asarray(prunable, dtype=bool)
+        self.per_unit = np.ones(self.full.size, dtype=np.int64) if per_unit is None \
+            else np.asarray(per_unit, dtype=np.int64)
         nv = self.full.size
         self.terms = []
         self.full_value = np.zeros(len(layer_costs))
@@ -91,11 +96,17 @@ class Features:
             self.active[k] = bool(varies) and self.full_value[k] > 0
         self.linear_vars = np.where(self.prunable)[0]
 
+    def unit_steps(self, step: int) -> np.ndarray:
+        """Per variable, the units that make a multiple of `step` channels: step / gcd(step, per_unit)."""
+        return int(step) // np.gcd(int(step), self.per_unit)
+
     def snap(self, widths: np.ndarray, step: int) -> np.ndarray:
+        """Widths (units) rounded up to multiples of `step` channels, capped at the full width."""
         w = np.asarray(widths, dtype=np.float64)
         if step <= 1:
             return w
-        snapped = np.minimum(np.ceil(w / step) * step, self.full)
+        unit_step = self.unit_steps(step)
+        snapped = np.minimum(np.ceil(w / unit_step) * unit_step, self.full)
         return np.where(self.prunable, snapped, w)
 
     def layers(self, widths: np.ndarray, step: int = 1) -> np.ndarray:

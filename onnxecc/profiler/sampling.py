@@ -4,7 +4,9 @@ Sample i is reproducible from (seed, i) alone, so an interrupted profile resumes
 would have measured. The first samples are anchors — the full model and every prunable group at 25 %, 50 %
 and 75 % of its width — then each random sample draws, per prunable channel group, a width uniformly in
 [min_width, size] (with `step` > 1: among the multiples of `step` in that range, and the full width) and which
-units to keep (at random: timing does not depend on which channels go).
+units to keep (at random: timing does not depend on which channels go). `min_width` and `step` count channels,
+as compress's `--min-width`/`--round-to` do: a unit of an attention-head group is a head of many channels, so
+a 12-head group of 64-channel heads takes any head count at step 16 (`projection.allowed_widths`).
 The variant is the ORIGINAL model with those channels physically removed by `onnxecc.surgery.prune_channels`
 (its weights are slices of the original ones). The cost model only sees the width of each width variable
 (`costs.Variables`): the number of kept units of that class.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxecc.projection import allowed_widths
 from onnxecc.surgery import prune_channels
 
 ANCHORS = (("full", None), ("uniform0.25", 0.25), ("uniform0.5", 0.5), ("uniform0.75", 0.75))
@@ -37,20 +40,24 @@ def plan(graph, n: int, seed: int = 0, min_width: int = 1, step: int = 1) -> lis
     return [sample(graph, i, seed, min_width, step) for i in range(n)]
 
 
-def allowed(size: int, min_width: int = 1, step: int = 1) -> np.ndarray:
-    """Widths a group of `size` units may take: multiples of `step` from max(min_width, step), and `size`."""
-    lo = max(1, int(min_width), int(step))
-    if size <= lo:
-        return np.array([size], dtype=np.int64)
-    first = -(-lo // step) * step
-    return np.unique(np.concatenate([np.arange(first, size, step, dtype=np.int64), [size]]))
+def allowed(size: int, min_width: int = 1, step: int = 1, per_unit: int = 1) -> np.ndarray:
+    """Widths in units a group of `size` units of `per_unit` channels each may take: those whose channels are
+    multiples of `step` and at least max(min_width, step), and `size` — the widths compress may choose."""
+    return allowed_widths(size, max(1, int(min_width)), step, per_unit)
+
+
+def channels_per_unit(graph) -> dict[int, int]:
+    """Channels one unit of a group stands for, where not 1: a head of an attention-head group (`graph.heads`)."""
+    return {g: graph.groups[g].channels // graph.groups[g].size for g in graph.heads
+            if graph.groups[g].channels > graph.groups[g].size}
 
 
 def sample(graph, index: int, seed: int = 0, min_width: int = 1, step: int = 1) -> Sample:
     """Sample `index`: an anchor, or uniform random widths among the allowed ones of every prunable group."""
     rng = np.random.default_rng([int(seed), int(index)])
     groups = graph.prunable_groups
-    choices = {g.id: allowed(g.size, min_width, step) for g in groups}
+    per_unit = channels_per_unit(graph)
+    choices = {g.id: allowed(g.size, min_width, step, per_unit.get(g.id, 1)) for g in groups}
     if index < len(ANCHORS):
         kind, fraction = ANCHORS[index]
         if fraction is None:

@@ -137,7 +137,9 @@ class Profile:
     meter: dict
     machine: dict
     settings: dict
-    variables: list[dict]  # {"group": id, "units": n, "prunable": bool}, in `unit_classes` order
+    # {"group": id, "units": n, "prunable": bool[, "channels_per_unit": c (a head's channels; absent: 1)]}, in
+    # `unit_classes` order: widths count units, the width step counts channels
+    variables: list[dict]
     layers: list[dict]  # {"name": ..., "macs": ...}, in graph order
     samples: list[dict] = field(default_factory=list)
     fit: Fit | None = None
@@ -271,6 +273,8 @@ def from_dict(data, path, *, require_fit: bool = True) -> Profile:
     for k, v in enumerate(variables):
         _get(v, "group", int, path, f"variables[{k}].")
         _get(v, "units", int, path, f"variables[{k}].")
+        if "channels_per_unit" in v and _get(v, "channels_per_unit", int, path, f"variables[{k}].") < 1:
+            raise _bad(path, f"variables[{k}].channels_per_unit must be a positive integer")
     layers = _get(data, "layers", list, path)
     for k, v in enumerate(layers):
         _get(v, "name", str, path, f"layers[{k}].")
