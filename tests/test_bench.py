@@ -20,7 +20,8 @@ if str(REPO) not in sys.path:
 from bench import areas  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 
-EXPECTED_AREAS = {"groups", "latency", "projection", "roundtrip", "compress", "guarantee", "methods", "wsp"}
+EXPECTED_AREAS = {"groups", "latency", "projection", "roundtrip", "compress", "guarantee", "methods", "wsp",
+                  "transformers"}
 
 
 def _quiet() -> Console:
@@ -110,3 +111,59 @@ def test_quantize_paired_sign_test_matches_scipy():
         want = binomtest(min(better, worse), better + worse, 0.5).pvalue if better + worse else 1.0
         assert sign_test_p(better, worse) == pytest.approx(want, rel=1e-12)
     assert _paired([1, 2, 3], [3, 4]) == (2, 1) and _paired(None, [1]) == (0, 0)
+
+
+def _encoder_analysis():
+    """The test zoo's BERT-style encoder (4 heads of 8 in each of 2 layers) and its `inspect` JSON at 1×32 tokens."""
+    import zoo
+
+    from onnxecc.inspection import inspect
+
+    shapes = {"input_ids": (1, 32), "attention_mask": (1, 32)}
+    path = zoo.export_encoder()
+    return path, shapes, inspect(str(path), input_shapes=shapes).as_dict()
+
+
+def test_transformers_area_reads_heads_per_layer_from_inspect_and_report():
+    """The area's heads before → after per attention layer (inspect's groups, compress's kept widths) equal the
+    head count of the compressed file itself: its q projections' output columns over the head width (8)."""
+    from bench.transformers import group_counts, widths_by_kind
+    from onnxecc import compress
+    from onnxecc.compress import CompressOptions
+    from onnxecc.ingest import load
+
+    path, shapes, info = _encoder_analysis()
+    result = compress(str(path), "0.4", options=CompressOptions(metric="macs", measure_latency=False,
+                                                                input_shapes=shapes, round_to=1))
+    widths = widths_by_kind(info, result.as_dict())
+    heads = widths["heads"]
+    assert [h["name"] for h in heads] == ["/blocks.0/", "/blocks.1/"] and [h["before"] for h in heads] == [4, 4]
+    init = {t.name: t for t in load(result.model).graph.initializer}
+    q_columns = [init[n.input[1]].dims[1] for n in result.model.graph.node
+                 if n.op_type == "MatMul" and "/q/" in n.name]
+    assert [h["after"] for h in heads] == [c // 8 for c in q_columns]
+    assert any(h["after"] < 4 for h in heads)  # the budget needs heads removed, not only feed-forward widths
+    assert [w["name"] for w in widths["prunable"] if "/up" in w["name"]] == ["/blocks.0/up", "/blocks.1/up"]
+    counts = group_counts(info)
+    assert counts["heads"] == 2 and counts["total"] == counts["prunable"] + counts["frozen"]
+
+
+def test_transformers_area_raises_an_unreachable_budget_to_one_compress_meets():
+    """compress's one-line refusal of a budget under the smallest reachable cost is read back as a fraction; the
+    budget the area then uses is met by compress (and the floor itself is not a usable budget below it)."""
+    from bench.transformers import raised_budget, reachable_floor
+    from onnxecc import compress
+    from onnxecc.compress import CompressOptions
+    from onnxecc.errors import UserError
+
+    path, shapes, _ = _encoder_analysis()
+    opts = CompressOptions(metric="macs", measure_latency=False, input_shapes=shapes)
+    with pytest.raises(UserError) as refused:
+        compress(str(path), "0.05", options=opts)
+    floor = reachable_floor(str(refused.value), 0.05, "macs")
+    assert floor is not None and 0.05 < floor < 1
+    raised = raised_budget(floor, 0.05)
+    assert float(raised) >= floor * 1.05 and round(float(raised) / 0.05, 6).is_integer()
+    result = compress(str(path), raised, options=opts)
+    assert floor * (1 - 1e-3) <= result.final_cost / result.original_cost <= float(raised)
+    assert reachable_floor("error: --data digits is N×1×8×8 but the model input is 1×32", 0.5, "macs") is None
