@@ -95,6 +95,7 @@ def to_torch(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] |
     original = onnx.ModelProto()
     original.CopyFrom(model)
     norm = normalize(original)
+    _global_max_pool_as_reduce(norm)
     target = _target_opset(norm)
     if target is not None:
         norm = normalize(original, target_opset=target)
@@ -117,6 +118,29 @@ def to_torch(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] |
     init_names = {t.name for t in norm.graph.initializer}
     inputs = [i.name for i in norm.graph.input if i.name not in init_names]
     return TorchModel(gm, params, original, layouts, inputs, target, modules)
+
+
+def _global_max_pool_as_reduce(model: onnx.ModelProto) -> None:
+    """onnx2torch has no GlobalMaxPool (magika's tf2onnx graph ends its conv stack with one): ReduceMax over the
+    spatial axes with keepdims computes the same thing, in the normalised copy only (below opset 18, where
+    ReduceMax still takes its axes as an attribute; the error names GlobalMaxPool otherwise)."""
+    pools = [n for n in model.graph.node if n.op_type == "GlobalMaxPool" and n.domain in ("", "ai.onnx")]
+    if not pools or _opsets(model).get("", 0) >= 18:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises InferenceError or bare RuntimeErrors: the converter check then names the op
+        return
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (*inferred.graph.value_info, *inferred.graph.input)
+             if vi.type.tensor_type.HasField("shape")}
+    for node in pools:
+        rank = ranks.get(node.input[0])
+        if rank is None or rank < 3:
+            continue
+        node.op_type = "ReduceMax"
+        del node.attribute[:]
+        node.attribute.extend([onnx.helper.make_attribute("axes", list(range(2, rank))),
+                               onnx.helper.make_attribute("keepdims", 1)])
 
 
 def _relax_reshapes(model: onnx.ModelProto) -> None:

@@ -288,6 +288,8 @@ class _Writer:
         node = self.nodes[index]
         shape = node.input[position]
         base = node_name(node, index)
+        if not scaled and self._concat_entries(index, position, rank, replace):
+            return
         keep = np.ones(rank, np.int64)
         values = np.zeros(rank, np.int64)
         for axis, value in replace.items():
@@ -307,6 +309,41 @@ class _Writer:
         self.before[index] += [onnx.helper.make_node("Mul", [shape, keep_name], [kept], name=self.unique(kept)),
                                onnx.helper.make_node("Add", [kept, values_name], [new], name=self.unique(new))]
         node.input[position] = new
+
+    def _concat_entries(self, index: int, position: int, rank: int, replace: dict[int, int]) -> bool:
+        """`computed_shape` where the shape is a Concat whose entries at the replaced axes are constants
+        (`view(B, T, heads, d)`: batch and length read from Shape, head count and width written in): a copy of
+        the Concat with new constants there. onnxruntime still folds that into a constant shape; Mul/Add on the
+        whole shape would keep every Shape and Gather of it running (a pruned small encoder ran slower)."""
+        node = self.nodes[index]
+        concat = self.g.producer.get(node.input[position])
+        if concat is None or concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx"):
+            return False
+        values, lengths = [], []
+        for name in concat.input:
+            value = self.g.const(name)
+            producer = self.g.producer.get(name)
+            if value is None and (producer is None or producer.op_type != "Unsqueeze"):
+                return False  # an entry of unknown length (Unsqueeze makes a scalar one entry)
+            values.append(None if value is None else np.asarray(value).reshape(-1))
+            lengths.append(1 if value is None else int(np.size(value)))
+        if sum(lengths) != rank:
+            return False
+        starts = np.cumsum([0] + lengths)
+        parts = {int(np.searchsorted(starts, axis, side="right") - 1) for axis in replace}
+        if any(values[k] is None for k in parts):
+            return False
+        inputs = list(concat.input)
+        for k in sorted(parts):
+            new = values[k].copy()
+            for axis, value in replace.items():
+                if starts[k] <= axis < starts[k + 1]:
+                    new[axis - starts[k]] = value
+            inputs[k] = self.add_const(f"{node_name(node, index)}_entries", new)
+        out = self.unique(f"{node_name(node, index)}_shape")
+        self.before[index].append(onnx.helper.make_node("Concat", inputs, [out], name=out, axis=0))
+        node.input[position] = out
+        return True
 
     def finish(self) -> None:
         if self.before:  # inserted nodes go right before the node that reads them (topological order)
