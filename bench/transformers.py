@@ -92,10 +92,9 @@ def _shape_args(shapes: list[str]) -> list[str]:
 
 # ---- reading inspect and the report ------------------------------------------------------------------------------
 def group_kinds(info: dict) -> dict[int, str]:
-    """Each group of `inspect --json` as 'heads' (carried by an attention product Q·Kᵀ or softmax·V: a unit is a
-    head), 'approximate' (prunable with --data only), 'prunable' or 'frozen'."""
-    heads = {g for layer in info["layers"] if layer.get("kind") == "activation"
-             for g in layer["in_groups"] + layer["out_groups"]}
+    """Each group of `inspect --json` as 'heads' (inspect's `heads`: carried by an attention product Q·Kᵀ or
+    softmax·V, a unit is a head), 'approximate' (prunable with --data only), 'prunable' or 'frozen'."""
+    heads = {g["id"] for g in info["groups"] if g.get("heads")}
     kinds = {}
     for g in info["groups"]:
         if not g["prunable"]:
@@ -426,14 +425,15 @@ def _torch_pruning(model, original, task: _Task, teacher: np.ndarray, target_mac
         shape = tm.heads_and_widths(model)
         return 1.0 - round_to / min(shape["mlp"] + ([shape["residual"]] if residual else []))
 
-    residual = False  # heads and feed-forward widths; the residual width too only where they cannot reach the MACs
+    residual, short = False, None  # heads and feed-forward widths; the residual width too only if they cannot reach
     if macs_at(top(False), False)[0] > target_macs:
         residual = True
-        if macs_at(top(True), True)[0] > target_macs:
-            raise RuntimeError(f"Torch-Pruning's smallest model (ratio {top(True):.3f}: one head, {round_to} "
-                               f"channels of every width) has more MACs than {target_macs:.0f}")
+        smallest = macs_at(top(True), True)[0]
+        if smallest > target_macs:  # measured at its smallest instead, and said so
+            short = (f"Torch-Pruning cannot reach {target_macs:.0f} MACs: the same ratio in every layer stops at "
+                     f"{top(True):.3f} (one head, {round_to}-channel multiples), {smallest} MACs")
     lo, hi = 0.0, top(residual)
-    for _ in range(10):
+    while short is None and hi - lo > 1e-3:
         mid = (lo + hi) / 2
         if macs_at(mid, residual)[0] <= target_macs:
             hi = mid
@@ -443,8 +443,8 @@ def _torch_pruning(model, original, task: _Task, teacher: np.ndarray, target_mac
     shape = tm.heads_and_widths(pruned)
     lr, tried = _probe_and_finetune(pruned, task, teacher, epochs, seed)
     out = onnx.load_from_string(tm.export_bytes(pruned, task.example(), task.names))
-    row = {"ratio": hi, "residual_pruned": residual, "shape": shape, "epochs": epochs, "lr": lr, "lr_probe": tried,
-           "wall_s": time.perf_counter() - t, "round_to": round_to}
+    row = {"ratio": hi, "residual_pruned": residual, "short_of_target": short, "shape": shape, "epochs": epochs,
+           "lr": lr, "lr_probe": tried, "wall_s": time.perf_counter() - t, "round_to": round_to}
     row.update(_measure(original, out, task, cfg))
     return row
 
@@ -511,7 +511,8 @@ def _summary(trained: list[dict], cfg: dict) -> list[dict]:
                              "macs_ratio": _mean_std([d["macs_ratio"] for d in done]),
                              "latency_ratio": _mean_std([d["latency_ratio"] for d in done]),
                              "heads": [_heads_after(d, tool) for d in done], "errors": errors,
-                             "residual_pruned": sum(bool(d.get("residual_pruned")) for d in done)})
+                             "residual_pruned": sum(bool(d.get("residual_pruned")) for d in done),
+                             "short_of_target": sum(bool(d.get("short_of_target")) for d in done)})
     return rows
 
 
@@ -541,8 +542,9 @@ def _notes(datafree: list[dict], trained: list[dict], cfg: dict) -> list[str]:
                 continue
             for metric, budget in cfg["budgets"]:
                 for tool, res in r.get(f"{metric}@{budget}", {}).items():
-                    if "error" in res:
-                        notes.append(f"{entry['model']} seed {r['seed']} {metric}@{budget} {tool}: {res['error']}")
+                    if "error" in res or res.get("short_of_target"):
+                        notes.append(f"{entry['model']} seed {r['seed']} {metric}@{budget} {tool}: "
+                                     f"{res.get('error') or res['short_of_target']}")
     notes.append(f"trained: onnxecc `compress --data` (ecc: {cfg['admm_iterations']}×{cfg['admm_epochs']} ADMM + "
                  f"{cfg['epochs']} fine-tuning epochs); Torch-Pruning: MetaPruner, L2 group magnitude, whole heads + "
                  f"feed-forward widths (+ residual width where needed: '+res'), pooler kept, {_epochs_in_all(cfg)} "
@@ -584,5 +586,7 @@ def table(result: dict) -> Table:
         tool = s["tool"] + ("+res" if s.get("residual_pruned") else "")
         t.add_row(f"{s['model']} ({_ms(s['original_accuracy'], True)})", f"{budget} {tool}", "",
                   " ".join(map(str, heads)) if heads else "-", _ms(s["accuracy"], True), _ms(s["macs_ratio"]),
-                  _ms(s["latency_ratio"]), f"[red]{s['errors'][0][:80]}[/]" if s["errors"] else f"n={s['runs']}")
+                  _ms(s["latency_ratio"]), f"[red]{s['errors'][0][:80]}[/]" if s["errors"] else f"n={s['runs']}"
+                  + (f", [yellow]{s['short_of_target']} at its smallest (MACs not reached)[/]"
+                     if s.get("short_of_target") else ""))
     return t
