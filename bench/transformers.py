@@ -122,7 +122,8 @@ def group_name(group: dict) -> str:
 
 def widths_by_kind(info: dict, report: dict | None) -> dict:
     """Per prunable group of `info`: its name, kind and width before → after (the report's kept units; a group
-    the report does not list kept everything). Heads are in heads, the others in channels."""
+    the report does not list kept everything). Heads are in heads (the report's `heads` per attention layer when it
+    has them), the others in channels."""
     kinds = group_kinds(info)
     widths = (report or {}).get("widths", {})
     out: dict[str, list[dict]] = {"heads": [], "prunable": [], "approximate": []}
@@ -133,6 +134,9 @@ def widths_by_kind(info: dict, report: dict | None) -> dict:
         kept = widths.get(str(g["id"]), {}).get("kept", g["size"]) if report is not None else None
         out[kind].append({"group": g["id"], "name": group_name(g), "before": g["size"], "after": kept,
                           "channels": g["channels"]})
+    if (report or {}).get("heads"):  # compress's own account: heads before -> after per attention layer
+        out["heads"] = [{"group": h["group"], "name": h["layer"], "before": h["before"], "after": h["after"],
+                         "frozen_by": h.get("frozen_by")} for h in report["heads"]]
     return out
 
 
@@ -190,7 +194,8 @@ def _datafree(name: str, cfg: dict, tmp: Path) -> dict:
     rep = json.loads(report.read_text())
     row["widths"] = widths_by_kind(info, rep)
     row.update(macs_ratio=rep["cost_fraction"], latency_ratio=rep["latency_ratio"],
-               top1_agreement=rep["top1_agreement"], meets_budget=rep["meets_budget"], method=rep["method"])
+               top1_agreement=rep["top1_agreement"], meets_budget=rep["meets_budget"], method=rep["method"],
+               approximate_groups=rep.get("approximate_groups"))
     code, last, secs, _ = _cli("validate", str(path), str(out), *_shape_args(shapes))
     row["validate"] = {"exit": code, "s": round(secs, 1), "last": last[:200]}
     out.unlink(missing_ok=True)  # vit_b_16's output is ~170 MB: the temporary directory holds one at a time
@@ -378,6 +383,7 @@ def _onnxecc(path: Path, original, task: _Task, metric: str, budget: str, seed: 
     row.update(validate_exit=code, validate_last=last[:200] if code else None, meets_budget=rep["meets_budget"],
                closed_loop_ratio=rep.get("latency_ratio"), rounds=len(rep.get("rounds") or []),
                accuracy_report=rep.get("accuracy_after"), widths=widths, wall_s=secs,
+               approximate_groups=rep.get("approximate_groups"),
                lr=next((h["lr"] for h in rep.get("history", []) if h.get("phase") == "lr_probe" and h.get("chosen")),
                        None))
     return row

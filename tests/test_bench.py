@@ -137,7 +137,8 @@ def test_transformers_area_reads_heads_per_layer_from_inspect_and_report():
                                                                 input_shapes=shapes, round_to=1))
     widths = widths_by_kind(info, result.as_dict())
     heads = widths["heads"]
-    assert [h["name"] for h in heads] == ["/blocks.0/", "/blocks.1/"] and [h["before"] for h in heads] == [4, 4]
+    assert [h["name"] for h in heads] == ["/blocks.0", "/blocks.1"] and [h["before"] for h in heads] == [4, 4]
+    assert [h["group"] for h in heads] == [g["id"] for g in info["groups"] if g["heads"]]
     init = {t.name: t for t in load(result.model).graph.initializer}
     q_columns = [init[n.input[1]].dims[1] for n in result.model.graph.node
                  if n.op_type == "MatMul" and "/q/" in n.name]
