@@ -94,11 +94,16 @@ def to_torch(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] |
 
     original = onnx.ModelProto()
     original.CopyFrom(model)
-    norm = normalize(original)
+    source = original  # what is converted: the original, or a copy with ops onnx2torch lacks written out
+    if any(n.op_type == "Gelu" and n.domain in ("", "ai.onnx") for n in original.graph.node):
+        source = onnx.ModelProto()
+        source.CopyFrom(original)
+        _gelu_written_out(source)
+    norm = normalize(source)
     _global_max_pool_as_reduce(norm)
     target = _target_opset(norm)
     if target is not None:
-        norm = normalize(original, target_opset=target)
+        norm = normalize(source, target_opset=target)
         missing = _missing_converters(norm)
         if missing:
             raise UnsupportedModelError(f"onnx2torch cannot convert {missing[0]} even at opset {target}")
@@ -118,6 +123,52 @@ def to_torch(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] |
     init_names = {t.name for t in norm.graph.initializer}
     inputs = [i.name for i in norm.graph.input if i.name not in init_names]
     return TorchModel(gm, params, original, layouts, inputs, target, modules)
+
+
+def _gelu_written_out(model: onnx.ModelProto) -> None:
+    """Gelu (opset 20, what torch's dynamo exporter writes) has no onnx2torch converter and no older version to
+    convert down to: written out as x·½·(1 + erf(x/√2)) (or its tanh form), with the Gelu's output name, in the copy
+    that is converted; constants as Constant nodes, so no initializer is added to the model the weights map to."""
+    if not any(n.op_type == "Gelu" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return
+    nodes, taken = [], {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    def const(base: str, value: float) -> str:
+        name = fresh(base)
+        nodes.append(onnx.helper.make_node("Constant", [], [name], name=name,
+                                           value=numpy_helper.from_array(np.array(value, np.float32))))
+        return name
+
+    for node in model.graph.node:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        x, y, base = node.input[0], node.output[0], node.name or node.output[0]
+        t = [fresh(f"{base}_gelu{k}") for k in range(4)]
+        if _attr(node, "approximate", b"none") in (b"tanh", "tanh"):  # ½x(1 + tanh(√(2/π)(x + 0.044715x³)))
+            cube = fresh(f"{base}_gelu_cube")
+            nodes += [onnx.helper.make_node("Pow", [x, const(f"{base}_three", 3.0)], [cube]),
+                      onnx.helper.make_node("Mul", [cube, const(f"{base}_c", 0.044715)], [t[0]]),
+                      onnx.helper.make_node("Add", [x, t[0]], [t[1]]),
+                      onnx.helper.make_node("Mul", [t[1], const(f"{base}_k", float(np.sqrt(2 / np.pi)))], [t[2]]),
+                      onnx.helper.make_node("Tanh", [t[2]], [t[3]])]
+        else:
+            nodes += [onnx.helper.make_node("Div", [x, const(f"{base}_sqrt2", float(np.sqrt(2.0)))], [t[0]]),
+                      onnx.helper.make_node("Erf", [t[0]], [t[3]])]
+        one_plus, half = fresh(f"{base}_gelu_sum"), fresh(f"{base}_gelu_half")
+        nodes += [onnx.helper.make_node("Add", [t[3], const(f"{base}_one", 1.0)], [one_plus]),
+                  onnx.helper.make_node("Mul", [x, const(f"{base}_half", 0.5)], [half]),
+                  onnx.helper.make_node("Mul", [half, one_plus], [y], name=node.name)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _global_max_pool_as_reduce(model: onnx.ModelProto) -> None:
@@ -145,13 +196,14 @@ def _global_max_pool_as_reduce(model: onnx.ModelProto) -> None:
 
 def _relax_reshapes(model: onnx.ModelProto) -> None:
     """The dynamo exporter writes Reshape(allowzero=1), which onnx2torch rejects; with a constant target
-    shape that holds no 0 the attribute changes nothing, so it is dropped (in the normalised copy only)."""
+    shape that holds no 0 the attribute changes nothing, so it is dropped (in the normalised copy only). So it is
+    for a computed target (its `view(B, T, heads, d)`): its entries are sizes of tensors, 0 only for an empty one."""
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or not _attr(node, "allowzero", 0):
             continue
         shape = inits.get(node.input[1]) if len(node.input) > 1 else None
-        if shape is not None and 0 not in numpy_helper.to_array(shape).tolist():
+        if shape is None or 0 not in numpy_helper.to_array(shape).tolist():
             keep = [a for a in node.attribute if a.name != "allowzero"]
             del node.attribute[:]
             node.attribute.extend(keep)

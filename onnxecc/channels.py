@@ -30,6 +30,7 @@ The analysis runs on `layers.with_static_shapes(model)` (every tensor has a stat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -682,6 +683,12 @@ class _Analysis:
             for g in ([] if head is None else np.unique(pos(head).gid).tolist()):
                 heads.setdefault(g, []).append(label(index)[0])
         return ChannelGraph(groups, layers, positions, binds, edits, self.opset, products, heads)
+
+
+def attention_name(products: list[str]) -> str:
+    """An attention layer's name: the node path its products share ('/blocks.0'), else its first product's name."""
+    shared = os.path.commonprefix(products) if len(products) > 1 else ""
+    return shared.rsplit("/", 1)[0] if "/" in shared.strip("/") else products[0]
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:

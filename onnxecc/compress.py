@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -25,7 +24,7 @@ from onnxecc import atomic, distributed, ingest, runtime
 from onnxecc import checkpoint as checkpoints
 from onnxecc.analysis import analyse
 from onnxecc.budget import Budget, format_cost, parse_budget
-from onnxecc.channels import ChannelGraph
+from onnxecc.channels import ChannelGraph, attention_name
 from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost
 from onnxecc.errors import UnsupportedModelError, UserError
 from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
@@ -921,8 +920,7 @@ def attention_heads(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> 
     for gid, products in sorted(graph.heads.items(), key=lambda kv: graph.products_order(kv[1][0])):
         size = graph.groups[gid].size
         kept = len(keep[gid]) if keep is not None and gid in keep else size
-        prefix = os.path.commonprefix(products).rsplit("/", 1)[0] if len(products) > 1 else ""
-        out.append({"layer": prefix or products[0], "group": gid, "before": size, "after": kept,
+        out.append({"layer": attention_name(products), "group": gid, "before": size, "after": kept,
                     "frozen_by": graph.groups[gid].frozen_by})
     return out
 

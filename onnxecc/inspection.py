@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from onnxecc import ingest
-from onnxecc.channels import ChannelGroup, analyze
+from onnxecc.channels import ChannelGroup, analyze, attention_name
 from onnxecc.errors import UserError
 from onnxecc.inputs import graph_inputs, resolve_shapes, symbolic, with_input_shapes
 from onnxecc.layers import Layer, count_params, find_layers, with_static_shapes
@@ -68,8 +67,7 @@ def group_status(group: ChannelGroup, heads: Mapping[int, list[str]] | None = No
     """What `inspect` says of a group: prunable (attention heads: how many, of how many channels, and where),
     approximate (prunable with --data only: why), frozen (by what)."""
     if group.prunable and heads and group.id in heads:
-        names = heads[group.id]
-        return f"prunable: {group.size} attention heads ({os.path.commonprefix(names).rsplit('/', 1)[0] or names[0]})"
+        return f"prunable: {group.size} attention heads ({attention_name(heads[group.id])})"
     if group.prunable:
         return f"approximate ({group.approximate})" if group.approximate else "prunable"
     return f"frozen by {group.frozen_by}" if group.frozen_by else "single unit"

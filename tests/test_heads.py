@@ -265,6 +265,13 @@ def test_dynamo_export_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
         want = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     got = _run(surgery.prune_channels(proto, keep, graph), {"input_ids": ids, "attention_mask": mask})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # and it trains: onnx2torch converts it (Gelu-20 written out, allowzero dropped on computed view shapes)
+    from onnxecc.bridge import to_torch
+    tm = to_torch(proto, {"input_ids": (1, 16), "attention_mask": (1, 16)})
+    with torch.no_grad():
+        converted = tm.module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(converted, _run(proto, {"input_ids": ids, "attention_mask": mask})[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_inspect_names_the_head_groups():
