@@ -69,6 +69,11 @@ class Guard:
         self.recoveries: list[dict] = list(recoveries or [])  # a resumed loop continues its count
         self._good: tuple[dict, dict] | None = None
         self.lr_scale = LR_FACTOR ** len(self.recoveries)
+        # buffers that are non-finite before any step are constants of the function, not divergence: jax2tf writes
+        # softmax's max as Max(-inf, ReduceMax(x)) (magika), and that -inf must not fail every loop's first check
+        trained = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+        self._constants = {name for name, t in module.state_dict().items()
+                           if name not in trained and t.is_floating_point() and not bool(torch.isfinite(t).all())}
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -77,8 +82,10 @@ class Guard:
         return [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
     def state_problem(self) -> str | None:
-        """"weights" when a parameter, buffer or optimizer moment is non-finite, else None (same on every rank)."""
-        ok = all_finite([*self.module.state_dict().values(), *self._optimizer_tensors()])
+        """"weights" when a parameter, buffer or optimizer moment is non-finite, else None (same on every rank);
+        buffers that were non-finite when the guard was made are the model's own constants and are not counted."""
+        state = [v for k, v in self.module.state_dict().items() if k not in self._constants]
+        ok = all_finite([*state, *self._optimizer_tensors()])
         return None if not distributed.any_rank(not ok) else "weights"
 
     def start(self, epoch: int) -> None:

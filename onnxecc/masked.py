@@ -131,7 +131,8 @@ class MaskedModel:
         for m in self.masks:
             m.apply()
         after = self.loss(every)
-        if not (all_finite(self.tm.module.state_dict().values()) and np.isfinite(after)):
+        # it writes weights and biases (parameters) only; a constant buffer may be non-finite by design (magika's -inf)
+        if not (all_finite(self.tm.module.parameters()) and np.isfinite(after)):
             self.load_state(start)  # e.g. a channel whose spread overflowed: training starts from the pruned weights
             self.recoveries.append({"phase": "recovery", "during": "recalibrate", "non_finite": "weights",
                                     "action": "recalibration undone"})

@@ -142,3 +142,51 @@ def test_the_rate_probe_drops_a_diverging_rate_and_restores_the_weights(digits_c
     assert tried[1]["chosen"] and lr == 1e-3 and tried[1]["loss"] > 0
     with pytest.raises(TrainingDiverged, match="lr probe, epoch 1"):  # no rate left: one line naming the probe
         mm.choose_lr((1e30, 1e29), samples=256)
+
+
+class JaxSoftmax(torch.nn.Module):
+    """A conv classifier ending in softmax as jax2tf writes it (magika): the max subtracted first is
+    Max(-inf, ReduceMax(x)), so the graph holds a -inf constant that the torch module keeps as a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv1d(3, 16, 3, padding=1), torch.nn.Linear(16, 5)
+        self.register_buffer("floor", torch.tensor(float("-inf")))
+
+    def forward(self, x):
+        z = self.fc(torch.relu(self.conv(x)).amax(2))
+        e = torch.exp(z - torch.maximum(z.amax(1, keepdim=True), self.floor))
+        return e / e.sum(1, keepdim=True)
+
+
+def test_a_model_constant_of_minus_inf_is_not_divergence(tmp_path):
+    """A non-finite constant of the model itself (magika's -inf) is not a diverged state: the rate probe, the
+    recalibration and the fine-tuning run, and the trained, pruned file equals the masked torch model in ORT.
+    Before, the guard counted that buffer as non-finite weights and every rate of the probe 'diverged'."""
+    from onnxecc import ingest
+    from onnxecc.surgery import prune_channels
+
+    torch.manual_seed(0)
+    path = tmp_path / "jax_softmax.onnx"
+    torch.onnx.export(JaxSoftmax().eval(), (torch.randn(1, 3, 12),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["p"], dynamic_axes={"x": {0: "n"}, "p": {0: "n"}})
+    proto = ingest.load(path)
+    assert any(np.isneginf(onnx.numpy_helper.to_array(t)).any() for t in proto.graph.initializer)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 3, 12)).astype(np.float32)
+    graph = analyze(proto)
+    mm = MaskedModel(proto, graph, Dataset(x, None, x[:0], None, "noise"), TrainConfig(batch_size=32))
+    conv = next(g for g in graph.prunable_groups if g.size == 16)
+    keep = {conv.id: np.arange(0, 16, 2)}
+    mm.set_keep(keep)
+    assert mm.recalibrate()["layers"] >= 1 and mm.take_recoveries() == []  # not undone as "non-finite weights"
+    lr, tried = mm.choose_lr((1e-3,), samples=128)
+    assert lr == 1e-3 and np.isfinite(tried[0]["loss"])
+    start = mm.state()
+    mm.train(1, lr=lr)
+    assert mm.take_recoveries() == [] and any(not torch.equal(start[k], v) for k, v in mm.state().items())
+    pruned = prune_channels(mm.write_back(), keep, graph)
+    expected = mm.tm.run(x[:16])
+    got = ort.InferenceSession(pruned.SerializeToString()).run(None, {"x": x[:16]})[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
