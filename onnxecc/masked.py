@@ -184,7 +184,7 @@ class MaskedModel:
         x, teacher = self.data.x_train[every], self.teacher[every]
         y = self.data.y_train[every] if self.data.y_train is not None else None
         start = self.state()
-        tried = []
+        tried, reason = [], None
         for lr in candidates:
             self.load_state(start)
             config = TrainConfig(**{**self.config.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant",
@@ -192,13 +192,14 @@ class MaskedModel:
             try:  # a rate that meets non-finite numbers (`onnxecc.guard`) is not a candidate
                 finetune(self.tm.module, x, teacher, y, config, self.masks)
                 loss = self.loss(every)
-            except TrainingDiverged:
-                loss = float("nan")
+            except TrainingDiverged as exc:  # its message says what became non-finite (the loss, a weight, ...)
+                loss, reason = float("nan"), exc
             tried.append({"lr": lr, "loss": loss} if np.isfinite(loss) else {"lr": lr, "loss": None, "diverged": True})
         self.load_state(start)
         finite = [t for t in tried if t["loss"] is not None]
         if not finite:
-            raise TrainingDiverged(diverged_message("lr probe", 1, "loss", 0, min(candidates)))
+            raise reason if reason is not None else TrainingDiverged(diverged_message("lr probe", 1, "loss", 0,
+                                                                                     min(candidates)))
         best = distributed.on_main(lambda: min(finite, key=lambda t: t["loss"])["lr"])  # every rank trains with it
         return best, [{**t, "chosen": t["lr"] == best} for t in tried]
 
