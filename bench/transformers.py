@@ -82,8 +82,9 @@ def _cli(*args: str, timeout: float = 3600) -> tuple[int, str, float, str]:
     proc = subprocess.run([sys.executable, "-m", "onnxecc", *args], capture_output=True, text=True,
                           timeout=timeout)
     text = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())  # rich wraps long lines
-    start = max(text.rfind("error:"), 0) if proc.returncode else max(len(text) - 300, 0)
-    return proc.returncode, text[start:], time.perf_counter() - t, proc.stdout
+    start = text.rfind("error:") if proc.returncode else -1  # a user error's line, else the verdict at the end
+    return proc.returncode, text[start if start >= 0 else max(len(text) - 300, 0):], time.perf_counter() - t, \
+        proc.stdout
 
 
 def _shape_args(shapes: list[str]) -> list[str]:
@@ -380,7 +381,7 @@ def _onnxecc(path: Path, original, task: _Task, metric: str, budget: str, seed: 
     widths = widths_by_kind(json.loads(stdout), rep) if info_code == 0 else None
     compressed = ingest.load(out)
     row.update(_measure(original, compressed, task, cfg))
-    row.update(validate_exit=code, validate_last=last[:200] if code else None, meets_budget=rep["meets_budget"],
+    row.update(validate_exit=code, validate_last=last if code else None, meets_budget=rep["meets_budget"],
                closed_loop_ratio=rep.get("latency_ratio"), rounds=len(rep.get("rounds") or []),
                accuracy_report=rep.get("accuracy_after"), widths=widths, wall_s=secs,
                approximate_groups=rep.get("approximate_groups"),
