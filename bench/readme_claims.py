@@ -108,7 +108,8 @@ def below(bound: float, value: float) -> float:
 
 # ---- the area files `make bench` writes (the variants `quantize-*.json` are runs with --set) ---------------------
 AREAS = ("compress.json", "groups.json", "guarantee.json", "largemodel.json", "latency.json", "methods.json",
-         "peer.json", "projection.json", "quantize.json", "realworld.json", "roundtrip.json", "tune.json", "wsp.json")
+         "peer.json", "projection.json", "quantize.json", "realworld.json", "roundtrip.json", "transformers.json",
+         "tune.json", "wsp.json")
 TOTAL_HOURS = Of("sum of wall_s over the area files / 3600", lambda d: sum(x["wall_s"] for x in d.values()) / 3600)
 
 Q = "quantize.json"
