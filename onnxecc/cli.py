@@ -181,6 +181,10 @@ def compress(
     importance: str = typer.Option("auto", "--importance",
                                    help="Channel importance (project/ecc): fisher (loss-aware, needs --data), "
                                         "l2 (weight norms); auto: fisher with --data."),
+    prune_approximate: bool = typer.Option(True, "--prune-approximate/--keep-approximate",
+                                           help="With --data, prune the approximate groups too (a normalisation runs "
+                                                "over them, e.g. a transformer's residual width); --keep-approximate "
+                                                "leaves them whole and prunes heads and other widths only."),
     loosen: bool = typer.Option(None, "--loosen/--no-loosen",
                                 help="Closed loop: re-project an output measured >10% under the budget "
                                      "(default: only when no training)."),
@@ -238,6 +242,7 @@ def compress(
                               max_rounds=max_rounds, verify_projection=verify_projection, closed_loop=closed_loop,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
+                              prune_approximate=prune_approximate,
                               knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate,
                               input_shapes=parse_input_shapes(input_shape) or None)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),

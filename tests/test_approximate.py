@@ -217,6 +217,38 @@ def test_compress_with_data_prunes_approximate_groups(tmp_path):
     assert out.shape == (8, 3) and np.isfinite(out).all()
 
 
+def test_keep_approximate_leaves_them_whole_with_data(tmp_path):
+    """`compress --data --keep-approximate` prunes the exact groups only: the LayerNorm's width stays whole, the
+    report says why, the output computes in ORT; a budget only the approximate group could reach is refused in one
+    line naming the flag (a UserError: exit 2), no output."""
+    from typer.testing import CliRunner
+
+    from onnxecc.cli import app
+
+    model = _model("conv_ln", tmp_path)
+    np.savez(tmp_path / "d.npz", x=_inputs(model, 64))
+    ln = next(g for g in analyse(model).graph.groups if g.approximate)
+    args = ["compress", str(tmp_path / "conv_ln.onnx"), "--metric", "macs", "--method", "project", "--data",
+            str(tmp_path / "d.npz"), "--epochs", "1", "--admm-iterations", "1", "--admm-epochs", "1", "--round-to", "1",
+            "--keep-approximate"]
+    runner = CliRunner()
+    done = runner.invoke(app, [*args, "--budget", "0.7", "-o", str(tmp_path / "out.onnx"), "--report",
+                               str(tmp_path / "r.json")])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["approximate_groups"] == [{"id": ln.id, "reason": ln.approximate, "pruned": False,
+                                              "left": "left whole: --keep-approximate"}]
+    pruned = ingest.load(tmp_path / "out.onnx")
+    assert dict((t.name, tuple(t.dims)) for t in pruned.graph.initializer)["norm.weight"] == (16,)
+    assert report["cost_fraction"] <= 0.7
+    x = _inputs(model, 4)
+    assert np.isfinite(runtime.run_batched(runtime.session(pruned), x)).all()
+    refused = runner.invoke(app, [*args, "--budget", "0.2", "-o", str(tmp_path / "low.onnx")])
+    assert isinstance(refused.exception, UserError)  # `onnxecc.cli.main` prints it in one line, exit 2
+    assert "drop --keep-approximate" in str(refused.exception) and "\n" not in str(refused.exception)
+    assert not (tmp_path / "low.onnx").exists()
+
+
 # ---- the torch side computes what the pruned ONNX computes -------------------------------------------------------
 @pytest.mark.parametrize("kind", ["conv_ln", "conv_ln_14", "written_out", "encoder"])
 def test_masked_torch_model_equals_the_pruned_onnx(kind, tmp_path):
