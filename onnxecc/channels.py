@@ -1645,6 +1645,18 @@ def _restrict(lay: Layout, axes: list[int], to: dict[int, int]) -> Layout:
     return Layout(tuple(to[ax] for ax in lay.axes if ax in axes), lay.grp[pick], lay.idx[pick])
 
 
+@dataclass
+class _Operand:
+    """One operand of a product: its layout, where its axes land in the output, its batch and contracted axes."""
+
+    name: str
+    shape: tuple[int, ...]
+    lay: Layout | None
+    to: dict[int, int]
+    batch: list[int]
+    contracted: int
+
+
 def _product(a: _Analysis, node: onnx.NodeProto) -> None:
     """A · B with both operands computed (attention: Q·Kᵀ, then softmax·V). Channels on the batch axes are the
     heads: a head is the unit, so a span over a batch axis and a matrix axis (heads × head width) is folded to
@@ -1660,50 +1672,46 @@ def _product(a: _Analysis, node: onnx.NodeProto) -> None:
     ops = []
     for name, shp, first in ((x, sa, True), (y, sb, False)):
         rank = len(shp)
-        to = {ax: ax + r - rank for ax in range(rank - 2)}
+        to = {ax: ax + r - rank for ax in range(rank - 2)}  # operand axis -> output axis
         to.update({rank - 2: r - 2} if first else {rank - 1: r - 1})
-        batch = list(range(rank - 2))
-        contracted = rank - 1 if first else rank - 2
-        lay = a.lay(name)
-        if lay is not None and set(lay.axes) & set(batch) and not set(lay.axes) <= set(batch):
-            _fold_to(a, lay, [ax for ax in lay.axes if ax in batch])
-        ops.append((name, shp, lay, to, batch, contracted))
-    (_, _, la, ta, _, ka), (_, _, lb, tb, _, kb) = ops
+        op = _Operand(name, shp, a.lay(name), to, list(range(rank - 2)), rank - 1 if first else rank - 2)
+        if op.lay is not None and set(op.lay.axes) & set(op.batch) and not set(op.lay.axes) <= set(op.batch):
+            _fold_to(a, op.lay, [ax for ax in op.lay.axes if ax in op.batch])
+        ops.append(op)
+    A, B = ops
     # the batch axes: the heads of both operands are the same heads
     heads = None
-    for (_, _, lay, to, batch, _), (oname, oshp, olay, oto, _, _) in (ops, ops[::-1]):  # A then B
-        mine = [ax for ax in (lay.axes if lay is not None else ()) if ax in batch]
+    for op, other in ((A, B), (B, A)):
+        mine = [ax for ax in (op.lay.axes if op.lay is not None else ()) if ax in op.batch]
         if not mine:
             continue
-        part = _restrict(lay, mine, to)
+        part = _restrict(op.lay, mine, op.to)
         heads = part if heads is None else heads
-        back = {v: k for k, v in oto.items()}
+        back = {v: k for k, v in other.to.items()}
         theirs = [back.get(ax) for ax in part.axes]
-        if any(t is None for t in theirs) or all(oshp[t] == 1 for t in theirs):
+        if any(t is None for t in theirs) or all(other.shape[t] == 1 for t in theirs):
             continue  # broadcast along the heads
-        if olay is not None and set(theirs) <= set(olay.axes):
-            a.unify(part, _restrict(olay, theirs, oto))
+        if other.lay is not None and set(theirs) <= set(other.lay.axes):
+            a.unify(part, _restrict(other.lay, theirs, other.to))
         else:
-            a.unify(part, a.need(oname, tuple(theirs)).moved(part.axes))
+            a.unify(part, a.need(other.name, tuple(theirs)).moved(part.axes))
     # the contracted axis (when it is not part of a head): both operands drop the same channels
-    if la is not None and la.axes == (ka,) or lb is not None and lb.axes == (kb,):
-        a.unify(a.need(x, (ka,)), a.need(y, (kb,)))
-    elif (la is not None and ka in la.axes and not set(la.axes) & set(ops[0][4])) or \
-            (lb is not None and kb in lb.axes and not set(lb.axes) & set(ops[1][4])):
+    if any(op.lay is not None and op.lay.axes == (op.contracted,) for op in ops):
+        a.unify(a.need(x, (A.contracted,)), a.need(y, (B.contracted,)))
+    elif any(op.lay is not None and op.contracted in op.lay.axes and not set(op.lay.axes) & set(op.batch)
+             for op in ops):
         a.freeze_all(node, f"{a.where} (channels on the contracted axis and a matrix axis)")
         return
     # the output: A's rows or B's columns, with the heads
-    rows = la is not None and len(sa) - 2 in la.axes
-    cols = lb is not None and len(sb) - 1 in lb.axes
+    rows = A.lay is not None and len(sa) - 2 in A.lay.axes
+    cols = B.lay is not None and len(sb) - 1 in B.lay.axes
     if rows and cols:
         a.freeze_all(node, f"{a.where} (channels on both operands' free axes)")
         return
-    result = None
+    result = heads
     if rows or cols:
-        lay, to, contracted = (la, ta, ka) if rows else (lb, tb, kb)
-        result = _restrict(lay, [ax for ax in lay.axes if ax != contracted], to)
-    elif heads is not None:
-        result = heads
+        op = A if rows else B
+        result = _restrict(op.lay, [ax for ax in op.lay.axes if ax != op.contracted], op.to)
     a.products.append((a.index, out, int(sa[-1]), heads))
     a.set(out, result)
 
