@@ -119,6 +119,41 @@ def text_pages(n: int, seed: int = 0, size: tuple[int, int] = (320, 320), lines:
     return np.stack(xs), np.stack(masks)
 
 
+# ---- lines for the recogniser -----------------------------------------------------------------------------------
+REC_ALPHABET = "abdefghijkmnpqrtuy" + "ABDEFGHJKLMNPQRTUY" + "2346789"
+"""Characters a reader can tell apart in any upright DejaVu face: no l/I/1, o/O/0, no letter whose capital is its
+small letter drawn larger (c, s, v, w, x, z), no 5/S. With them a random string is ambiguous to anyone (PaddleOCR's
+recogniser read `dj9l` as `dj91` and `P6QOC8` as `P6Q0C8`), and a lost line says nothing about the model; the
+original's accuracy on these lines is in `bench/results/separation.json`."""
+REC_LINE_SHAPE = (48, 160)  # height, width: the recogniser's input at height 48, 20 CTC steps at width 160
+
+
+def upright_fonts() -> list[str]:
+    """The DejaVu faces without slant (oblique/italic), the hairline face and the TeX math face: the original
+    recogniser misread those far more often than the upright ones (checked by hand on a few hundred lines)."""
+    skip = ("Oblique", "Italic", "ExtraLight", "Math")
+    return [p for p in fonts() if not any(k in p for k in skip)]
+
+
+def rec_lines(n: int, seed: int, shape: tuple[int, int] = REC_LINE_SHAPE, length: tuple[int, int] = (3, 8),
+              sizes: tuple[int, int] = (20, 40)):
+    """`n` lines of random strings of `REC_ALPHABET` (length drawn in `length`, inclusive) for the text recogniser:
+    x (n×3×H×W float32, PaddleOCR's recogniser input: height H keeping the aspect ratio, [-1, 1], zero-padded on the
+    right) and the strings. Face (`upright_fonts`), size in `sizes`, ink and paper grey vary per line. Different
+    seeds give the train, validation and test splits; deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    paths = upright_fonts()
+    xs, texts = [], []
+    for _ in range(n):
+        text = "".join(rng.choice(list(REC_ALPHABET), size=int(rng.integers(length[0], length[1] + 1))))
+        ink, paper = int(rng.integers(0, 90)), int(rng.integers(180, 256))
+        rgb = render_line(text, paths[int(rng.integers(len(paths)))], int(rng.integers(sizes[0], sizes[1] + 1)),
+                          ink, paper)
+        xs.append(normalise_line(rgb, shape))
+        texts.append(text)
+    return np.stack(xs), np.asarray(texts)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.textdata", description=__doc__.splitlines()[0])
     p.add_argument("kind", choices=["lines"])

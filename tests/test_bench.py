@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -21,7 +22,7 @@ from bench import areas  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 
 EXPECTED_AREAS = {"groups", "latency", "projection", "roundtrip", "compress", "guarantee", "methods", "wsp",
-                  "transformers"}
+                  "transformers", "separation"}
 
 
 def _quiet() -> Console:
@@ -168,3 +169,99 @@ def test_transformers_area_raises_an_unreachable_budget_to_one_compress_meets():
     result = compress(str(path), raised, options=opts)
     assert floor * (1 - 1e-3) <= result.final_cost / result.original_cost <= float(raised)
     assert reachable_floor("error: --data digits is N×1×8×8 but the model input is 1×32", 0.5, "macs") is None
+
+
+def test_separation_reads_lines_as_rapidocr_does():
+    """The area's greedy CTC decoding with the dictionary from the recogniser's metadata gives the strings the
+    package's own decoder (rapidocr's CTCLabelDecode) gives on the same ORT outputs, and the original reads the
+    rendered lines (the comparison would mean nothing otherwise). Edit distance against a brute-force recursion."""
+    from functools import cache
+
+    from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
+
+    from bench import separation, textdata
+    from onnxecc import runtime
+
+    path = separation.model_path("rec")
+    x, truth = textdata.rec_lines(12, seed=7)
+    scores = runtime.run_batched(runtime.session(str(path)), x)
+    chars = separation.dictionary(path)
+    ours = separation.ctc_greedy(scores, chars)
+    theirs = [text for text, _ in CTCLabelDecode(character=chars[1:-1])(scores)]
+    assert ours == theirs
+    errors = [min(separation.edit_distance(p, str(t)), len(str(t))) for p, t in zip(ours, truth)]
+    assert 1 - sum(errors) / sum(len(str(t)) for t in truth) >= 0.9, list(zip(ours, truth))
+
+    @cache
+    def reference(a: str, b: str) -> int:
+        if not a or not b:
+            return len(a) + len(b)
+        return min(reference(a[1:], b) + 1, reference(a, b[1:]) + 1, reference(a[1:], b[1:]) + (a[0] != b[0]))
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = ("".join(rng.choice(list("abc"), size=int(rng.integers(0, 7)))) for _ in range(2))
+        assert separation.edit_distance(a, b) == reference(a, b), (a, b)
+
+
+def test_separation_torch_pruning_ratio_scans_past_a_non_monotone_region():
+    """Torch-Pruning with round_to leaves a layer whole when its kept width would round to zero, so the MACs grow
+    again past some ratio: the search must find the smallest ratio under the target, not bisect into the region
+    where the MACs rise again, and reuse the MACs it has counted."""
+    from bench.separation import tp_ratio
+
+    def macs_of(r: float) -> float:  # falls to 0.2 at ratio 0.6, then grows again (layers left whole)
+        return 1.0 - r * 4 / 3 if r <= 0.6 else 0.2 + (r - 0.6) * 2
+
+    calls = []
+
+    def pruned_at(r):
+        calls.append(r)
+        return f"model@{r}", macs_of(r)
+
+    cache: dict = {}
+    ratio, model = tp_ratio(pruned_at, 0.5, {"tp_grid": 0.1, "tp_search_steps": 6}, cache)
+    assert macs_of(ratio) <= 0.5 and abs(ratio - 0.375) <= 0.1 / 2 ** 6 and model == f"model@{ratio}"
+    assert calls[:4] == [0.1, 0.2, 0.3, 0.4]  # the grid upwards to the first ratio under the target
+    count = len(calls)
+    again, model = tp_ratio(pruned_at, 0.5, {"tp_grid": 0.1, "tp_search_steps": 6}, cache)
+    assert again == ratio and len(calls) == count and model is None  # counted before: nothing pruned again
+    with pytest.raises(RuntimeError, match="out of its reach"):
+        tp_ratio(pruned_at, 0.1, {"tp_grid": 0.1, "tp_search_steps": 2}, {})
+
+
+def test_separation_area_quick(tmp_path):
+    """The area through `python -m bench` on a few lines, one method: the original's accuracy and each output's
+    are recomputed here from the per-line errors the JSON keeps and the strings drawn again from the same seed."""
+    from bench import textdata
+
+    console = _quiet()
+    rec = {"train": 8, "test": 8, "width": 160, "length": [3, 8], "sizes": [20, 40]}
+    rc = main(["--quick", "--only", "separation", "--results", str(tmp_path), "--set", 'methods=["uniform"]',
+               "--set", f"rec={json.dumps(rec)}"], console=console)
+    assert rc == 0, console.file.getvalue()
+    result = json.loads((tmp_path / "separation.json").read_text())["result"]
+    assert result["config"]["variant"] == "quick"
+    model = result["models"][0]
+    assert model["model"] == "rec" and model["data"]["train"] == 8 and model["data"]["val"] == 2
+    cfg = result["config"]
+    _, truth = textdata.rec_lines(8, cfg["data_seeds"]["test"], shape=(48, 160), length=(3, 8), sizes=(20, 40))
+    chars = sum(len(t) for t in truth)
+
+    def check(outcome):
+        errors = outcome["per_sample"]
+        assert len(errors) == 8 and all(0 <= e <= len(t) for e, t in zip(errors, truth))
+        assert outcome["test"]["char_accuracy"] == pytest.approx(1 - sum(errors) / chars)
+        assert outcome["test"]["line_accuracy"] == pytest.approx(np.mean(np.asarray(errors) == 0))
+
+    check(model["original"])
+    assert model["original"]["test"]["char_accuracy"] >= 0.9
+    row = model["rows"][0]
+    assert row["budget"] == "macs@0.3" and list(row["methods"]) == ["uniform"]
+    run = row["methods"]["uniform"][0]
+    assert "error" not in run, run
+    check(run)
+    assert run["macs_ratio"] <= 0.3 + 1e-9 and run["latency_ratio"] > 0 and run["wall_s"] > 0
+    assert "separation" in console.file.getvalue()
+    assert main(["--only", "separation", "--results", str(tmp_path), "--set", "variant=nosuch"],
+                console=_quiet()) == 1
