@@ -106,7 +106,16 @@ def run(quick: bool, **overrides) -> dict:
                 models.append(_model(name, cfg, Path(tmp)))
             except Exception as exc:  # one model that cannot run must not hide the other
                 models.append({"model": name, "error": _common.error_text(exc)})
-    return {"config": cfg, "models": models, "notes": _notes(models, cfg)}
+    return {"config": cfg, "models": models, "notes": _notes(models, cfg), "torch_pruning_version": _version()}
+
+
+def _version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch-pruning")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def model_path(name: str) -> Path:
@@ -299,7 +308,13 @@ def _cli(*args: str, threads: int, timeout: float = 4 * 3600) -> tuple[int, str,
     proc = subprocess.run([sys.executable, "-m", "onnxecc", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
     text = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())  # rich wraps long lines
-    start = max(text.rfind("error:"), 0) if proc.returncode else max(len(text) - 300, 0)
+    found = text.rfind("error:")
+    if proc.returncode and found < 0:  # no one-line error: the end of what it printed, library warnings left out
+        lines = [line for line in (proc.stderr or proc.stdout).splitlines()
+                 if line.strip() and "Warning" not in line and not line.startswith("  ")]
+        return proc.returncode, f"no error line; it ended with: {' | '.join(lines[-6:])[-600:]}", \
+            time.perf_counter() - t
+    start = max(found, 0) if proc.returncode else max(len(text) - 300, 0)
     return proc.returncode, text[start:], time.perf_counter() - t
 
 
