@@ -446,8 +446,9 @@ def _wrapped(module) -> set[str]:
 def tp_plan(module, example, cfg: dict) -> dict:
     """What Torch-Pruning can prune in `module` (an onnx2torch conversion), found by trying, with the reasons:
 
-    - parameters outside Conv/Linear/BatchNorm (onnx2torch's MatMul weights and the Adds of their biases) are
-      "unwrapped parameters" to Torch-Pruning, whose last axis it would prune without knowing the op: left whole;
+    - parameters outside Conv/Linear/BatchNorm (onnx2torch's MatMul weights and the Adds of their biases, its
+      ConvTranspose weights) are "unwrapped parameters" to Torch-Pruning, whose last axis it would prune without
+      knowing the op: left whole;
     - each convolution's group is built with a cap on its dependencies (`_capped_groups`): roots whose group does
       not close are left whole;
     - a trial prune (ratio 0.3) with those left whole: if it raises or the pruned module no longer runs, every
@@ -461,8 +462,8 @@ def tp_plan(module, example, cfg: dict) -> dict:
     unwrapped = sorted(n for n, _ in module.named_parameters() if n not in _wrapped(module))
     reasons = []
     if unwrapped:
-        reasons.append(f"{len(unwrapped)} parameters outside Conv/Linear/BatchNorm modules (onnx2torch's MatMul "
-                       f"weights and bias Adds, e.g. {unwrapped[0]}) are unwrapped parameters to Torch-Pruning: "
+        reasons.append(f"{len(unwrapped)} parameters outside Conv/Linear/BatchNorm modules (weights onnx2torch "
+                       f"keeps in its own modules, e.g. {unwrapped[0]}) are unwrapped parameters to Torch-Pruning: "
                        "left whole")
     graph = tp.DependencyGraph().build_dependency(module, example_inputs=example)
     open_roots = []
@@ -484,7 +485,8 @@ def tp_plan(module, example, cfg: dict) -> dict:
                        "left whole: Torch-Pruning prunes the convolutions before it")
         failure = _trial(module, example, plan)
     if failure:
-        raise RuntimeError(f"Torch-Pruning cannot prune the converted graph: {failure}")
+        raise RuntimeError(f"Torch-Pruning cannot prune the converted graph: a trial prune fails: {failure}"
+                           + (f"; before that: {'; '.join(reasons)}" if reasons else ""))
     whole = set(plan["ignored_modules"])
     return {**plan, "reasons": reasons, "pruned_convs": [c for c in convs if c not in whole],
             "whole_convs": [c for c in convs if c in whole]}
@@ -504,12 +506,17 @@ def _trial(module, example, plan: dict) -> str | None:
     import torch
 
     trial = copy.deepcopy(module)
+    entered: list[str] = []  # the converted node running when the pruned copy fails names the place
     try:
         _pruner(trial, example, plan, 0.3, None).step()
+        for name, m in trial.named_modules():  # a throwaway copy: the hooks go with it
+            if name and not list(m.children()):
+                m.register_forward_pre_hook(lambda mod, args, name=name: entered.append(name))
         with torch.no_grad():
             trial(example)
     except Exception as exc:
-        return _common.error_text(exc)
+        where = f" (in {entered[-1]}: {type(trial.get_submodule(entered[-1])).__name__})" if entered else ""
+        return _common.error_text(exc) + where
     return None
 
 
@@ -783,6 +790,8 @@ def table(result: dict) -> Table:
                     note = (f"vs {paired['versus']}: exact {_p(paired.get('exact_line_mcnemar'))}; chars "
                             f"{_p(paired.get('char_errors_sign'))}" if "exact_line_mcnemar" in paired
                             else f"vs {paired['versus']}: pages {_p(paired.get('page_f_sign'))}")
+                if s["runs"] < len(cfg["seeds"]):  # a failed seed (its error is in the notes)
+                    note = f"n={s['runs']} of {len(cfg['seeds'])}" + (f"; {note}" if note else "")
                 t.add_row(f"{m['model']} {label}", method, _pm(s.get(key)), _pm(s.get("line_accuracy")),
                           _pm(s["macs_ratio"], False), _pm(s["latency_ratio"], False),
                           "/".join(map(str, s["epochs_trained"])), _common.secs(s["wall_s"]["mean"]), note)
