@@ -47,11 +47,13 @@ def uniform_keep(problem: Problem, target: float) -> dict[int, np.ndarray]:
 def greedy(problem: Problem, mm, target: float, steps: int = 5, short_epochs: int = 1, emit=None
            ) -> tuple[dict[int, np.ndarray], list[dict]]:
     """NetAdapt-style: `steps` rounds, each removing ~1/steps of the cost to cut, from the one variable whose
-    cut costs the least validation accuracy (measured on the masked model, no fine-tuning per candidate)."""
+    cut costs the least on held-out training samples (measured on the masked model, no fine-tuning per candidate):
+    accuracy on labels, else agreement with the original along the class axis, else its relative squared error
+    (`outputs.fidelity`; the log's `val_score`)."""
     emit = emit or (lambda kind, info: None)
     importance = problem.importance(norm="l1", diminishing=False)
     widths = {v: problem.cost.full_widths[v] for v in problem.prunable}
-    x_val, y_val = _validation_split(mm)
+    x_val, ref_val, y_val = _validation_split(mm)
     original = problem.original_cost
     per_step = (original - target) / steps
     log = []
@@ -68,24 +70,24 @@ def greedy(problem: Problem, mm, target: float, steps: int = 5, short_epochs: in
     with checkpoint.frame("greedy", state):
         while saved is not None or problem.cost(widths) > target * (1 + 1e-12):
             if saved is not None:  # resumed inside this step's fine-tuning: its choice is already made
-                v, w, acc = saved["choice"]["variable"], saved["choice"]["width"], saved["choice"]["val_accuracy"]
+                v, w, acc = saved["choice"]["variable"], saved["choice"]["width"], saved["choice"]["val_score"]
                 saved = None
                 mm.set_keep(problem.keep_from_widths(widths, importance))  # the loop restores the weights
             else:
                 step += 1
                 v, w, acc = _choose(problem, mm, widths, importance, max(target, problem.cost(widths) - per_step),
-                                    target, x_val, y_val)
+                                    target, x_val, ref_val, y_val)
                 widths[v] = w
-            now["choice"] = {"variable": v, "width": w, "val_accuracy": acc}
+            now["choice"] = {"variable": v, "width": w, "val_score": acc}
             emit("stage", {"name": f"greedy step {step}"})
             mm.train(short_epochs, emit, phase=f"greedy step {step}")
-            log.append({"step": step, "variable": v, "width": w, "val_accuracy": acc, "cost": problem.cost(widths)})
+            log.append({"step": step, "variable": v, "width": w, "val_score": acc, "cost": problem.cost(widths)})
             now["choice"] = None
     return problem.keep_from_widths(widths, importance), log
 
 
-def _choose(problem: Problem, mm, widths: dict[int, int], importance, goal: float, target: float, x_val, y_val
-            ) -> tuple[int, int, float]:
+def _choose(problem: Problem, mm, widths: dict[int, int], importance, goal: float, target: float, x_val, ref_val,
+            y_val) -> tuple[int, int, float]:
     """The variable to shrink this step, its new width and the masked model's validation accuracy with it; the
     model is left masked with that choice, from the weights it had."""
     current = problem.cost(widths)
@@ -99,7 +101,7 @@ def _choose(problem: Problem, mm, widths: dict[int, int], importance, goal: floa
         saved = current - problem.cost(trial)
         mm.load_state(state)
         mm.set_keep(problem.keep_from_widths(trial, importance))
-        acc = mm.accuracy(x_val, y_val)
+        acc = mm.fidelity(x_val, ref_val, y_val)
         reaches = problem.cost(trial) <= goal * (1 + 1e-12)
         score = (reaches, acc / max(saved, 1e-30) if not reaches else acc)
         if best is None or score > best[0]:
@@ -123,9 +125,10 @@ def _width_for(problem: Problem, widths: dict[int, int], v: int, goal: float) ->
     return int(allowed[0])
 
 
-def _validation_split(mm) -> tuple[np.ndarray, np.ndarray]:
-    """The last 20% of the training data (never the test split) scores candidates; teacher labels if none."""
+def _validation_split(mm) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The last 20% of the training data (never the test split) scores candidates: its inputs, the original's
+    outputs on them and its labels (None without: candidates are then scored against the original's outputs)."""
     x = mm.data.x_train
     n = max(1, len(x) // 5)
-    y = mm.data.y_train if mm.data.y_train is not None else mm.teacher.argmax(1)
-    return x[-n:], y[-n:]
+    y = mm.data.y_train[-n:] if mm.data.y_train is not None else None
+    return x[-n:], mm.teacher[-n:], y

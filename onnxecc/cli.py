@@ -325,6 +325,8 @@ def compress(
                       f"{result.accuracy_after - result.accuracy_before:+.4f}")
     elif result.agreement is not None:
         table.add_row("top-1 agreement", "1", f"{result.agreement:.3f}", "")
+    elif result.relative_error is not None:  # no class axis (a score map): how far the output moved
+        table.add_row("output relative sq. error", "0", f"{result.relative_error:.3g}", "")
     if result.latency_before is not None:
         table.add_row("ORT CPU latency (1 thread)", f"{result.latency_before.median_s * 1e3:.3f} ms",
                       f"{result.latency_after.median_s * 1e3:.3f} ms",
@@ -378,8 +380,9 @@ def validate(
         if result.accuracy_original is not None:
             table.add_row("accuracy", f"{result.accuracy_original:.4f}", f"{result.accuracy_compressed:.4f}")
         console.print(table)
-        console.print(f"top-1 agreement {result.top1_agreement:.4f} on {result.samples} samples; "
-                      f"max |Δlogit| {result.max_abs_diff:.3g}, mean {result.mean_abs_diff:.3g}")
+        agreement = "n/a (no class axis)" if result.top1_agreement is None else f"{result.top1_agreement:.4f}"
+        console.print(f"top-1 agreement {agreement} on {result.samples} samples; "
+                      f"max |Δoutput| {result.max_abs_diff:.3g}, mean {result.mean_abs_diff:.3g}")
         if result.budget:
             b = result.budget
             verdict = {True: "[green]met[/]", False: "[red]violated[/]", None: "not re-checked"}[b["meets_budget"]]

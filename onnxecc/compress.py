@@ -28,6 +28,7 @@ from onnxecc.channels import ChannelGraph, attention_name
 from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost
 from onnxecc.errors import UnsupportedModelError, UserError
 from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
+from onnxecc.outputs import output_kind
 from onnxecc.problem import Problem
 from onnxecc.projection import check_reachable
 from onnxecc.quantize import Int8Dropped
@@ -99,7 +100,8 @@ class CompressResult:
     widths: dict[int, tuple[int, int]]  # group -> (kept, full)
     accuracy_before: float | None = None
     accuracy_after: float | None = None
-    agreement: float | None = None  # top-1 agreement with the original on the evaluation inputs
+    agreement: float | None = None  # top-1 agreement with the original along the class axis (None: no class axis)
+    relative_error: float | None = None  # ‖out − original‖² / ‖original‖² on the evaluation inputs
     latency_before: runtime.Timing | None = None
     latency_after: runtime.Timing | None = None
     latency_ratio: float | None = None  # after / before, the median of per-round ratios (`runtime.Pair`)
@@ -155,7 +157,7 @@ class CompressResult:
             "rounds": self.rounds,
             "widths": {str(g): {"kept": k, "full": f} for g, (k, f) in self.widths.items()},
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-            "top1_agreement": self.agreement,
+            "top1_agreement": self.agreement, "relative_error": self.relative_error,
             "latency_before": timing(self.latency_before), "latency_after": timing(self.latency_after),
             "latency_ratio": self.latency_ratio,
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
@@ -1009,7 +1011,9 @@ def _evaluate(result: CompressResult, original: onnx.ModelProto, data, opts: Com
         x, y = runtime.example_input(sess_o, batch=32, seed=opts.seed, model=original, shapes=opts.input_shapes), None
     out_o, out_c = runtime.run_batched(sess_o, x), runtime.run_batched(sess_c, x)
     _check_other_size(sess_o, sess_c, original, opts)
-    result.agreement = float((out_o.argmax(1) == out_c.argmax(1)).mean())
+    result.agreement = output_kind(out_o).agreement(out_o, out_c)  # per step for N×T×C scores; a map has none
+    result.relative_error = float(np.sum((out_c.astype(np.float64) - out_o) ** 2)
+                                  / max(float(np.sum(out_o.astype(np.float64) ** 2)), 1e-30))
     if y is not None:
         result.accuracy_before = float((out_o.argmax(1) == y).mean())
         result.accuracy_after = float((out_c.argmax(1) == y).mean())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from onnxecc import checkpoint, distributed
 from onnxecc.errors import UserError
 from onnxecc.guard import MAX_RECOVERIES, Guard
+from onnxecc.outputs import OutputKind, output_kind
 
 
 @dataclass
@@ -127,22 +128,35 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                      temperature: float, distill_weight: float) -> torch.Tensor:
-    """Class scores (N×C, C ≥ 2): T²·KL(teacher‖student) at temperature T, mixed with cross-entropy when labels
-    are given. Any other output — a detector's score map, per-step scores of a sequence, a regression — has no
-    class axis to soften: a softmax over its one channel is constant, so its KL is zero and trains nothing. Those
-    are matched by mean squared error relative to the teacher's mean square (comparable across models)."""
-    if student.dim() != 2 or student.shape[1] < 2:
-        if labels is not None:
-            raise UserError(f"labels (y) need a model whose output is class scores N×C, this one outputs "
-                            f"{list(student.shape[1:])} per sample: leave y out of the .npz to train by distillation")
+                      temperature: float, distill_weight: float, kind: OutputKind | None = None) -> torch.Tensor:
+    """Class scores (`outputs.OutputKind`: N×C logits, or probabilities along any axis, e.g. a recogniser's N×T×C
+    per-step softmax): T²·KL(teacher‖student) at temperature T per position (probabilities enter as their log,
+    which is the logits up to a constant), mixed with cross-entropy when labels are given. Any other output — a
+    detector's score map, a regression — has no class axis to soften: a softmax over its one channel is constant,
+    so its KL is zero and trains nothing. Those are matched by mean squared error relative to the teacher's mean
+    square (comparable across models). Without `kind`, an N×C output with C ≥ 2 is taken as logits."""
+    if kind is None:
+        kind = OutputKind(1 if student.dim() == 2 and student.shape[1] >= 2 else None)
+    if labels is not None and (kind.class_axis != 1 or student.dim() != 2):
+        raise UserError(f"labels (y) need a model whose output is class scores N×C, this one outputs "
+                        f"{list(student.shape[1:])} per sample: leave y out of the .npz to train by distillation")
+    if kind.class_axis is None:
         return F.mse_loss(student, teacher) / teacher.detach().pow(2).mean().clamp_min(1e-12)
     t = temperature
-    kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+    s_scores, t_scores = class_scores(student, kind), class_scores(teacher, kind)
+    kd = F.kl_div(F.log_softmax(s_scores / t, dim=1), F.log_softmax(t_scores / t, dim=1),
                   reduction="batchmean", log_target=True) * (t * t)
     if labels is None:
         return kd
-    return distill_weight * kd + (1.0 - distill_weight) * F.cross_entropy(student, labels)
+    return distill_weight * kd + (1.0 - distill_weight) * F.cross_entropy(s_scores, labels)
+
+
+def class_scores(out: torch.Tensor, kind: OutputKind) -> torch.Tensor:
+    """The output as rows of class logits (positions × classes): the class axis last, every other axis one row
+    each; probabilities become their log (floored at 1e-30, where float32's softmax underflows)."""
+    rows = out.movedim(kind.class_axis, -1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    return rows.clamp_min(1e-30).log() if kind.probabilities else rows
 
 
 def _freeze_batchnorm(module: torch.nn.Module) -> None:
@@ -159,10 +173,13 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
              penalty: Callable[[], torch.Tensor] | None = None,
              param_groups: Sequence[dict] = (),
              after_step: Callable[[int, int], None] | None = None,
-             on_recovery: Callable[[dict], None] | None = None) -> TrainHistory:
+             on_recovery: Callable[[dict], None] | None = None,
+             kind: OutputKind | None = None) -> TrainHistory:
     """Train `module` in place; masked entries stay exactly zero throughout. Deterministic given the seed.
 
-    Adam on the distillation loss, learning rate per `config.lr_schedule`, batch order seeded. Hooks:
+    Adam on the distillation loss, learning rate per `config.lr_schedule`, batch order seeded. `kind` says what
+    the output is (`onnxecc.outputs`: class scores along which axis, or a map); from `teacher_logits` if None.
+    Hooks:
     `penalty()` is added to every batch's loss (ADMM's proximal term ρ/2·‖W − Z + U‖², wsp's mask L1 term);
     `param_groups` are extra Adam groups (dicts with "params" and e.g. their own "lr") whose parameters leave
     the default group (every other trainable parameter, at `config.lr`); `after_step(step, total_steps)` runs
@@ -178,8 +195,9 @@ def finetune(module: torch.nn.Module, x: np.ndarray, teacher_logits: np.ndarray,
     if sum(p.numel() for p in module.parameters()) < _SMALL_MODEL:
         torch.set_num_threads(1)  # tiny layers: thread synchronisation costs more than it gives
     try:
+        kind = kind if kind is not None else output_kind(teacher_logits)
         return _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
-                         after_step, on_recovery)
+                         after_step, on_recovery, kind)
     finally:
         torch.set_num_threads(threads)
 
@@ -188,7 +206,7 @@ _SMALL_MODEL = 2_000_000  # parameters
 
 
 def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups=(),
-              after_step=None, on_recovery=None) -> TrainHistory:
+              after_step=None, on_recovery=None, kind=None) -> TrainHistory:
     device = pick_device(config.device)
     module.to(device)
     for m in masks:
@@ -198,7 +216,7 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
     net = distributed.wrap(module) if ddp is not None else module
     try:
         return _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty,
-                     param_groups, after_step, on_recovery)
+                     param_groups, after_step, on_recovery, kind)
     finally:
         del net  # DDP's gradient hooks must not outlive this run (rank 0 alone computes Fisher importances)
         module.to("cpu")  # also when training raises (a diverged rate of the lr probe is caught): callers evaluate,
@@ -210,7 +228,7 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
 
 
 def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
-          after_step, on_recovery) -> TrainHistory:
+          after_step, on_recovery, kind) -> TrainHistory:
     import time
 
     torch.manual_seed(config.seed)
@@ -271,7 +289,7 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
             xb, tb = xs[idx].to(device), ts[idx].to(device)
             yb = ys[idx].to(device) if ys is not None else None
             out = xb(net)
-            loss = distillation_loss(out, tb, yb, config.temperature, weight)
+            loss = distillation_loss(out, tb, yb, config.temperature, weight, kind)
             logged = loss
             if scale != 1.0:  # DDP averages over the ranks: Σ_ranks scale·mean_rank / W = the global batch mean
                 loss = loss * scale

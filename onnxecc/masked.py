@@ -16,11 +16,12 @@ from onnxecc import distributed, recalibrate, runtime
 from onnxecc.bridge import TorchModel, to_torch, write_back
 from onnxecc.channels import ChannelGraph
 from onnxecc.errors import TrainingDiverged, UnsupportedModelError
-from onnxecc.finetune import Mask, TorchInputs, TrainConfig, distillation_loss, finetune
+from onnxecc.finetune import Mask, TorchInputs, TrainConfig, class_scores, distillation_loss, finetune
 from onnxecc.guard import all_finite, diverged_message
 from onnxecc.importance import channel_masks
 from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes
 from onnxecc.masked_norm import Normalisations
+from onnxecc.outputs import fidelity, output_kind
 
 PROBE_SAMPLES = 1024  # the rate probe's training samples (16 batches of 64): digits' 35 %-vs-97 % split shows there
 
@@ -42,6 +43,7 @@ class MaskedModel:
         self.tm: TorchModel = to_torch(proto, resolve_shapes(proto, samples=per_sample_shapes(data.x_train, names)))
         session = runtime.session(proto)
         self.teacher = runtime.run_batched(session, data.x_train)  # in chunks of a fixed batch size, if any
+        self.kind = output_kind(self.teacher)  # class scores along which axis, or a map: how outputs are compared
         # a model exported with a fixed batch size: torch trains it at larger batches only if its converted module
         # computes each sample alone at those (`_free_batches`); else every pass is fed that many samples
         fixed = runtime.fixed_batch(session)
@@ -165,7 +167,7 @@ class MaskedModel:
         history = finetune(self.tm.module, self.data.x_train, self.teacher, self.data.y_train, cfg, self.masks,
                            on_epoch=epoch_done,
                            on_batch=lambda step, total: emit("batch", {"step": step, "total": total, "epochs": epochs}),
-                           penalty=penalty, after_step=after_step, on_recovery=recovered)
+                           penalty=penalty, after_step=after_step, on_recovery=recovered, kind=self.kind)
         return history.as_dict()
 
     def choose_lr(self, candidates, samples: int = PROBE_SAMPLES) -> tuple[float, list[dict]]:
@@ -190,7 +192,7 @@ class MaskedModel:
             config = TrainConfig(**{**self.config.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant",
                                     "phase": "lr probe", "max_recoveries": 0})
             try:  # a rate that meets non-finite numbers (`onnxecc.guard`) is not a candidate
-                finetune(self.tm.module, x, teacher, y, config, self.masks)
+                finetune(self.tm.module, x, teacher, y, config, self.masks, kind=self.kind)
                 loss = self.loss(every)
             except TrainingDiverged as exc:  # its message says what became non-finite (the loss, a weight, ...)
                 loss, reason = float("nan"), exc
@@ -217,25 +219,27 @@ class MaskedModel:
             out = self.inputs(self.data.x_train[idx])(self.tm.module)
             labels = torch.as_tensor(y[idx], dtype=torch.long) if y is not None else None
             total += float(distillation_loss(out, torch.as_tensor(self.teacher[idx], dtype=torch.float32), labels,
-                                             self.config.temperature, weight)) * len(idx)
+                                             self.config.temperature, weight, self.kind)) * len(idx)
         return total / max(1, len(samples))
 
     @torch.no_grad()
-    def accuracy(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> float:
+    def fidelity(self, x: np.ndarray, reference: np.ndarray, labels: np.ndarray | None = None,
+                 batch: int = 512) -> float:
+        """How well the torch model's outputs on `x` match (`outputs.fidelity`): accuracy on `labels`, else top-1
+        agreement with `reference` (the original's outputs on `x`) along the class axis, else 1/(1 + relative
+        squared error) for outputs without one."""
         batch = self.batch_limit or batch
         self.tm.module.eval()
-        correct = 0
-        for i in range(0, len(x), batch):
-            out = self.inputs(x[i:i + batch])(self.tm.module)
-            correct += int((out.argmax(1).numpy() == y[i:i + batch]).sum())
-        return correct / max(1, len(x))
+        out = np.concatenate([self.inputs(x[i:i + batch])(self.tm.module).numpy() for i in range(0, len(x), batch)])
+        return fidelity(self.kind, out, reference, labels)
 
     def fisher(self, names, max_samples: int = 4096) -> dict[str, np.ndarray]:
         """Diagonal empirical Fisher of the named trained tensors (ONNX layout): Σ over batches of (∂L/∂w)².
 
         L is cross-entropy on the labels, or on the original model's own top-1 when there are none (the
-        distillation loss has zero gradient where the student equals the teacher). An output without a class
-        axis (N×C) has no top-1: L is then the squared error to the teacher's output plus Gaussian noise, whose
+        distillation loss has zero gradient where the student equals the teacher) — at every position for
+        per-step class scores (N×T×C), on the log of probabilities. An output without a class axis (a score map)
+        has no top-1: L is then the squared error to the teacher's output plus Gaussian noise, whose
         expected squared gradient is the Fisher of a Gaussian model of that output (JᵀJ, scaled). Masks in force stay in
         force: a pruned weight's Fisher is measured like any other, its value is zero. `max_samples` bounds
         the cost (one forward/backward pass over at most that many training samples)."""
@@ -243,7 +247,9 @@ class MaskedModel:
         trainable = {n: t for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)}
         total = {n: torch.zeros_like(t) for n, t in trainable.items()}
         x = self.data.x_train[:max_samples]
-        y = self.data.y_train[:max_samples] if self.data.y_train is not None else self.teacher[:max_samples].argmax(1)
+        has_class = self.kind.class_axis is not None
+        y = self.data.y_train[:max_samples] if self.data.y_train is not None else \
+            self.kind.top1(self.teacher[:max_samples]) if has_class else None
         module = self.tm.module
         module.eval()  # deterministic: no dropout noise, BatchNorm statistics as trained
         step = self.config.batch_size
@@ -251,9 +257,10 @@ class MaskedModel:
         noise = torch.Generator().manual_seed(0)
         for i in range(0, len(x), step):
             out = self.inputs(x[i:i + step])(module)
-            if out.dim() == 2 and out.shape[1] >= 2:
-                loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i:i + step], dtype=torch.long))
-            else:  # no class axis (a score map, a sequence): the Fisher of a Gaussian output, sampled at the teacher
+            if has_class:  # rows of class_scores follow top1's order of the other axes
+                loss = torch.nn.functional.cross_entropy(class_scores(out, self.kind),
+                                                         torch.as_tensor(y[i:i + step], dtype=torch.long).reshape(-1))
+            else:  # no class axis (a score map): the Fisher of a Gaussian output, sampled at the teacher
                 teacher = torch.as_tensor(self.teacher[i:i + step], dtype=torch.float32)
                 target = teacher + torch.randn(teacher.shape, generator=noise) * teacher.std().clamp_min(1e-6)
                 loss = 0.5 * (out - target).pow(2).sum() / len(teacher)

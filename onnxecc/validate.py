@@ -18,6 +18,7 @@ from onnxecc.budget import parse_budget
 from onnxecc.errors import UserError
 from onnxecc.inputs import resolve_shapes, shapes_text
 from onnxecc.layers import count_params, find_layers
+from onnxecc.outputs import output_kind
 
 META_PREFIX = "onnxecc."
 
@@ -25,7 +26,7 @@ META_PREFIX = "onnxecc."
 @dataclass
 class ValidateResult:
     samples: int
-    top1_agreement: float
+    top1_agreement: float | None  # along the class axis (`outputs.output_kind`); None for a map
     max_abs_diff: float
     mean_abs_diff: float
     accuracy_original: float | None
@@ -135,7 +136,7 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     pair = runtime.measure_pair(sess_o, sess_c, x[:1])
     energy = _measure_energy(comp_proto, meter, sess_o, sess_c, x[:1]) if meter is not None else None
     budget = _budget_check(comp_proto, pair, hw, energy, counted_at)
-    return ValidateResult(len(x), float((out_o.argmax(1) == out_c.argmax(1)).mean()), float(diff.max()),
+    return ValidateResult(len(x), output_kind(out_o).agreement(out_o, out_c), float(diff.max()),
                           float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget,
                           {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)})
 

@@ -103,3 +103,102 @@ def test_fisher_importance_of_a_map_output_is_not_zero(tmp_path):
     for name in names:
         assert np.isfinite(fisher[name]).all()
         assert float(fisher[name].sum()) > 0, name
+
+
+# ---- per-step class probabilities (a text recogniser's N×T×C softmax) ---------------------------------------------
+def test_output_kind_reads_the_class_axis_from_the_original_outputs():
+    from onnxecc.outputs import output_kind
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 7, 11))
+    per_step = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert (output_kind(per_step).class_axis, output_kind(per_step).probabilities) == (2, True)
+    assert (output_kind(per_step[:, 0]).class_axis, output_kind(per_step[:, 0]).probabilities) == (1, True)
+    assert (output_kind(logits[:, 0]).class_axis, output_kind(logits[:, 0]).probabilities) == (1, False)
+    assert output_kind(1 / (1 + np.exp(-logits[:, None]))).class_axis is None  # a sigmoid map: no class axis
+    assert output_kind(logits).class_axis is None  # N×T×C logits: nothing says which axis holds classes
+    assert output_kind(np.abs(logits[:, :1, 0])).class_axis is None  # N×1 regression
+
+
+def test_per_step_probabilities_are_distilled_by_kl_at_every_step():
+    """KL(teacher‖student) per step on the classes, averaged over steps, T² scaled, computed in numpy."""
+    from onnxecc.outputs import OutputKind
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(3 * torch.randn(4, 6, 9, generator=g), -1)
+    student = torch.softmax(3 * torch.randn(4, 6, 9, generator=g), -1).requires_grad_()
+    kind = OutputKind(2, probabilities=True)
+    for t in (1.0, 2.0):
+        loss = distillation_loss(student, teacher, None, temperature=t, distill_weight=0.5, kind=kind)
+        lt = np.log(teacher.numpy().astype(np.float64)) / t
+        ls = np.log(student.detach().numpy().astype(np.float64)) / t
+        pt = np.exp(lt) / np.exp(lt).sum(-1, keepdims=True)
+        ps = np.exp(ls) / np.exp(ls).sum(-1, keepdims=True)
+        expected = t * t * np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), axis=-1))
+        assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert float(distillation_loss(teacher, teacher, None, 2.0, 0.5, kind)) == pytest.approx(0.0, abs=1e-6)
+
+
+class _StepNet(torch.nn.Module):
+    """A tiny text-recogniser-like network: features over a line image, pooled over its height, class
+    probabilities at every horizontal step (N×T×C, softmax in the graph like PaddleOCR's recogniser)."""
+
+    def __init__(self, classes: int = 12):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 24, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(24, 24, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(24, 24, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(24, classes, 1)
+
+    def forward(self, x):
+        scores = self.head(self.body(x)).mean(2)  # N×C×T
+        return torch.softmax(3 * scores.transpose(1, 2), dim=-1)
+
+
+def _step_model(tmp_path):
+    torch.manual_seed(0)
+    net = _StepNet().eval()
+    path = tmp_path / "stepnet.onnx"
+    torch.onnx.export(net, (torch.randn(1, 1, 8, 20),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["probs"], dynamic_axes={"x": {0: "n"}, "probs": {0: "n"}}, opset_version=17)
+    x = np.random.default_rng(0).standard_normal((320, 1, 8, 20)).astype(np.float32)
+    data = tmp_path / "lines.npz"
+    np.savez(data, x=x)
+    return path, data, x
+
+
+def test_per_step_model_trains_and_reports_per_step_agreement(tmp_path):
+    """compress distils the N×T×C probabilities by KL and its report's agreement is per step (argmax over the
+    class axis), recomputed here from onnxruntime on the samples it held out; fine-tuning must raise it above the
+    data-free output's. Before, agreement was argmax over axis 1 — the steps."""
+    from onnxecc.data import load_npz
+
+    path, data, _ = _step_model(tmp_path)
+    opts = dict(metric="macs", method="project", importance="l2", epochs=6, lr=2e-3, seed=0, round_to=1,
+                measure_latency=False)
+    result = compress(path, "0.15", tmp_path / "tuned.onnx", CompressOptions(**opts, data=str(data)))
+    x_test = load_npz(data, input_shape=(1, 1, 8, 20)).x_test
+
+    def run(p, x):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    original, tuned = run(path, x_test), run(tmp_path / "tuned.onnx", x_test)
+    assert result.agreement == pytest.approx(float((original.argmax(-1) == tuned.argmax(-1)).mean()))
+    rel = np.sum((tuned.astype(np.float64) - original) ** 2) / np.sum(original.astype(np.float64) ** 2)
+    assert result.relative_error == pytest.approx(rel, rel=1e-6)
+    compress(path, "0.15", tmp_path / "free.onnx", CompressOptions(**opts))
+    free = run(tmp_path / "free.onnx", x_test)
+    assert result.agreement > float((original.argmax(-1) == free.argmax(-1)).mean()) + 0.05
+
+
+def test_greedy_scores_candidates_of_a_map_model_by_their_error(tmp_path):
+    """Greedy (NetAdapt-style) on a score map: argmax over the map's single channel is 0 everywhere, so every
+    candidate used to score 1.0 and the choice was arbitrary. Each step's score is now 1/(1 + relative squared
+    error) on held-out training samples: below 1 once channels are cut, and what the loop logs."""
+    path, data, _ = _map_model(tmp_path)
+    result = compress(path, "0.5", tmp_path / "greedy.onnx",
+                      CompressOptions(metric="macs", method="greedy", importance="l2", epochs=1, seed=0, round_to=1,
+                                      measure_latency=False, data=str(data)))
+    steps = [h for h in result.history if "val_score" in h]
+    assert steps and all(0 < h["val_score"] < 1 for h in steps), steps
+    assert result.agreement is None and result.relative_error is not None
