@@ -139,10 +139,12 @@ def _group_ids(ids: list[int]) -> str:
 
 @app.command()
 def compress(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Path to the .onnx file to compress."),
-    budget: str = typer.Option(..., "--budget", "-b",
-                               help="0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k (params)."),
-    output: str = typer.Option(..., "--output", "-o", help="Where to write the compressed .onnx file."),
+    budget: str = typer.Option(None, "--budget", "-b",
+                               help="Required: 0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k "
+                                    "(params)."),
+    output: str = typer.Option(None, "--output", "-o", help="Required: where to write the compressed .onnx file."),
     metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
     method: str = typer.Option("auto", "--method", help="auto (ecc with --data, else project) | "
                                                         "project | ecc | uniform | greedy | wsp."),
@@ -199,7 +201,12 @@ def compress(
                                      help="Before fine-tuning, give each convolution's output channels the original "
                                           "model's mean and spread on up to 512 training inputs again (re-estimating "
                                           "the BatchNorm that export folded away)."),
-    report: str = typer.Option(None, "--report", help="Write a JSON report here."),
+    report: str = typer.Option(None, "--report", help="Write a JSON report here (with the run's recipe)."),
+    config: str = typer.Option(None, "--config",
+                               help="Recipe file (.toml or .json, or a --report JSON) with the options; flags given "
+                                    "on the command line override it."),
+    print_config: bool = typer.Option(False, "--print-config",
+                                      help="Print the effective recipe (TOML) and exit without compressing."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Let -o replace the input model (or its external data); refused without."),
     checkpoint: str = typer.Option(None, "--checkpoint",
@@ -219,7 +226,7 @@ def compress(
     at once)."""
     from onnxecc import distributed
 
-    if nproc != 1:  # the same command in N processes (onnxecc.distributed.launch); this one only waits
+    if nproc != 1 and not print_config:  # the same command in N processes (onnxecc.distributed.launch); this waits
         if nproc < 1:
             raise UserError(f"--nproc {nproc}: give at least 1 process")
         raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_option(sys.argv[1:], "--nproc")]))
@@ -227,6 +234,7 @@ def compress(
         console.quiet = err_console.quiet = True
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from onnxecc import recipe
     from onnxecc.budget import format_cost
     from onnxecc.checkpoint import Interrupted, default_path
     from onnxecc.compress import CompressOptions
@@ -245,6 +253,15 @@ def compress(
                               prune_approximate=prune_approximate,
                               knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate,
                               input_shapes=parse_input_shapes(input_shape) or None)
+    if config:  # the file's options, with the flags given on the command line over them
+        options = recipe.merge(recipe.load(config, CompressOptions), options, _given_settings(ctx))
+    if print_config:
+        sys.stdout.write(recipe.to_toml(options))
+        return
+    for value, missing in ((budget, "--budget is missing: give e.g. --budget 0.3 (30% of the original's cost)"),
+                           (output, "--output is missing: give -o FILE.onnx (where to write the compressed model)")):
+        if value is None:
+            raise UserError(missing)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err_console, transient=True)
     task = {}
@@ -584,6 +601,20 @@ def sweep(
     console.print(table)
     console.print(f"{result.computed} point(s) computed, {len(result.points) - result.computed} reused or skipped; "
                   f"summary {result.outdir / 'sweep.json'}" + (f", plot {result.plot}" if result.plot else ""))
+
+
+_SETTING_OF_FLAG = {"loosen": "closed_loop_loosen", "input_shape": "input_shapes"}  # compress's flags named otherwise
+
+
+def _given_settings(ctx: typer.Context) -> set[str]:
+    """The `CompressOptions` fields whose flags were given on the command line (not left at their defaults):
+    those override a --config file."""
+    from onnxecc.compress import CompressOptions
+    from onnxecc.recipe import settings
+
+    given = {_SETTING_OF_FLAG.get(name, name) for name in ctx.params
+             if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    return given & set(settings(CompressOptions))
 
 
 def _without_option(args: list[str], option: str) -> list[str]:

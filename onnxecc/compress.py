@@ -32,6 +32,7 @@ from onnxecc.outputs import output_kind
 from onnxecc.problem import Problem
 from onnxecc.projection import check_reachable
 from onnxecc.quantize import Int8Dropped
+from onnxecc.recipe import as_dict as recipe_of
 from onnxecc.surgery import prune_channels
 from onnxecc.validate import analytic_cost, write_metadata
 
@@ -80,8 +81,9 @@ class CompressOptions:
     qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (quantize.FakeQuant)
     recalibrate: bool = True  # before fine-tuning: conv outputs' mean and spread back to the original's
     # sizes of symbolic input dims to analyse at (`inputs.parse_input_shapes` of --input-shape; None: the first
-    # sample of --data); `compress` puts the sizes it resolved here (`inputs.resolve_shapes`, batch first)
-    input_shapes: dict | None = None
+    # sample of --data); `compress` puts the sizes it resolved here (`inputs.resolve_shapes`, batch first);
+    # key None: the model's only input (`--input-shape 1,3,64,64`). The annotations type recipe files (`recipe`)
+    input_shapes: dict[str | None, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -116,6 +118,7 @@ class CompressResult:
     heads: list[dict] = field(default_factory=list)  # per attention layer: {"layer", "group", "before", "after"}
     # groups a normalisation runs over: pruned only with --data; {"id", "reason", "pruned", "left" (why not)}
     approximate_groups: list[dict] = field(default_factory=list)
+    recipe: dict | None = None  # the options as given (`onnxecc.recipe`): `--config REPORT` repeats the run
 
     @property
     def final_cost(self) -> float:
@@ -162,7 +165,7 @@ class CompressResult:
             "latency_ratio": self.latency_ratio,
             "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
             "precision": self.precision, "input_shapes": self.input_shapes,
-            "approximate_groups": self.approximate_groups, "heads": self.heads,
+            "approximate_groups": self.approximate_groups, "heads": self.heads, "recipe": self.recipe,
         }
 
 
@@ -228,6 +231,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
             atomic.check_output_path(path)
     _refuse_overwriting_input(model, output, report, checkpoint, overwrite)
     _check_options(opts)
+    recipe = recipe_of(opts)  # before the run fills in sizes, rounding and provider it resolved
     parsed = parse_budget(str(budget), opts.metric)
     _check_devices(opts)
     if distributed.launched():  # torchrun / --nproc: DDP training, rank 0 projects, measures and writes
@@ -416,6 +420,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         pruned, _widths(graph, keep), history=history, warnings=warnings,
     )
     result.method = method if pruned else "none"
+    result.recipe = recipe
     result.rounds = rounds
     result.heads = attention_heads(graph, keep)
     left = "approximate: needs --data" if data is None else "left whole: --keep-approximate"

@@ -897,6 +897,7 @@ def _accuracy(model: onnx.ModelProto, data) -> float | None:
 def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, report, emit):
     """`compress --method wsp --metric energy --hardware H.json` (see the module docstring)."""
     from onnxecc.compress import CompressResult, _evaluate, _tool_version, recovery_warnings
+    from onnxecc.recipe import as_dict as recipe_of
     from onnxecc.validate import write_metadata
 
     opts = options
@@ -976,6 +977,7 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
                             plan.original * jpu, estimated * jpu, counted * jpu, pruned, {}, history=history,
                             warnings=warnings)
     result.method = "wsp" if pruned else "none"
+    result.recipe = recipe_of(opts)  # wsp changes no option: the options as given
     emit("stage", {"name": "validate"})
     t = time.perf_counter()
     _evaluate(result, plan.proto, data, opts)
