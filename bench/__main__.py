@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--only AREA,...] [--results DIR] [--set KEY=VALUE ...]` from the repo root.
 
-Runs each selected area, writes `<results>/<area>.json` atomically (date, machine, versions, command, load
-average, wall time and the area's own result) and prints one rich table per area.
+Runs each selected area (without --only: every area but the opt-in ones, which the header line names), writes
+`<results>/<area>.json` atomically (date, machine, versions, command, load average, wall time and the area's own
+result) and prints one rich table per area.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
-from bench import _common, areas
+from bench import _common, areas, opt_in_reason, select
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -36,7 +37,9 @@ def _parse_set(items: list[str]) -> dict:
 def _parser(names: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="onnxecc benchmarks (see bench/README.md).")
     p.add_argument("--quick", action="store_true", help="the reduced configuration (a few minutes in all)")
-    p.add_argument("--only", default="", help=f"comma-separated areas (default: all of {', '.join(names)})")
+    p.add_argument("--only", default="",
+                   help=f"comma-separated areas (default: all of {', '.join(names)} but the opt-in ones; "
+                        "--list marks them)")
     p.add_argument("--results", default=None,
                    help=f"directory of the JSON results (default: ${_common.RESULTS_ENV} or bench/results)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -46,15 +49,26 @@ def _parser(names: list[str]) -> argparse.ArgumentParser:
     return p
 
 
+def skipped_text(registry: dict, skipped: list[str]) -> str:
+    """The header's note of the opt-in areas a default run leaves out, and how to run them."""
+    if not skipped:
+        return ""
+    names = ", ".join(f"{name} ({opt_in_reason(registry[name])})" for name in skipped)
+    return f"; skipped opt-in areas: {names}: run with --only {','.join(skipped)}"
+
+
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     registry = areas()
     args = _parser(list(registry)).parse_args(argv)
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     if args.list:
         for name, module in registry.items():
-            console.print(f"{name:12s} {getattr(module, 'DESCRIPTION', '')}")
+            reason = opt_in_reason(module)
+            mark = f" [opt-in: {reason}; run with --only {name}]" if reason else ""
+            console.print(f"{name:12s} {getattr(module, 'DESCRIPTION', '')}{mark}", markup=False, highlight=False,
+                          soft_wrap=True)
         return 0
-    selected = [a.strip() for a in args.only.split(",") if a.strip()] or list(registry)
+    selected, skipped = select(registry, args.only)
     unknown = [a for a in selected if a not in registry]
     if unknown:
         console.print(f"unknown area(s): {', '.join(unknown)} (areas: {', '.join(registry)})")
@@ -66,7 +80,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     common = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": _common.machine(),
               "versions": _common.versions(), "command": command, "quick": args.quick}
     console.print(f"[bold]onnxecc benchmarks[/] ({'quick' if args.quick else 'full'}): {', '.join(selected)} — "
-                  f"{common['machine']['cpu']}, {common['machine']['cores']} cores, load {_common.load_average()}")
+                  f"{common['machine']['cpu']}, {common['machine']['cores']} cores, load {_common.load_average()}"
+                  + skipped_text(registry, skipped))
     summary, failed, t_all = [], [], time.perf_counter()
     for name in selected:
         module = registry[name]

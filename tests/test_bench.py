@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from test_closed_loop import floor_here as _floor_here  # noqa: E402, F401  (fixtures: a measured latency miss)
+from test_closed_loop import profile_here as _profile_here  # noqa: E402, F401
+
 from bench import areas  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 
@@ -34,6 +37,40 @@ def test_registry_has_the_areas():
     assert EXPECTED_AREAS <= set(registry)
     for name, module in registry.items():
         assert callable(module.run) and callable(module.table), name
+
+
+def test_opt_in_areas_run_only_when_named(tmp_path):
+    """A run without --only goes through every area but the opt-in ones (separation: many hours) and its header
+    says which it skipped and how to run them; --only runs an opt-in area; --list marks it. A setting no area has
+    makes each selected area fail at once, so the default run is real but takes seconds."""
+    from bench import opt_in_reason, select
+
+    registry = areas()
+    opt_in = [name for name, module in registry.items() if opt_in_reason(module)]
+    assert opt_in == ["separation"]
+    default, skipped = select(registry)
+    assert skipped == ["separation"] and "separation" not in default
+    assert set(default) == set(registry) - {"separation"}
+    assert select(registry, "separation") == (["separation"], [])
+    assert select(registry, "groups, separation") == (["groups", "separation"], [])
+
+    console = _quiet()
+    assert main(["--quick", "--results", str(tmp_path), "--set", "nosuch=1"], console=console) == 1
+    text = console.file.getvalue()
+    header = " ".join(text.split("─")[0].split())  # the line before the first area's rule, unwrapped
+    assert "skipped opt-in areas: separation (many hours): run with --only separation" in header, header
+    failed = {line.split()[1] for line in text.splitlines() if line.startswith("area ") and " failed:" in line}
+    assert failed == set(default)  # every default area was started (and refused the setting); separation was not
+    console = _quiet()
+    assert main(["--quick", "--only", "separation", "--results", str(tmp_path), "--set", "nosuch=1"],
+                console=console) == 1
+    text = console.file.getvalue()
+    assert "skipped" not in text.split("─")[0] and "area separation failed:" in text
+    console = _quiet()
+    assert main(["--list"], console=console) == 0
+    listed = {line.split()[0]: line for line in console.file.getvalue().splitlines() if line.strip()}
+    assert "[opt-in: many hours; run with --only separation]" in listed["separation"]
+    assert all("opt-in" not in listed[name] for name in default)
 
 
 def test_groups_area_writes_json(tmp_path):
@@ -265,3 +302,34 @@ def test_separation_area_quick(tmp_path):
     assert "separation" in console.file.getvalue()
     assert main(["--only", "separation", "--results", str(tmp_path), "--set", "variant=nosuch"],
                 console=_quiet()) == 1
+
+
+def test_separation_reads_a_missed_measured_budget_as_its_own_outcome(tmp_path, request):
+    """compress through the CLI as the area runs it, on a budget the (optimistic) profile believes reachable and
+    this machine measures over (test_closed_loop's injected model error): exit 1, the model kept as
+    NAME.over-budget.onnx. The area reads that file back as a missed budget; a run that met its budget and a
+    refused one are not read as misses."""
+    from test_closed_loop import DEMO_MODELS, _below_the_floor, _optimistic_profile
+
+    from bench.separation import _cli, over_budget_output
+
+    profile_here, floor_here = request.getfixturevalue("_profile_here"), request.getfixturevalue("_floor_here")
+    model = str(DEMO_MODELS[0])
+    out, report = tmp_path / "m.onnx", tmp_path / "m.json"
+    code, last, _ = _cli("compress", model, "--metric", "latency", "--profile",
+                         str(_optimistic_profile(tmp_path, profile_here)), "--max-rounds", "1", "--budget",
+                         _below_the_floor(tmp_path, profile_here, floor_here), "-o", str(out), "--report",
+                         str(report), "--quiet", threads=1)
+    assert code == 1, last
+    kept = over_budget_output(code, out, report)
+    assert kept == tmp_path / "m.over-budget.onnx" and kept.exists() and not out.exists()
+    assert json.loads(report.read_text())["meets_budget"] is False
+
+    met, met_report = tmp_path / "ok.onnx", tmp_path / "ok.json"
+    code, last, _ = _cli("compress", model, "--metric", "macs", "--budget", "0.5", "-o", str(met), "--report",
+                         str(met_report), "--quiet", threads=1)
+    assert code == 0 and met.exists(), last
+    assert over_budget_output(code, met, met_report) is None
+    code, last, _ = _cli("compress", model, "--metric", "macs", "--budget", "0.0001", "-o", str(tmp_path / "no.onnx"),
+                         "--report", str(tmp_path / "no.json"), "--quiet", threads=1)
+    assert code == 2 and over_budget_output(code, tmp_path / "no.onnx", tmp_path / "no.json") is None, last
