@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "onnxecc"
-ONNX_SIDE = ["onnxecc", "onnxecc.ingest", "onnxecc.graph", "onnxecc.normalize", "onnxecc.layers",
-             "onnxecc.channels", "onnxecc.surgery", "onnxecc.costs", "onnxecc.budget", "onnxecc.projection",
-             "onnxecc.importance", "onnxecc.problem", "onnxecc.runtime", "onnxecc.validate", "onnxecc.inspection",
-             "onnxecc.compress", "onnxecc.atomic", "onnxecc.cli"]
+ONNX_SIDE = ["onnxecc", "onnxecc.graph.ingest", "onnxecc.graph.graph", "onnxecc.graph.normalize",
+             "onnxecc.graph.layers", "onnxecc.graph.channels", "onnxecc.graph.surgery", "onnxecc.cost.costs",
+             "onnxecc.cost.budget", "onnxecc.optimize.projection", "onnxecc.optimize.importance",
+             "onnxecc.optimize.problem", "onnxecc.graph.runtime", "onnxecc.validate", "onnxecc.inspection",
+             "onnxecc.compress", "onnxecc.core.atomic", "onnxecc.cli"]
 BLOCK = "import sys\nfor m in ('torch', 'onnx2torch', 'cvxpy', 'torchvision'):\n    sys.modules[m] = None\n"
 
 

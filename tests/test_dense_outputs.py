@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.errors import UserError
-from onnxecc.finetune import distillation_loss
+from onnxecc.core.errors import UserError
+from onnxecc.train.finetune import distillation_loss
 
 
 def test_a_score_map_is_distilled_by_relative_squared_error():
@@ -88,10 +88,10 @@ def test_fisher_importance_of_a_map_output_is_not_zero(tmp_path):
     none, so every importance was 0 and the ranking a tie."""
     import onnx
 
-    from onnxecc.channels import analyze
-    from onnxecc.data import load_npz
-    from onnxecc.finetune import TrainConfig
-    from onnxecc.masked import MaskedModel
+    from onnxecc.graph.channels import analyze
+    from onnxecc.graph.data import load_npz
+    from onnxecc.train.finetune import TrainConfig
+    from onnxecc.train.masked import MaskedModel
 
     path, data, _ = _map_model(tmp_path)
     proto = onnx.load(path)
