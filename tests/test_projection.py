@@ -349,7 +349,7 @@ def test_25k_channels_the_projection_is_feasible_top_k_and_maximal():
 # ---------------------------------------------------------------------------------- architecture rule
 
 
-@pytest.mark.parametrize("module", ["budget.py", "projection.py"])
+@pytest.mark.parametrize("module", ["cost/budget.py", "optimize/projection.py"])
 def test_onnx_side_modules_import_no_training_stack(module):
     src = (Path(__file__).resolve().parents[1] / "onnxecc" / module).read_text()
     imported = set()

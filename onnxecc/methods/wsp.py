@@ -1095,7 +1095,7 @@ def bench_wsp_accuracy(seeds=(0, 1, 2), budgets=(0.2, 0.4), models=None, epochs:
     from onnxecc.compress import CompressOptions
     from onnxecc.graph.data import load_digits
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     models = models or [repo / "models" / "digits_cnn.onnx", repo / "models" / "digits_resdw.onnx"]
     hw = hwm.load_hardware(hardware or repo / "profiles" / "eyeriss.json")
     data = load_digits()
