@@ -34,7 +34,7 @@ fuzz: install
 	ONNXECC_FUZZ_EXAMPLES=$${ONNXECC_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest tests/test_fuzz_ingest.py -q
 
 lint: install
-	$(BIN)/ruff check onnxecc tests models bench
+	$(BIN)/ruff check onnxecc tests models bench tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache

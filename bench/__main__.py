@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         payload = {"area": name, **common, "load_average_before": load_before,
                    "load_average_after": _common.load_average(), "wall_s": wall, "cpu_s": cpu, "result": result}
-        from onnxecc.atomic import write_json
+        from onnxecc.core.atomic import write_json
 
         path = write_json(out_dir / f"{name}.json", payload)
         console.print(module.table(result))

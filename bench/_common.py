@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxecc import atomic
+from onnxecc.core import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -84,7 +84,7 @@ def digits_npz(size: int = DIGITS_SIZE) -> Path:
         return path
     import torch
 
-    from onnxecc.data import load_digits
+    from onnxecc.graph.data import load_digits
 
     d = load_digits(0)
     x = torch.nn.functional.interpolate(torch.from_numpy(np.concatenate([d.x_train, d.x_test])), size=(size, size),
@@ -109,7 +109,7 @@ def digits_trained(arch: str, epochs: int = 10, size: int = DIGITS_SIZE, seed: i
     path, info_path, data = cache_dir() / f"{tag}.onnx", cache_dir() / f"{tag}.json", digits_npz(size)
     if path.exists() and info_path.exists():
         return path, data, json.loads(info_path.read_text())
-    from onnxecc.data import load_npz
+    from onnxecc.graph.data import load_npz
 
     d = load_npz(data)
     x, y = torch.from_numpy(d.x_train), torch.from_numpy(d.y_train)
@@ -147,13 +147,13 @@ def _train(model, x, y, opt, sched, epochs: int) -> None:
 
 # ---- counting -----------------------------------------------------------------------------------------------
 def macs(model) -> int:
-    from onnxecc.layers import find_layers
+    from onnxecc.graph.layers import find_layers
 
     return int(sum(layer.macs for layer in find_layers(model)))
 
 
 def params(model) -> int:
-    from onnxecc.layers import count_params
+    from onnxecc.graph.layers import count_params
 
     return int(count_params(model))
 
@@ -165,11 +165,11 @@ NOISY = 0.10  # relative IQR (across rounds) above which a latency is flagged as
 def latency_pair(original, other, x: np.ndarray, rounds: int = 5, round_s: float = 0.2,
                  min_repeats: int = 5, max_repeats: int = 200, retries: int = 2) -> dict:
     """ORT CPU, 1 thread: `original` and `other` (protos or sessions) timed side by side with
-    `onnxecc.runtime.measure_pair` (interleaved rounds; the ratio is the median of per-round ratios). Repeats per
+    `onnxecc.graph.runtime.measure_pair` (interleaved rounds; the ratio is the median of per-round ratios). Repeats per
     round are chosen so one round of the original lasts about `round_s`. If the per-round ratios' IQR exceeds
     `NOISY` of their median (a burst of load from other processes), the pair is measured again, up to `retries`
     times, and the least noisy attempt is kept. Returns medians, IQRs, the ratio and the noise."""
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     a = original if hasattr(original, "run") else runtime.session(original, threads=1)
     b = other if hasattr(other, "run") else runtime.session(other, threads=1)

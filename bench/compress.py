@@ -4,7 +4,7 @@ Per demo model (models/digits_cnn.onnx, models/digits_resdw.onnx) and budget (MA
 MACs 0.3): `onnxecc.compress(model, budget, options=CompressOptions(metric, data="digits"))` with its default
 method and fine-tuning; reported are the held-out digits accuracy before/after, the MACs (and parameter) ratio
 counted on the output model, the ORT CPU latency ratio (1 thread, batch 1, measured side by side with the
-original by `onnxecc.runtime.measure_pair`) and the wall time of the `compress` call.
+original by `onnxecc.graph.runtime.measure_pair`) and the wall time of the `compress` call.
 
 `torch_threads` pins torch's intra-op threads for the call (None: torch's default, as a user runs it). Quick mode
 uses 1: on a shared 2-core machine, two OpenMP threads competing with other processes made the same fine-tuning
@@ -44,9 +44,9 @@ def run(quick: bool, **overrides) -> dict:
 
 
 def _row(name: str, metric: str, budget: str, cfg: dict) -> dict:
-    from onnxecc import ingest
     from onnxecc.compress import CompressOptions, compress
-    from onnxecc.data import load_digits
+    from onnxecc.graph import ingest
+    from onnxecc.graph.data import load_digits
 
     path = _common.MODELS / f"{name}.onnx"
     opts = CompressOptions(metric=metric, data=cfg["data"], seed=cfg["seed"])

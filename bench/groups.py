@@ -1,7 +1,7 @@
 """Area `groups`: how much of each real architecture the channel analysis can prune.
 
 Per torchvision architecture of the test zoo (tests/zoo.py, 64×64 exports cached in tests/.cache): conv
-layers, the fraction whose output channels are prunable (`onnxecc.channels.prunable_fraction`), channel
+layers, the fraction whose output channels are prunable (`onnxecc.graph.channels.prunable_fraction`), channel
 groups (all / prunable / frozen) and what froze them. Graph input and output groups are always frozen; the
 "frozen by" column shows the first *other* reason when there is one.
 """
@@ -31,8 +31,8 @@ def run(quick: bool, **overrides) -> dict:
 
 
 def _row(arch: str) -> dict:
-    from onnxecc import ingest
-    from onnxecc.channels import analyze, prunable_fraction
+    from onnxecc.graph import ingest
+    from onnxecc.graph.channels import analyze, prunable_fraction
 
     row: dict = {"arch": arch}
     try:

@@ -74,8 +74,8 @@ def profile_path(export, cfg: dict):
 def _profile(arch: str, path, cfg: dict, row: dict):
     """The cached profile of `path`, or a new one (an interrupted one resumes where it stopped)."""
     from onnxecc import profile
-    from onnxecc.errors import UserError
-    from onnxecc.profiler import load_profile
+    from onnxecc.core.errors import UserError
+    from onnxecc.cost.profiler import load_profile
 
     out = profile_path(path, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def _profile(arch: str, path, cfg: dict, row: dict):
 
 
 def _row(arch: str, cfg: dict) -> dict:
-    from onnxecc import ingest, runtime
+    from onnxecc.graph import ingest, runtime
 
     row: dict = {"arch": arch, "times_s": {}}
     path = _common.zoo().export(arch)
@@ -120,7 +120,7 @@ def _row(arch: str, cfg: dict) -> dict:
 
 def _run_one(path, prof_path, budget: float, original, x: np.ndarray, cfg: dict) -> dict:
     from onnxecc.compress import CompressOptions, _selected_round, compress
-    from onnxecc.errors import UserError
+    from onnxecc.core.errors import UserError
 
     entry: dict = {"budget": budget}
     opts = CompressOptions(metric="latency", profile=str(prof_path), method="project", measure_latency=False,

@@ -4,11 +4,12 @@
 Each model runs in a fresh process (ONNX side only: no torch imported). Per step, the kernel's peak-RSS mark is
 reset (`/proc/self/clear_refs`) and read afterwards (`VmHWM`); the table shows (peak RSS − the process's RSS
 after its imports, before loading) / the model's size on disk (.onnx plus external data), so 1.0× is the model
-itself held once. Steps: `onnxecc.ingest.load` (checker and shape checks included), `onnxecc.analysis.analyse`,
-then `onnxecc.surgery.prune_channels` keeping half of every prunable group plus `onnxecc.ingest.save` of the
-result; then, from the file again, `compress` end to end (MACs budget 0.5, projection only, the onnxruntime
-check of both models on a random batch, the output written; no latency timing). Models: torchvision resnet152
-and vgg16 (weights=None, 224×224, exported once and cached in bench/.cache); full mode adds a synthetic model
+itself held once. Steps: `onnxecc.graph.ingest.load` (checker and shape checks included),
+`onnxecc.cost.analysis.analyse`, then `onnxecc.graph.surgery.prune_channels` keeping half of every prunable group
+plus `onnxecc.graph.ingest.save` of the result; then, from the file again, `compress` end to end (MACs budget 0.5,
+projection only, the onnxruntime check of both models on a random batch, the output written; no latency timing).
+Models: torchvision resnet152 and vgg16 (weights=None, 224×224, exported once and cached in bench/.cache); full
+mode adds a synthetic model
 over protobuf's 2 GB limit (three Gemm layers of 16384 inputs, ~2.4 GB of float32 weights, stored as external
 data) when the machine has the RAM for it; quick mode: resnet18."""
 
@@ -98,7 +99,8 @@ def _export(arch: str) -> Path:
 
 def _synthetic(width: int) -> Path:
     """input (batch × width) → Gemm width×width → Relu → Gemm width×width → Relu → Gemm width×(width/4): over 2 GB
-    of weights, saved by `onnxecc.ingest.save` (external data). Built in a child process (its peak stays there)."""
+    of weights, saved by `onnxecc.graph.ingest.save` (external data). Built in a child process (its peak stays
+    there)."""
     path = _common.cache_dir() / f"synthetic-gemm-{width}.onnx"
     if path.exists() and path.with_name(path.name + ".data").exists():
         return path
@@ -113,7 +115,7 @@ def _build_synthetic(width: int, path: str) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
 
     rng = np.random.default_rng(0)
     dims = [width, width, width, width // 4]
@@ -158,9 +160,9 @@ def _measure(path: str, keep_fraction: float, compress_budget: float | None = No
 
     import numpy as np
 
-    from onnxecc import ingest
-    from onnxecc.analysis import analyse
-    from onnxecc.surgery import prune_channels
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.graph import ingest
+    from onnxecc.graph.surgery import prune_channels
 
     p = Path(path)
     size_mb = (p.stat().st_size + sum(q.stat().st_size for q in p.parent.glob(p.name + ".data"))) / 2**20

@@ -12,8 +12,8 @@ Per architecture (torchvision, weights=None, exported at size×size with a dynam
 * `onnxecc.compress(path, "0.5", CompressOptions(metric="macs", measure_latency=False))`: the projection only
   (no data, no fine-tuning), with round_to 1 and round_to 8.
 
-For each: the MACs ratio (`onnxecc.layers.find_layers` counts) and the ORT CPU latency ratio, 1 thread, batch 1,
-measured side by side with the original by `onnxecc.runtime.measure_pair` (interleaved rounds, the median of
+For each: the MACs ratio (`onnxecc.graph.layers.find_layers` counts) and the ORT CPU latency ratio, 1 thread, batch 1,
+measured side by side with the original by `onnxecc.graph.runtime.measure_pair` (interleaved rounds, the median of
 the per-round ratios), so load from other processes hits both models alike; a pair whose per-round ratios' IQR
 stays above 10% of their median after two re-measurements is flagged noisy ('?').
 """
@@ -74,11 +74,11 @@ def uniform_keep(graph, keep: float, multiple: int, seed: int) -> dict[int, np.n
 
 
 def _row(arch: str, cfg: dict) -> dict:
-    from onnxecc import ingest, runtime
-    from onnxecc.channels import analyze
     from onnxecc.compress import CompressOptions, compress
-    from onnxecc.layers import with_static_shapes
-    from onnxecc.surgery import prune_channels
+    from onnxecc.graph import ingest, runtime
+    from onnxecc.graph.channels import analyze
+    from onnxecc.graph.layers import with_static_shapes
+    from onnxecc.graph.surgery import prune_channels
 
     row: dict = {"arch": arch, "times_s": {}}
     with _common.timed(row["times_s"], "export"):

@@ -51,10 +51,10 @@ def run(quick: bool, **overrides) -> dict:
 
 
 def _run(name: str, budget: str, method: str, seed: int, cfg: dict) -> dict:
-    from onnxecc import ingest
     from onnxecc.compress import CompressOptions, compress
-    from onnxecc.data import load_digits
-    from onnxecc.errors import UserError
+    from onnxecc.core.errors import UserError
+    from onnxecc.graph import ingest
+    from onnxecc.graph.data import load_digits
 
     opts = CompressOptions(metric="latency", profile=str(_common.MODELS.parent / "profiles" / f"{name}.cpu.json"),
                            data="digits", method=method, seed=seed, measure_latency=False,

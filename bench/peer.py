@@ -1,7 +1,7 @@
 """Area `peer`: onnxecc next to Torch-Pruning, the tool users reach for today for structured pruning.
 
-Same model (the digits demos, converted to torch by `onnxecc.bridge.to_torch`), same MACs budget, same
-kernel-friendly widths (multiples of 16), same fine-tuning (`onnxecc.finetune.finetune`: epochs, Adam, cosine
+Same model (the digits demos, converted to torch by `onnxecc.train.bridge.to_torch`), same MACs budget, same
+kernel-friendly widths (multiples of 16), same fine-tuning (`onnxecc.train.finetune.finetune`: epochs, Adam, cosine
 decay, distillation from the original's logits), both exported to ONNX and measured by onnxruntime side by side
 with the original: MACs counted on the file, test accuracy, latency ratio. Torch-Pruning's `MagnitudePruner`
 (L2 magnitude, the same ratio in every layer, the classifier left whole) gets the largest pruning ratio whose
@@ -43,7 +43,7 @@ def run(quick: bool, **overrides) -> dict:
 def _row(name: str, tool: str, cfg: dict) -> dict:
     import onnx
 
-    from onnxecc.data import load_digits
+    from onnxecc.graph.data import load_digits
 
     path = _common.REPO / "models" / f"{name}.onnx"
     original = onnx.load(path)
@@ -51,7 +51,7 @@ def _row(name: str, tool: str, cfg: dict) -> dict:
     t = time.perf_counter()
     model = _onnxecc(path, cfg) if tool == "onnxecc" else _torch_pruning(original, data, cfg)
     wall = time.perf_counter() - t
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     logits = runtime.run_batched(runtime.session(model), data.x_test)
     pair = _common.latency_pair(original, model, data.x_test[:1])
@@ -72,9 +72,9 @@ def _torch_pruning(original, data, cfg):
     import torch
     import torch_pruning as tp
 
-    from onnxecc import runtime
-    from onnxecc.bridge import to_torch
-    from onnxecc.finetune import TrainConfig, finetune
+    from onnxecc.graph import runtime
+    from onnxecc.train.bridge import to_torch
+    from onnxecc.train.finetune import TrainConfig, finetune
 
     base = to_torch(original).module.eval()
     x = torch.zeros(1, *data.x_train.shape[1:])

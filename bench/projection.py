@@ -1,6 +1,6 @@
-"""Area `projection`: quality and speed of the structured knapsack projection (`onnxecc.projection.project`).
+"""Area `projection`: quality and speed of the structured knapsack projection (`onnxecc.optimize.projection.project`).
 
-* Quality: `onnxecc.exact.greedy_vs_exact_gaps` — the greedy against the exact MILP (cvxpy + HiGHS) on random
+* Quality: `onnxecc.optimize.exact.greedy_vs_exact_gaps` — the greedy against the exact MILP (cvxpy + HiGHS) on random
   small instances with random budgets: worst and mean relative gap of the kept importance, share solved optimally.
 * Speed: time of one `project` call (median of repeats) at budgets 0.3 / 0.5 / 0.7 of the full MACs, with
   round_to 1 and 8, on
@@ -49,7 +49,7 @@ def run(quick: bool, **overrides) -> dict:
 
 
 def _gaps(n: int, seed: int) -> dict:
-    from onnxecc.exact import greedy_vs_exact_gaps
+    from onnxecc.optimize.exact import greedy_vs_exact_gaps
 
     t = time.perf_counter()
     gaps = np.array(greedy_vs_exact_gaps(n, seed), dtype=np.float64)
@@ -60,7 +60,7 @@ def _gaps(n: int, seed: int) -> dict:
 
 def resnet50_like(rng: np.random.Generator):
     """(cost, importance): a random bilinear MACs-like cost with ResNet-50's group structure and widths."""
-    from onnxecc.costs import BilinearCost, Term
+    from onnxecc.cost.costs import BilinearCost, Term
 
     full: dict[int, int] = {}
     terms: list[Term] = []
@@ -97,12 +97,12 @@ def resnet50_like(rng: np.random.Generator):
 
 def _real(arch: str, size: int):
     """The MACs cost and importances exactly as `onnxecc.compress` builds them, with set-up times."""
-    from onnxecc import ingest
-    from onnxecc.channels import analyze
     from onnxecc.compress import cost_model
-    from onnxecc.costs import unit_classes
-    from onnxecc.importance import l2_importance
-    from onnxecc.layers import find_layers, with_static_shapes
+    from onnxecc.cost.costs import unit_classes
+    from onnxecc.graph import ingest
+    from onnxecc.graph.channels import analyze
+    from onnxecc.graph.layers import find_layers, with_static_shapes
+    from onnxecc.optimize.importance import l2_importance
 
     setup: dict = {}
     with _common.timed(setup, "export_s"):
@@ -125,7 +125,7 @@ def _real(arch: str, size: int):
 
 
 def _speed(name: str, cost, importance: dict, setup: dict, cfg: dict) -> dict:
-    from onnxecc.projection import min_cost, project
+    from onnxecc.optimize.projection import min_cost, project
 
     full = cost(None)
     row = {"instance": name, "variables": len(importance), "channels": int(sum(len(v) for v in importance.values())),

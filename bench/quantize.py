@@ -168,7 +168,7 @@ def _with_precision(path, prof, data) -> str:
     bench data (digits training split, or the npz of random inputs)."""
     import json
 
-    from onnxecc.profiler import ModelInfo, load_profile, precision_section
+    from onnxecc.cost.profiler import ModelInfo, load_profile, precision_section
 
     out = _common.cache_dir() / "profiles" / (Path(prof).stem + ".int8sets.json")  # the set choice (`candidate_sets`)
     try:
@@ -178,7 +178,7 @@ def _with_precision(path, prof, data) -> str:
         pass
     loaded = load_profile(prof, str(path))
     if data is None:
-        from onnxecc.data import load_digits
+        from onnxecc.graph.data import load_digits
 
         x = load_digits(0).x_train[:128]
     else:
@@ -195,7 +195,7 @@ def _profile_here(name: str, path) -> Path:
     settings): a latency model fitted on another machine mispredicts this one (the AMD EPYC profiles on an Intel
     Xeon: every demo output over a 0.3/0.5 budget after the closed loop's rounds)."""
     from bench import guarantee
-    from onnxecc.profiler.store import for_this_cpu
+    from onnxecc.cost.profiler.store import for_this_cpu
 
     shipped = sorted((_common.MODELS.parent / "profiles").glob(f"{name}.cpu*.json"))
     return for_this_cpu(shipped, str(path)) or guarantee._profile(name, path, guarantee.config(False), {})[0]
@@ -221,10 +221,10 @@ def _pair_row(name: str, path, profile: str, data: str, budget: float, cfg: dict
 
 
 def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bool = True) -> dict:
-    from onnxecc import ingest, runtime
     from onnxecc.compress import CompressOptions, compress
-    from onnxecc.data import load_data
-    from onnxecc.errors import UserError
+    from onnxecc.core.errors import UserError
+    from onnxecc.graph import ingest, runtime
+    from onnxecc.graph.data import load_data
 
     opts = CompressOptions(metric="latency", profile=profile, data=data, method=cfg["method"], seed=cfg["seed"],
                            measure_latency=False, knobs=knobs, qat=qat)
@@ -265,7 +265,7 @@ def _run(path, profile: str, data: str, budget: float, knobs, cfg: dict, qat: bo
         out["at_output_widths"] = [{"ratio_chosen": r["ratio_chosen"], "int8": len(r["int8_layers"]),
                                     "when": r.get("when")} for r in res.precision["at_output_widths"]]
         out["source"] = res.precision["source"].split(":")[0]
-        from onnxecc.profiler import load_profile
+        from onnxecc.cost.profiler import load_profile
 
         stored = load_profile(profile).precision or {}
         out["profile_int8_samples"] = {smp["kind"]: smp["int8_ms"] / smp["fp32_ms"]

@@ -580,9 +580,9 @@ NOT_MEASURED = {
         ("it must stay well under 10 minutes", "a limit of the test suite (pyproject.toml)"),
         ("kept to about 1 GiB", "a limit of the code (recalibrate)"),
         ("if it lands more than 10% under the budget", "the closed loop's rule"),
-        ("faster by more than the noise and 0.2%", "a threshold of onnxecc.quantize"),
+        ("faster by more than the noise and 0.2%", "a threshold of onnxecc.train.quantize"),
         ("protobuf's 2 GB limit", "protobuf's limit"),
-        ("models of 64 MiB or more", "a threshold of onnxecc.runtime"),
+        ("models of 64 MiB or more", "a threshold of onnxecc.graph.runtime"),
         ("on a model over 2 GB", "what the feature handles, not a measurement"),
     ],
     "bench/README.md": [

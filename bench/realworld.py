@@ -165,7 +165,7 @@ def _prunable(info: dict) -> dict:
 
 def _second_size(original: Path, compressed: Path, spec: str) -> dict:
     """Both models at another input size: does the output run, with the original's output shapes?"""
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     name, _, dims = spec.partition(":")
     shape = [int(d) for d in dims.split(",")]
@@ -188,7 +188,7 @@ def _second_size(original: Path, compressed: Path, spec: str) -> dict:
 # ---- accuracy on rendered text -------------------------------------------------------------------------------
 def _accuracy(cfg: dict, tmp: Path) -> dict:
     from bench import textdata
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     out: dict = {}
     cls = model_path("ppocr_cls")

@@ -1,8 +1,8 @@
 """Area `roundtrip`: ONNX → torch → ONNX, how long each step takes and whether the model survives unchanged.
 
-Per architecture of the test zoo (tests/zoo.py, 64×64 exports): wall time of `onnxecc.ingest.load` (with the
-checker), `onnxecc.channels.analyze`, `onnxecc.bridge.to_torch` (normalise, onnx2torch, verified weight map)
-and `onnxecc.bridge.write_back`; then the original and the written-back model run in onnxruntime on the same
+Per architecture of the test zoo (tests/zoo.py, 64×64 exports): wall time of `onnxecc.graph.ingest.load` (with the
+checker), `onnxecc.graph.channels.analyze`, `onnxecc.train.bridge.to_torch` (normalise, onnx2torch, verified weight map)
+and `onnxecc.train.bridge.write_back`; then the original and the written-back model run in onnxruntime on the same
 random batch, and the max relative difference max|a − b| / max|a| is reported (it should be exactly 0: weights
 that torch did not change are left bit-identical in the original graph).
 """
@@ -33,9 +33,9 @@ def run(quick: bool, **overrides) -> dict:
 
 
 def _row(arch: str, cfg: dict) -> dict:
-    from onnxecc import ingest, runtime
-    from onnxecc.bridge import to_torch, write_back
-    from onnxecc.channels import analyze
+    from onnxecc.graph import ingest, runtime
+    from onnxecc.graph.channels import analyze
+    from onnxecc.train.bridge import to_torch, write_back
 
     path = _common.zoo().export(arch)
     times: dict = {}

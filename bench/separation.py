@@ -12,7 +12,7 @@ distance to the drawn string (character accuracy = 1 − errors / characters; ex
 Every onnxecc method runs through the CLI as a user runs it, on the same `--data` npz (train lines, then the
 validation lines as its last 20 %, which `compress` holds out: it never trains on them; the test lines never reach
 it). The npz has no labels: an output without a class axis is distilled from the original's outputs (relative
-squared error, `onnxecc.finetune.distillation_loss`):
+squared error, `onnxecc.train.finetune.distillation_loss`):
 
     onnxecc compress MODEL --budget B --metric M --method {ecc,project,greedy,uniform} --data TRAIN.npz
         --epochs E --admm-iterations I --admm-epochs A --admm-decay I --max-rounds R --input-shape x:1,3,48,W
@@ -20,8 +20,8 @@ squared error, `onnxecc.finetune.distillation_loss`):
 
 compress gives every method ecc's training in all (I·A + E epochs; greedy's one epoch per step may exceed it).
 Torch-Pruning (MetaPruner, L2 group magnitude) prunes the torch module onnxecc's bridge converts
-(`onnxecc.bridge.to_torch`, onnx2torch) to the MACs of the budget (a latency budget: the MACs of onnxecc's ecc
-output of the same seed), is fine-tuned by `onnxecc.finetune` with the same distillation for as many epochs at the
+(`onnxecc.train.bridge.to_torch`, onnx2torch) to the MACs of the budget (a latency budget: the MACs of onnxecc's ecc
+output of the same seed), is fine-tuned by `onnxecc.train.finetune` with the same distillation for as many epochs at the
 rate the same probe picks, and is exported. Where Torch-Pruning cannot handle part of the converted graph, the area
 finds it out (`tp_plan`: groups whose dependency propagation does not close, a trial step that raises) and leaves
 that part whole; the reasons are recorded word for word.
@@ -258,7 +258,7 @@ def _npz(path: Path, x_train: np.ndarray, x_val: np.ndarray) -> str:
 
 def _evaluate(task, model) -> dict:
     """Test outcomes per sample and the summaries on the test and validation parts (ORT CPU)."""
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     sess = runtime.session(model, threads=1)
     test = runtime.run_batched(sess, task.x_test, batch_size=16)
@@ -275,14 +275,14 @@ def _evaluate(task, model) -> dict:
 
 
 def _macs(model, shape) -> int:
-    from onnxecc.layers import find_layers
+    from onnxecc.graph.layers import find_layers
 
     return int(sum(layer.macs for layer in find_layers(model, input_shapes={"x": tuple(shape)})))
 
 
 # ---- one model ---------------------------------------------------------------------------------------------------
 def _model(name: str, cfg: dict, tmp: Path) -> dict:
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
 
     path = model_path(name)
     t = time.perf_counter()
@@ -351,7 +351,7 @@ def profile_path(path: Path, name: str, task, cfg: dict) -> Path:
 
     import onnx
 
-    from onnxecc.profiler.store import fingerprint
+    from onnxecc.cost.profiler.store import fingerprint
 
     p = cfg["profile"]
     tag = (f"separation-{name}-{'x'.join(map(str, task.shape[2:]))}-{fingerprint(onnx.load(path))[:12]}"
@@ -361,8 +361,8 @@ def profile_path(path: Path, name: str, task, cfg: dict) -> Path:
 
 def _profile(path: Path, name: str, task, cfg: dict) -> tuple[str, dict]:
     """`onnxecc profile` through the CLI, once per architecture and size (cached)."""
-    from onnxecc.errors import UserError
-    from onnxecc.profiler import load_profile
+    from onnxecc.core.errors import UserError
+    from onnxecc.cost.profiler import load_profile
 
     out = profile_path(path, name, task, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +385,7 @@ def _onnxecc(path: Path, original, task, row: dict, method: str, seed: int, cfg:
     """One `onnxecc compress` run, measured. A latency budget under the smallest reachable latency is raised once
     for the whole row (every method and seed then gets the same budget), recorded in the row."""
     from bench.transformers import raised_budget, reachable_floor
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
 
     out, report = tmp / f"{method}-{row['budget']}-{seed}.onnx", tmp / f"{method}-{row['budget']}-{seed}.json"
     extra = ["--profile", row["profile_path"]] if row["metric"] == "latency" else []
@@ -592,8 +592,8 @@ def _torch_pruning(path: Path, original, task, target: float, seed: int, cfg: di
     import onnx
     import torch
 
-    from onnxecc.bridge import to_torch
-    from onnxecc.profiler.sampling import auto_step
+    from onnxecc.cost.profiler.sampling import auto_step
+    from onnxecc.train.bridge import to_torch
 
     t = time.perf_counter()
     torch.manual_seed(seed)
@@ -660,12 +660,12 @@ def tp_ratio(pruned_at, target: float, cfg: dict, cache: dict) -> tuple[float, o
 def _probe_and_finetune(module, task, original, epochs: int, seed: int) -> tuple[float, list]:
     """onnxecc's fine-tuning for the Torch-Pruning model, distilled from the original's outputs on the training
     lines: the rate chosen as `MaskedModel.choose_lr` does (one constant-rate pass over up to its probe's samples
-    per candidate, lowest distillation loss after it), then `onnxecc.finetune.finetune` (Adam, cosine decay)."""
+    per candidate, lowest distillation loss after it), then `onnxecc.train.finetune.finetune` (Adam, cosine decay)."""
     import torch
 
-    from onnxecc import runtime
-    from onnxecc.finetune import PROBE_LRS, TrainConfig, distillation_loss, finetune
-    from onnxecc.masked import PROBE_SAMPLES, _spread
+    from onnxecc.graph import runtime
+    from onnxecc.train.finetune import PROBE_LRS, TrainConfig, distillation_loss, finetune
+    from onnxecc.train.masked import PROBE_SAMPLES, _spread
 
     x = task.x_train
     teacher = runtime.run_batched(runtime.session(original, threads=1), x, batch_size=16)

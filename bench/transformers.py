@@ -8,7 +8,7 @@ Two parts, each through the CLI as a user runs it (subprocesses):
   (prunable / approximate / frozen), heads before → after per attention layer and the feed-forward widths
   before → after (the report's kept widths, named by `inspect`'s groups), the counted MACs ratio, compress's
   side-by-side ORT latency ratio and validate's exit code.
-- **trained**: a small ViT on the bundled digits (`onnxecc.data.load_digits(seed)`, the split `--data digits
+- **trained**: a small ViT on the bundled digits (`onnxecc.graph.data.load_digits(seed)`, the split `--data digits
   --seed S` uses) and a small BERT-style classifier on a generated word-score task (`lexicon_task`: 4 classes, a
   random lexicon, variable length, an attention mask), trained in torch per seed and exported. onnxecc compresses
   each at MACs 0.3 and at latency 0.5 (a profile measured here, `onnxecc profile`, cached; a latency budget under
@@ -17,7 +17,7 @@ Two parts, each through the CLI as a user runs it (subprocesses):
   Torch-Pruning prunes the same torch model — whole heads and the feed-forward widths; the residual width too only
   where those cannot reach the MACs; the pooler and classifier whole — to the MACs of the budget (latency: to the
   MACs onnxecc's output has), fine-tunes it for as many epochs as onnxecc trained in all (ADMM + fine-tuning) with
-  the same loop and distillation (`onnxecc.finetune`, the rate chosen by the same probe), and is exported. Both files
+  the same loop and distillation (`train.finetune`, the rate chosen by the same probe), and is exported. Both files
   are then measured side by side in onnxruntime: test accuracy, MACs ratio (counted by onnxecc on the file) and the
   latency ratio against the original (`_common.latency_pair`). Mean ± std over the seeds.
 """
@@ -208,11 +208,11 @@ class _Task:
     """One trained model's data: torch training arrays, the ORT test arrays and the `--data` value."""
 
     def __init__(self, name: str, seed: int, cfg: dict, tmp: Path):
-        from onnxecc.inputs import Feeds
+        from onnxecc.graph.inputs import Feeds
 
         self.name = name
         if name == "vit_digits":
-            from onnxecc.data import load_digits
+            from onnxecc.graph.data import load_digits
 
             d = load_digits(seed)  # the split `--data digits --seed S` makes
             self.x_train, self.y_train, self.x_test, self.y_test = d.x_train, d.y_train, d.x_test, d.y_test
@@ -238,7 +238,7 @@ class _Task:
 
     def one(self):
         """The batch-1 input latency is measured at."""
-        from onnxecc.inputs import Feeds
+        from onnxecc.graph.inputs import Feeds
 
         return Feeds(self.example(1)) if isinstance(self.x_test, dict) else self.x_test[:1]
 
@@ -268,7 +268,7 @@ def _trained(name: str, cfg: dict, tmp: Path) -> dict:
 
 def _seed(name: str, seed: int, cfg: dict, tmp: Path) -> dict:
     from bench import _transformer_models as tm
-    from onnxecc import ingest, runtime
+    from onnxecc.graph import ingest, runtime
 
     task = _Task(name, seed, cfg, tmp)
     model = build(name, seed, cfg)
@@ -305,7 +305,7 @@ def _epochs_in_all(cfg: dict) -> int:
 
 
 def _accuracy(model, task: _Task) -> float:
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     logits = runtime.run_batched(runtime.session(model), task.ort_test)
     return float((logits.argmax(1) == task.y_test).mean())
@@ -323,7 +323,7 @@ def profile_path(path: Path, name: str, cfg: dict) -> Path:
     serves every seed), onnxruntime's version and the profile settings."""
     from importlib import metadata
 
-    from onnxecc.profiler.store import fingerprint
+    from onnxecc.cost.profiler.store import fingerprint
 
     p = cfg["profile"]
     tag = (f"transformers-{name}-{fingerprint(__import__('onnx').load(path))[:12]}-ort{metadata.version('onnxruntime')}"
@@ -334,8 +334,8 @@ def profile_path(path: Path, name: str, cfg: dict) -> Path:
 def _profile(path: Path, name: str, cfg: dict) -> tuple[Path, dict]:
     """`onnxecc profile` through the CLI, once per architecture; a cached one that no longer matches the model's
     groups (the analysis changed) is measured again."""
-    from onnxecc.errors import UserError
-    from onnxecc.profiler import load_profile
+    from onnxecc.core.errors import UserError
+    from onnxecc.cost.profiler import load_profile
 
     out = profile_path(path, name, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +354,7 @@ def _profile(path: Path, name: str, cfg: dict) -> tuple[Path, dict]:
 
 
 def _onnxecc(path: Path, original, task: _Task, metric: str, budget: str, seed: int, cfg: dict, tmp: Path) -> dict:
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
 
     out, report = tmp / f"{path.stem}-{metric}{budget}.onnx", tmp / f"{path.stem}-{metric}{budget}.json"
     extra, row = [], {"budget": budget}
@@ -393,10 +393,10 @@ def _onnxecc(path: Path, original, task: _Task, metric: str, budget: str, seed: 
 def reachable_floor(message: str, budget: float, metric: str) -> float | None:
     """The smallest reachable cost as a fraction of the original's, from compress's one-line refusal of a budget
     under it ("budget 43.2 us is below the smallest reachable cost 77.9 us ..."; both written by
-    `onnxecc.budget.format_cost`, so `parse_budget` reads them back); None for any other error."""
+    `onnxecc.cost.budget.format_cost`, so `parse_budget` reads them back); None for any other error."""
     import re
 
-    from onnxecc.budget import parse_budget
+    from onnxecc.cost.budget import parse_budget
 
     found = re.search(r"budget (.+?) is below the smallest reachable cost (.+?) \(", message)
     if not found:
@@ -418,7 +418,7 @@ def _torch_pruning(model, original, task: _Task, teacher: np.ndarray, target_mac
     import onnx
 
     from bench import _transformer_models as tm
-    from onnxecc.profiler.sampling import auto_step
+    from onnxecc.cost.profiler.sampling import auto_step
 
     t = time.perf_counter()
     round_to = auto_step()  # onnxecc's default --round-to for its widths, given to Torch-Pruning's too
@@ -459,13 +459,13 @@ def _torch_pruning(model, original, task: _Task, teacher: np.ndarray, target_mac
 def _probe_and_finetune(module, task: _Task, teacher: np.ndarray, epochs: int, seed: int) -> tuple[float, list]:
     """onnxecc's fine-tuning for the Torch-Pruning model: the learning rate chosen as `MaskedModel.choose_lr` does
     (one constant-rate pass over up to 1024 training samples per candidate, lowest distillation loss after it),
-    then `onnxecc.finetune.finetune` (Adam, cosine decay, KL at T=2 mixed with cross-entropy)."""
+    then `onnxecc.train.finetune.finetune` (Adam, cosine decay, KL at T=2 mixed with cross-entropy)."""
     import copy
 
     import torch
 
-    from onnxecc.finetune import PROBE_LRS, TorchInputs, TrainConfig, distillation_loss, finetune
-    from onnxecc.masked import PROBE_SAMPLES, _spread
+    from onnxecc.train.finetune import PROBE_LRS, TorchInputs, TrainConfig, distillation_loss, finetune
+    from onnxecc.train.masked import PROBE_SAMPLES, _spread
 
     x = task.ort_train
     every = _spread(len(task.y_train), PROBE_SAMPLES)

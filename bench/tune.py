@@ -3,7 +3,7 @@
 The `methods` area reports accuracy on digits' 359 held-out test images; picking ρ or the budget decay by that
 number would be tuning on the test set. Here the digits training split (seed 0, the one `compress --data digits`
 trains on) is split again, stratified 80/20 with a fixed seed: ecc trains on the 80 % and is scored on the 20 %
-(written as an npz whose last 20 % `onnxecc.data.load_npz` holds out). Each candidate ADMM setting runs on the
+(written as an npz whose last 20 % `onnxecc.graph.data.load_npz` holds out). Each candidate ADMM setting runs on the
 same models, latency budgets and seeds as `methods`; the rule, fixed before running: the candidate with the
 highest validation accuracy averaged over every (model, budget, seed) is the default; ties keep the earlier
 (the current default is listed first). The teacher has seen the validation images (it was trained on the whole
@@ -68,7 +68,7 @@ def validation_npz(path: Path) -> str:
     """The digits training split re-split 80/20 (stratified, fixed seed), validation last; returns the path."""
     import numpy as np
 
-    from onnxecc.data import _stratified_split, load_digits
+    from onnxecc.graph.data import _stratified_split, load_digits
 
     d = load_digits(0)
     train, val = _stratified_split(d.y_train, VALIDATION_FRACTION, SPLIT_SEED)

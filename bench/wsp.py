@@ -1,4 +1,4 @@
-"""Area `wsp`: the known-hardware path (weighted sparse projection, `onnxecc.wsp`).
+"""Area `wsp`: the known-hardware path (weighted sparse projection, `onnxecc.methods.wsp`).
 
 * Projection speed: the threshold search (weighted histogram of log-ratios, then a sort of one bin) against
   the full sort of all V²/c ratios, on 1 M / 5 M / 25 M synthetic weights — same support required.
@@ -25,7 +25,7 @@ def config(quick: bool) -> dict:
 
 
 def run(quick: bool, **overrides) -> dict:
-    from onnxecc.wsp import bench_wsp_accuracy, bench_wsp_projection
+    from onnxecc.methods.wsp import bench_wsp_accuracy, bench_wsp_projection
 
     cfg = _common.merge_config(config(quick), overrides, "wsp")
     out: dict = {"config": cfg, "projection": bench_wsp_projection(tuple(cfg["sizes"]))}

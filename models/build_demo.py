@@ -32,7 +32,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run from anywhere, even without `pip install -e .`
     sys.path.insert(0, REPO)
 
-from onnxecc.data import Dataset, load_digits  # noqa: E402
+from onnxecc.graph.data import Dataset, load_digits  # noqa: E402
 
 SEED = 0
 THREADS = 2
@@ -246,7 +246,7 @@ README = """# Demo models
 
 Two small networks trained on scikit-learn's bundled handwritten digits (`--data digits`: 1797 8×8
 grey images, 10 classes; the held-out test set is the deterministic stratified 20% split of
-`onnxecc.data.load_digits(seed=0)`, {n_test} images). They are the tool's built-in demo and test inputs:
+`onnxecc.graph.data.load_digits(seed=0)`, {n_test} images). They are the tool's built-in demo and test inputs:
 real trained weights, no downloads.
 
 This file, the `.onnx` files and `demo_models.json` are all written by

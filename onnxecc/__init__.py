@@ -8,10 +8,10 @@ loaded only when a command trains.
 __version__ = "0.1.0"
 
 from onnxecc.compress import CompressOptions, CompressResult, compress  # noqa: E402
-from onnxecc.errors import UnsupportedModelError, UserError  # noqa: E402
-from onnxecc.ingest import load, save  # noqa: E402
+from onnxecc.core.errors import UnsupportedModelError, UserError  # noqa: E402
+from onnxecc.cost.profiler import Profile, load_profile, profile  # noqa: E402
+from onnxecc.graph.ingest import load, save  # noqa: E402
 from onnxecc.inspection import InspectResult, inspect  # noqa: E402
-from onnxecc.profiler import Profile, load_profile, profile  # noqa: E402
 from onnxecc.validate import ValidateResult, validate  # noqa: E402
 
 __all__ = ["CompressOptions", "CompressResult", "InspectResult", "Profile", "load_profile", "profile",

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from onnxecc.errors import ExplainedFailure, UserError
+from onnxecc.core.errors import ExplainedFailure, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress an ONNX model so that it meets a hard resource budget.")
@@ -56,7 +56,7 @@ def inspect(
     input_shape: list[str] = _INPUT_SHAPE,
 ) -> None:
     """List the compute layers of MODEL with channels, kernel, MACs and parameters."""
-    from onnxecc.inputs import parse_input_shapes
+    from onnxecc.graph.inputs import parse_input_shapes
     from onnxecc.inspection import group_status
     from onnxecc.inspection import inspect as run_inspect
 
@@ -118,17 +118,17 @@ def inspect(
                       f"do: {result.activation_macs:,} MACs without weights, counted at the input size analysed",
                       highlight=False)
     if result.symbolic:
-        from onnxecc.inputs import shapes_text
+        from onnxecc.graph.inputs import shapes_text
 
         console.print(f"the model's input sizes are symbolic: counted at {shapes_text(result.inputs)}", highlight=False)
 
 
 def _log_lines(quiet: bool):
-    """Progress as plain lines (`onnxecc.progress.LogLines`) on stderr when it is not a terminal (CI, pipelines,
+    """Progress as plain lines (`onnxecc.core.progress.LogLines`) on stderr when it is not a terminal (CI, pipelines,
     log files: a bar would not show there); None on a terminal (the bar) or with --quiet."""
     if quiet or err_console.is_terminal:
         return None
-    from onnxecc.progress import LogLines
+    from onnxecc.core.progress import LogLines
 
     return LogLines(lambda line: err_console.print(line, highlight=False, markup=False, soft_wrap=True))
 
@@ -224,9 +224,9 @@ def compress(
 
     Ctrl-C while it trains saves a checkpoint and prints the command that resumes it (a second Ctrl-C stops
     at once)."""
-    from onnxecc import distributed
+    from onnxecc.train import distributed
 
-    if nproc != 1 and not print_config:  # the same command in N processes (onnxecc.distributed.launch); this waits
+    if nproc != 1 and not print_config:  # the same command in N processes (train.distributed.launch); this waits
         if nproc < 1:
             raise UserError(f"--nproc {nproc}: give at least 1 process")
         raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_option(sys.argv[1:], "--nproc")]))
@@ -234,12 +234,12 @@ def compress(
         console.quiet = err_console.quiet = True
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from onnxecc import recipe
-    from onnxecc.budget import format_cost
-    from onnxecc.checkpoint import Interrupted, default_path
     from onnxecc.compress import CompressOptions
     from onnxecc.compress import compress as run_compress
-    from onnxecc.inputs import parse_input_shapes
+    from onnxecc.core import recipe
+    from onnxecc.cost.budget import format_cost
+    from onnxecc.graph.inputs import parse_input_shapes
+    from onnxecc.train.checkpoint import Interrupted, default_path
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
                               epochs=epochs, lr=_lr(lr), batch_size=batch_size, seed=seed,
@@ -278,7 +278,7 @@ def compress(
                 lines(kind, info)
             return
         if kind == "recovery":
-            from onnxecc.progress import describe_recovery
+            from onnxecc.core.progress import describe_recovery
 
             progress.console.print(f"[yellow]{describe_recovery(info)}[/]", highlight=False)
         if not progress.live.is_started:
@@ -356,7 +356,7 @@ def compress(
     console.print(f"budget {result.budget.describe(result.original_cost)}: {verdict} "
                   f"({fmt(result.final_cost)}, {result.meets_budget_by})")
     if result.input_shapes:
-        from onnxecc.inputs import shapes_text
+        from onnxecc.graph.inputs import shapes_text
 
         console.print(f"costs at input size {shapes_text(result.input_shapes)}; the output keeps the symbolic sizes",
                       highlight=False)
@@ -380,7 +380,7 @@ def validate(
     input_shape: list[str] = _VALIDATE_INPUT_SHAPE,
 ) -> None:
     """Run ORIGINAL and COMPRESSED side by side: agreement, accuracy, latency, budget re-check (exit 1 if missed)."""
-    from onnxecc.inputs import parse_input_shapes
+    from onnxecc.graph.inputs import parse_input_shapes
     from onnxecc.validate import validate as run_validate
 
     result = run_validate(original, compressed, data=data, provider=provider, threads=threads, hardware=hardware,
@@ -450,9 +450,9 @@ def profile(
     """Measure width variants of MODEL on this device and fit the bilinear latency/energy model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from onnxecc.budget import format_cost
-    from onnxecc.inputs import parse_input_shapes
-    from onnxecc.profiler import profile as run_profile
+    from onnxecc.cost.budget import format_cost
+    from onnxecc.cost.profiler import profile as run_profile
+    from onnxecc.graph.inputs import parse_input_shapes
 
     options = {}
     for item in provider_option or []:
@@ -551,7 +551,7 @@ def sweep(
 ) -> None:
     """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points)."""
     from onnxecc.compress import CompressOptions
-    from onnxecc.inputs import parse_input_shapes
+    from onnxecc.graph.inputs import parse_input_shapes
     from onnxecc.sweep import sweep as run_sweep
 
     options = CompressOptions(metric=metric, profile=profile, data=data, epochs=epochs, seed=seed,
@@ -610,7 +610,7 @@ def _given_settings(ctx: typer.Context) -> set[str]:
     """The `CompressOptions` fields whose flags were given on the command line (not left at their defaults):
     those override a --config file."""
     from onnxecc.compress import CompressOptions
-    from onnxecc.recipe import settings
+    from onnxecc.core.recipe import settings
 
     given = {_SETTING_OF_FLAG.get(name, name) for name in ctx.params
              if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}

@@ -20,20 +20,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxecc import atomic, distributed, ingest, runtime
-from onnxecc import checkpoint as checkpoints
-from onnxecc.analysis import analyse
-from onnxecc.budget import Budget, format_cost, parse_budget
-from onnxecc.channels import ChannelGraph, attention_name
-from onnxecc.costs import BilinearCost, Variables, macs_cost, params_cost
-from onnxecc.errors import UnsupportedModelError, UserError
-from onnxecc.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
-from onnxecc.outputs import output_kind
-from onnxecc.problem import Problem
-from onnxecc.projection import check_reachable
-from onnxecc.quantize import Int8Dropped
-from onnxecc.recipe import as_dict as recipe_of
-from onnxecc.surgery import prune_channels
+from onnxecc.core import atomic
+from onnxecc.core.errors import UnsupportedModelError, UserError
+from onnxecc.core.recipe import as_dict as recipe_of
+from onnxecc.cost.analysis import analyse
+from onnxecc.cost.budget import Budget, format_cost, parse_budget
+from onnxecc.cost.costs import BilinearCost, Variables, macs_cost, params_cost
+from onnxecc.graph import ingest, runtime
+from onnxecc.graph.channels import ChannelGraph, attention_name
+from onnxecc.graph.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
+from onnxecc.graph.outputs import output_kind
+from onnxecc.graph.surgery import prune_channels
+from onnxecc.optimize.problem import Problem
+from onnxecc.optimize.projection import check_reachable
+from onnxecc.train import checkpoint as checkpoints
+from onnxecc.train import distributed
+from onnxecc.train.quantize import Int8Dropped
 from onnxecc.validate import analytic_cost, write_metadata
 
 METRICS = ("macs", "params", "latency", "energy")
@@ -77,7 +79,7 @@ class CompressOptions:
     # and 5.8 (ecc) points of accuracy; on its digits ViT 0 and 1.7 (issue 25)
     prune_approximate: bool = True
     max_rounds: int | None = None  # closed-loop rounds; None: 6 when a round only projects (seconds), else 3
-    knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.quantize)
+    knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.train.quantize)
     qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (quantize.FakeQuant)
     recalibrate: bool = True  # before fine-tuning: conv outputs' mean and spread back to the original's
     # sizes of symbolic input dims to analyse at (`inputs.parse_input_shapes` of --input-shape; None: the first
@@ -113,12 +115,12 @@ class CompressResult:
     method: str = "none"
     rounds: list[dict] = field(default_factory=list)  # closed-loop rounds: internal budget, measurement
     measured_miss: bool = False  # the measurement missed the budget after every round
-    precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.quantize)
+    precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.train.quantize)
     input_shapes: dict | None = None  # inputs with symbolic sizes: the size costs were counted at (batch first)
     heads: list[dict] = field(default_factory=list)  # per attention layer: {"layer", "group", "before", "after"}
     # groups a normalisation runs over: pruned only with --data; {"id", "reason", "pruned", "left" (why not)}
     approximate_groups: list[dict] = field(default_factory=list)
-    recipe: dict | None = None  # the options as given (`onnxecc.recipe`): `--config REPORT` repeats the run
+    recipe: dict | None = None  # the options as given (`core.recipe`): `--config REPORT` repeats the run
 
     @property
     def final_cost(self) -> float:
@@ -186,7 +188,7 @@ def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers,
         if not profile:
             raise UserError(f"--metric {metric} needs a measured profile: run `onnxecc profile MODEL -o P.json` on "
                             "the target and pass --profile P.json")
-        from onnxecc.profiler import load_profile, profile_cost
+        from onnxecc.cost.profiler import load_profile, profile_cost
 
         prof = load_profile(profile, model) if isinstance(profile, (str, Path)) else profile
         if prof.metric != metric:
@@ -200,7 +202,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
              options: CompressOptions | None = None, report: str | Path | None = None,
              on_event: Callable[[str, dict], None] | None = None, checkpoint: str | Path | None = None,
              resume: str | Path | None = None, overwrite: bool = False) -> CompressResult:
-    """Compress `model` to meet `budget` (see `onnxecc.budget` for the grammar); write `output` if given.
+    """Compress `model` to meet `budget` (see `onnxecc.cost.budget` for the grammar); write `output` if given.
     An `output` that would replace the input model or its external data is a UserError unless `overwrite`
     (`_refuse_overwriting_input`); a report or checkpoint over them always is.
 
@@ -214,9 +216,9 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     `closed_loop_loosen`). The returned output is the least over-pruned one that met the budget, never a miss
     when a round met it; `result.rounds` records every round (`next`: why another followed; `selected`).
 
-    Interrupt and resume (`onnxecc.checkpoint`): with `checkpoint=PATH`, while it trains the first SIGINT (or
-    `onnxecc.checkpoint.request()`) stops after the current optimizer step, saves the training state to PATH and
-    raises `onnxecc.checkpoint.Interrupted` (nothing else is written). `resume=PATH` continues such a run (same
+    Interrupt and resume (`onnxecc.train.checkpoint`): with `checkpoint=PATH`, while it trains the first SIGINT (or
+    `onnxecc.train.checkpoint.request()`) stops after the current optimizer step, saves the training state to PATH and
+    raises `onnxecc.train.checkpoint.Interrupted` (nothing else is written). `resume=PATH` continues such a run (same
     model, budget and options, else UserError) and ends with the weights of an uninterrupted run; the checkpoint
     is then removed. Without `checkpoint` (and `resume`), SIGINT is left alone. Every training method resumes
     (wsp and greedy included).
@@ -246,8 +248,8 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         if resumed is not None:
             checkpoints.check_fingerprint(Path(resume), resumed["fingerprint"], fingerprint)
         ck = checkpoints.Checkpointer(checkpoint, fingerprint, resumed)
-    if opts.method == "wsp":  # its trainer saves and restores its own state (`onnxecc.wsp._Trainer`, frame "wsp")
-        from onnxecc.wsp import compress_wsp
+    if opts.method == "wsp":  # its trainer saves and restores its own state (`methods.wsp._Trainer`, frame "wsp")
+        from onnxecc.methods.wsp import compress_wsp
 
         with checkpoints.active(ck):
             result = compress_wsp(model, parsed, output, opts, report, emit)
@@ -262,7 +264,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     layers, graph, variables = analysis.layers, analysis.graph, analysis.variables
     profile = None
     if opts.profile and opts.metric in ("latency", "energy"):
-        from onnxecc.profiler import load_profile
+        from onnxecc.cost.profiler import load_profile
 
         profile = load_profile(opts.profile, proto)
         # The fit is exact on the width grid it was sampled on; measure where the profile was measured.
@@ -271,12 +273,12 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         opts.threads = int(profile.settings.get("threads", opts.threads))
     _check_devices(opts)  # again: a profile names its provider
     if not opts.round_to:  # channel counts the target's kernels like (MLAS on AVX-512: 16; measured in DESIGN)
-        from onnxecc.profiler.sampling import auto_step
+        from onnxecc.cost.profiler.sampling import auto_step
 
         opts.round_to = auto_step(opts.provider)
     cost = cost_model(opts.metric, proto, graph, layers, variables, profile or opts.profile)
     if opts.metric == "energy" and opts.closed_loop:  # the closed loop measures with the profile's meter: here?
-        from onnxecc.profiler import recorded_meter
+        from onnxecc.cost.profiler import recorded_meter
 
         with recorded_meter(profile.meter, WITHOUT_METER):
             pass
@@ -289,12 +291,12 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         raise UserError(f"--method {method} trains the network and needs --data (digits or FILE.npz); "
                         "without data use --method project or uniform")
     if data is not None:
-        from onnxecc.data import check_classes
+        from onnxecc.graph.data import check_classes
 
         check_classes(data, next(layer.cout for layer in reversed(layers) if layer.weight is not None))
     precision, fp32_cost, int8_dropped = None, cost, None
     if "precision" in opts.knobs and target < original:  # int8 layers by measurement; their terms scaled down
-        from onnxecc.quantize import plan_precision
+        from onnxecc.train.quantize import plan_precision
 
         precision = plan_precision(proto, analysis, cost, profile, data, opts, emit)
         cost = precision.cost
@@ -482,7 +484,7 @@ def _reach_or_name_data(reach, cost, problem: Problem, approximate: dict[int, st
                         how: str = "pass --data") -> None:
     """`reach(cost)`; when it refuses but the approximate groups left out (no --data, or --keep-approximate) would
     reach the budget, the refusal says so and `how` they are pruned too and fine-tuned."""
-    from onnxecc.projection import min_cost
+    from onnxecc.optimize.projection import min_cost
 
     try:
         reach(cost)
@@ -497,7 +499,7 @@ def _reach_or_name_data(reach, cost, problem: Problem, approximate: dict[int, st
 
 
 def recovery_warnings(history: list[dict]) -> list[str]:
-    """A warning when training recovered from non-finite numbers (`onnxecc.guard`; the history has each)."""
+    """A warning when training recovered from non-finite numbers (`onnxecc.train.guard`; the history has each)."""
     recovered = [h for h in history if h.get("phase") == "recovery"]
     return [f"training met non-finite numbers {len(recovered)} time(s) and recovered: see the 'recovery' entries "
             "of the report's history"] if recovered else []
@@ -533,7 +535,7 @@ def over_budget_path(output: str | Path) -> Path:
 
 
 def _pack_output(output: tuple) -> dict:
-    """A measured closed-loop round's output as checkpoint data (see `onnxecc.checkpoint.plain`)."""
+    """A measured closed-loop round's output as checkpoint data (see `onnxecc.train.checkpoint.plain`)."""
     keep, model, estimated, history = output
     return {"keep": checkpoints.keep_to_plain(keep), "model": model.SerializeToString(), "estimated": estimated,
             "history": history}
@@ -560,9 +562,9 @@ def _check_options(opts: CompressOptions) -> None:
     if opts.method not in METHODS and opts.method != "netadapt":
         raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
     if tuple(opts.knobs) != ("width",):
-        from onnxecc.quantize import check_knobs, parse_knobs
+        from onnxecc.train.quantize import check_knobs, parse_knobs
 
-        if opts.method != "wsp":  # wsp checks its own: int8 at the hardware file's 8-bit energies (onnxecc.wsp)
+        if opts.method != "wsp":  # wsp checks its own: int8 at the hardware file's 8-bit energies (onnxecc.methods.wsp)
             check_knobs(opts)
         opts.knobs = parse_knobs(opts.knobs)
 
@@ -577,14 +579,14 @@ def variables_widths(variables: Variables, keep: dict[int, np.ndarray]) -> dict[
 
 
 def min_cost_or_zero(problem: Problem) -> float:
-    from onnxecc.projection import min_cost
+    from onnxecc.optimize.projection import min_cost
 
     return min_cost(problem.cost, problem.prunable, problem.min_width, problem.round_to)
 
 
 def _select(method: str, problem: Problem, target: float, data, opts: CompressOptions, emit, precision=None):
     """Run one method: (kept units per group, the model with trained weights, training history)."""
-    from onnxecc.baselines import uniform_keep
+    from onnxecc.methods.baselines import uniform_keep
 
     admm_epochs = opts.admm_iterations * opts.admm_epochs
     total_epochs = opts.epochs + admm_epochs  # every method gets the same training budget as ecc
@@ -614,13 +616,13 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
         elif method == "uniform":
             keep = uniform_keep(problem, target)
         elif method == "greedy":
-            from onnxecc.baselines import greedy
+            from onnxecc.methods.baselines import greedy
 
             keep, log = greedy(problem, mm, target, emit=emit)  # resumable: see its "greedy" frame
             history += [{"phase": "greedy", **e} for e in log]
             total_epochs -= len(log)
         elif method == "ecc":
-            from onnxecc.ecc import AdmmConfig, admm
+            from onnxecc.methods.ecc import AdmmConfig, admm
 
             config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth, opts.admm_decay,
                                 verify=opts.verify_projection, importance="fisher" if fisher else "l2",
@@ -634,7 +636,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             total_epochs = opts.epochs
         else:
             raise UserError(f"unknown method '{method}'")
-        history += mm.take_recoveries()  # non-finite steps undone so far (`onnxecc.guard`), as they are below
+        history += mm.take_recoveries()  # non-finite steps undone so far (`onnxecc.train.guard`), as they are below
         distributed.check_same(keep, "channel keep sets")  # several processes: every rank masks the same channels
         now.update(phase="finetune", keep=keep)
         mm.set_keep(keep)
@@ -690,7 +692,7 @@ def _uses_fisher(opts: CompressOptions, data) -> bool:
 def _finetune_lr(mm, opts: CompressOptions, epochs: int, emit) -> tuple[float, list[dict]]:
     """The final fine-tuning's rate: --lr when given, else the probe's choice (`MaskedModel.choose_lr`), run
     outside the checkpointer (a resumed fine-tuning keeps the rate it started with; see `_select`)."""
-    from onnxecc.finetune import PROBE_LRS, training_lr
+    from onnxecc.train.finetune import PROBE_LRS, training_lr
 
     if opts.lr is not None or epochs <= 0:
         return training_lr(opts.lr), []
@@ -700,8 +702,8 @@ def _finetune_lr(mm, opts: CompressOptions, epochs: int, emit) -> tuple[float, l
 
 
 def _masked_model(problem: Problem, data, opts: CompressOptions):
-    from onnxecc.finetune import TrainConfig, training_lr
-    from onnxecc.masked import MaskedModel
+    from onnxecc.train.finetune import TrainConfig, training_lr
+    from onnxecc.train.masked import MaskedModel
 
     config = TrainConfig(epochs=opts.epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed,
                          temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
@@ -755,7 +757,7 @@ def _pair_measurer(metric: str, meter: dict | None, sess_o, sess_c, x: np.ndarra
         return
     if not meter:
         raise ValueError("an energy budget is measured with the meter of its profile: pass the profile's `meter`")
-    from onnxecc.profiler import measure_pair, recorded_meter
+    from onnxecc.cost.profiler import measure_pair, recorded_meter
 
     feed_o, feed_c = runtime.feed(sess_o, x), runtime.feed(sess_c, x)
     run_o, run_c = (lambda: sess_o.run(None, feed_o)), (lambda: sess_c.run(None, feed_c))
@@ -831,7 +833,7 @@ AIM = 0.98  # closed loop: the share of the budget a corrected internal budget a
 def _other_machine(profile, opts: CompressOptions) -> list[str]:
     """A warning when the profile was measured on another CPU than the one the closed loop measures on: its fit
     may not hold here (the shipped AMD EPYC demo profiles on an Intel Xeon: outputs 0.42× for a 0.3 budget)."""
-    from onnxecc.profiler.store import cpu_name, same_cpu
+    from onnxecc.cost.profiler.store import cpu_name, same_cpu
 
     if same_cpu(profile.machine) is not False or opts.provider != "CPUExecutionProvider":
         return []
@@ -949,7 +951,7 @@ def _widths(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> dict[int
 
 
 def _load_data(spec: str, proto: onnx.ModelProto):
-    from onnxecc.data import load_for_model
+    from onnxecc.graph.data import load_for_model
 
     return load_for_model(spec, proto)
 
@@ -961,7 +963,7 @@ def _input_shapes(proto: onnx.ModelProto, opts: CompressOptions, data) -> dict[s
     samples = per_sample_shapes(data.x_train, names) if data is not None and len(data.x_train) else None
     measured = None
     if opts.profile and opts.metric in ("latency", "energy") and symbolic(proto):
-        from onnxecc.profiler import store
+        from onnxecc.cost.profiler import store
 
         measured = store.read(opts.profile).settings.get("input_shapes")
     if not measured:

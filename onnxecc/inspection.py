@@ -8,11 +8,11 @@ from pathlib import Path
 
 import onnx
 
-from onnxecc import ingest
-from onnxecc.channels import ChannelGroup, analyze, attention_name
-from onnxecc.errors import UserError
-from onnxecc.inputs import graph_inputs, resolve_shapes, symbolic, with_input_shapes
-from onnxecc.layers import Layer, count_params, find_layers, with_static_shapes
+from onnxecc.core.errors import UserError
+from onnxecc.graph import ingest
+from onnxecc.graph.channels import ChannelGroup, analyze, attention_name
+from onnxecc.graph.inputs import graph_inputs, resolve_shapes, symbolic, with_input_shapes
+from onnxecc.graph.layers import Layer, count_params, find_layers, with_static_shapes
 
 
 @dataclass
@@ -26,7 +26,7 @@ class InspectResult:
     layers: list[Layer]
     model_params: int
     extra: dict = field(default_factory=dict)
-    groups: list[ChannelGroup] = field(default_factory=list)  # channel groups (onnxecc.channels)
+    groups: list[ChannelGroup] = field(default_factory=list)  # channel groups (onnxecc.graph.channels)
     layer_groups: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # layer -> (in, out) ids
     declared_inputs: dict[str, list] = field(default_factory=dict)  # the model's own dims (str: symbolic)
     symbolic: bool = False  # the model leaves input sizes open: the counts hold at `inputs` (the size analysed)
@@ -82,11 +82,11 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None,
     source = str(model) if isinstance(model, (str, Path)) else "<model>"
     proto = raw = ingest.load(model)
     if len(proto.graph.sparse_initializer):  # e.g. `compress --method wsp` output: analyse the dense weights
-        from onnxecc.hardware import densify
+        from onnxecc.cost.hardware import densify
 
         proto = densify(proto)
     if any(n.op_type == "DequantizeLinear" for n in proto.graph.node):  # a QDQ (int8) model: its float weights
-        from onnxecc.hardware import dequantized
+        from onnxecc.cost.hardware import dequantized
 
         proto = dequantized(proto)[0]
     shapes = resolve_shapes(proto, input_shapes)
@@ -99,7 +99,7 @@ def inspect(model: ingest.ModelSource, hardware: str | None = None,
     channels = analyze(proto, shaped)
     extra = {}
     if hardware:
-        from onnxecc.hardware import energy_summary, load_hardware
+        from onnxecc.cost.hardware import energy_summary, load_hardware
 
         fixed = with_input_shapes(raw, shapes) if symbolic(raw) else raw  # energy is counted at one size too
         extra["energy"] = energy_summary(fixed, load_hardware(hardware))  # + every width the file gives

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxecc import atomic, ingest
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.errors import ExplainedFailure, UserError
+from onnxecc.core import atomic
+from onnxecc.core.errors import ExplainedFailure, UserError
+from onnxecc.graph import ingest
 
 SWEEP_FILE = "sweep.json"
 FORMAT = 1

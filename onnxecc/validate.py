@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxecc import ingest, runtime
-from onnxecc.budget import parse_budget
-from onnxecc.errors import UserError
-from onnxecc.inputs import resolve_shapes, shapes_text
-from onnxecc.layers import count_params, find_layers
-from onnxecc.outputs import output_kind
+from onnxecc.core.errors import UserError
+from onnxecc.cost.budget import parse_budget
+from onnxecc.graph import ingest, runtime
+from onnxecc.graph.inputs import resolve_shapes, shapes_text
+from onnxecc.graph.layers import count_params, find_layers
+from onnxecc.graph.outputs import output_kind
 
 META_PREFIX = "onnxecc."
 
@@ -107,7 +107,7 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     file records is never run on the file's say-so (a `cmd:` meter is a shell command)."""
     hw = None
     if hardware is not None:  # a bad file fails before any session is built
-        from onnxecc.hardware import load_hardware
+        from onnxecc.cost.hardware import load_hardware
 
         hw = load_hardware(hardware)
     orig_proto = ingest.load(original)
@@ -119,7 +119,7 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     labels = None
     counted_at = read_metadata(comp_proto).get("input_shapes")
     if data is not None:
-        from onnxecc.data import load_for_model
+        from onnxecc.graph.data import load_for_model
 
         ds = load_for_model(data, orig, seed=seed)
         x = ds.x_test if len(ds.x_test) else ds.x_train
@@ -145,7 +145,7 @@ def _measure_energy(model: onnx.ModelProto, spec: str, sess_o, sess_c, x: np.nda
     """Energy of the original (a) and the compressed model (b) measured side by side with the meter `spec`
     (`profiler.measure_pair`, one window per model and round), and the spec. The window the file records for the
     same meter is kept. A file without a measured energy budget is a UserError: --meter would re-check nothing."""
-    from onnxecc.profiler import measure_pair, recorded_meter
+    from onnxecc.cost.profiler import measure_pair, recorded_meter
 
     meta = read_metadata(model)
     recorded = meta.get("meter") if isinstance(meta.get("meter"), dict) else None
@@ -207,7 +207,7 @@ def _budget_check(model: onnx.ModelProto, latency: runtime.Pair, hw=None,
             raise UserError(f"the compressed model's energy budget was set for hardware {meta.get('hardware')!r} "
                             f"(file SHA-256 {meta['hardware_sha256'][:12]}…), not {hw.source} ({hw.sha256[:12]}…): "
                             "pass the --hardware file it was compressed with")
-        from onnxecc.hardware import model_energy
+        from onnxecc.cost.hardware import model_energy
 
         cost, how = model_energy(model, hw).joules, f"modelled for {hw.name}"
     if cost is None:

@@ -221,7 +221,7 @@ def _profile_json(d: Path, obj) -> str:
 
 
 def c_profile_other_model(d):
-    from onnxecc.profiler import profile
+    from onnxecc.cost.profiler import profile
 
     other = _save(_small_cnn(c1=8), d / "other.onnx")
     profile(other, str(d / "other.json"), samples=4, warmup=0, repeats=1)

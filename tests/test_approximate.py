@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from zoo import export_encoder
 
-from onnxecc import ingest, runtime
-from onnxecc.analysis import analyse
-from onnxecc.errors import UserError
-from onnxecc.surgery import prune_channels
+from onnxecc.core.errors import UserError
+from onnxecc.cost.analysis import analyse
+from onnxecc.graph import ingest, runtime
+from onnxecc.graph.surgery import prune_channels
 
 ENCODER_SHAPES = {"input_ids": (1, 16), "attention_mask": (1, 16)}
 
@@ -116,7 +116,7 @@ def _inputs(model: onnx.ModelProto, n: int, seed: int = 0):
 
 
 def _encoder_inputs(n: int, seed: int = 0):
-    from onnxecc.inputs import Feeds
+    from onnxecc.graph.inputs import Feeds
 
     rng = np.random.default_rng(seed)
     mask = np.ones((n, 16), np.int64)
@@ -255,9 +255,9 @@ def test_masked_torch_model_equals_the_pruned_onnx(kind, tmp_path):
     """For a random keep set over every prunable group (the approximate ones included), the masked torch model's
     outputs equal onnxruntime's on the physically pruned model — before and after a training epoch (which moves
     the LayerNorm's scale and bias too: they must reach the written model)."""
-    from onnxecc.data import Dataset
-    from onnxecc.finetune import TrainConfig
-    from onnxecc.masked import MaskedModel
+    from onnxecc.graph.data import Dataset
+    from onnxecc.train.finetune import TrainConfig
+    from onnxecc.train.masked import MaskedModel
 
     if kind == "encoder":
         model, shapes = ingest.load(export_encoder()), ENCODER_SHAPES

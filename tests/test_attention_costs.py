@@ -9,7 +9,7 @@ import onnx
 import pytest
 import zoo
 
-from onnxecc.layers import find_layers
+from onnxecc.graph.layers import find_layers
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_bilinear_macs_equal_recount_of_pruned_files(encoder):
     """For random keep sets (heads removed in every block, MLP and pooler widths too), the MACs cost at the kept
     widths equals the MACs counted again on the physically pruned file, and its attention equals the formula at
     the kept head counts."""
-    from onnxecc.analysis import analyse
-    from onnxecc.costs import layer_costs, macs_cost
-    from onnxecc.surgery import prune_channels
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.cost.costs import layer_costs, macs_cost
+    from onnxecc.graph.surgery import prune_channels
 
     proto, torch_model = encoder
     a = analyse(proto, input_shapes=shapes(16))
@@ -95,7 +95,7 @@ def test_bilinear_macs_equal_recount_of_pruned_files(encoder):
 def test_profile_features_include_attention_products(encoder):
     """A fitted latency profile regresses on per-layer MACs fractions: the attention products are features of
     their own, varying with the kept heads."""
-    from onnxecc.profiler import ModelInfo
+    from onnxecc.cost.profiler import ModelInfo
 
     proto, torch_model = encoder
     info = ModelInfo.of(proto, shapes(16))

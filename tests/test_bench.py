@@ -168,7 +168,7 @@ def test_transformers_area_reads_heads_per_layer_from_inspect_and_report():
     from bench.transformers import group_counts, widths_by_kind
     from onnxecc import compress
     from onnxecc.compress import CompressOptions
-    from onnxecc.ingest import load
+    from onnxecc.graph.ingest import load
 
     path, shapes, info = _encoder_analysis()
     result = compress(str(path), "0.4", options=CompressOptions(metric="macs", measure_latency=False,
@@ -193,7 +193,7 @@ def test_transformers_area_raises_an_unreachable_budget_to_one_compress_meets():
     from bench.transformers import raised_budget, reachable_floor
     from onnxecc import compress
     from onnxecc.compress import CompressOptions
-    from onnxecc.errors import UserError
+    from onnxecc.core.errors import UserError
 
     path, shapes, _ = _encoder_analysis()
     opts = CompressOptions(metric="macs", measure_latency=False, input_shapes=shapes)
@@ -217,7 +217,7 @@ def test_separation_reads_lines_as_rapidocr_does():
     from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
 
     from bench import separation, textdata
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     path = separation.model_path("rec")
     x, truth = textdata.rec_lines(12, seed=7)

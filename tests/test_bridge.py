@@ -11,10 +11,10 @@ import torch
 import zoo
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxecc.bridge import TorchModel, run_torch, to_torch, write_back
-from onnxecc.errors import UnsupportedModelError
-from onnxecc.graph import Graph
-from onnxecc.layers import find_layers
+from onnxecc.core.errors import UnsupportedModelError
+from onnxecc.graph.graph import Graph
+from onnxecc.graph.layers import find_layers
+from onnxecc.train.bridge import TorchModel, run_torch, to_torch, write_back
 
 TORCH_VS_ORT = 1e-4  # max |torch − ORT| / max |ORT output|: float32 kernels differ in summation order
 ROUND_TRIP = 1e-5  # max |ORT(written) − ORT(original)| / max |ORT(original)|

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from onnxecc.budget import Budget, format_cost, parse_budget
-from onnxecc.errors import UserError
+from onnxecc.core.errors import UserError
+from onnxecc.cost.budget import Budget, format_cost, parse_budget
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from conftest import DEMO_MODELS
 
-from onnxecc.layers import find_layers
+from onnxecc.graph.layers import find_layers
 
 MODEL = DEMO_MODELS[0]  # digits_cnn: 2.44M MACs; widths ×16 floor ~195k, any width ~1.3k
 

@@ -12,8 +12,8 @@ import pytest
 import zoo
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxecc.channels import RULES, analyze, prunable_fraction
-from onnxecc.layers import find_layers
+from onnxecc.graph.channels import RULES, analyze, prunable_fraction
+from onnxecc.graph.layers import find_layers
 
 
 # ---- a tiny graph builder (also used by test_surgery) --------------------------------------------------------

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from conftest import DEMO_MODELS, REPO
 
-from onnxecc import ingest, runtime
-from onnxecc.budget import parse_budget
 from onnxecc.compress import (
     CHECK_ROUNDS,
     CONFIRM_ROUNDS,
@@ -21,6 +19,8 @@ from onnxecc.compress import (
     _selected_round,
     compress,
 )
+from onnxecc.cost.budget import parse_budget
+from onnxecc.graph import ingest, runtime
 
 PROFILE = REPO / "profiles" / "digits_cnn.cpu.json"
 
@@ -34,8 +34,8 @@ def profile_here(tmp_path_factory):
     .json`: an AMD EPYC and an Intel Xeon), else one measured here (60 samples, ~10 s). These tests inject a known
     model error into a profile that fits the machine; one of another CPU is already wrong by more than that (the
     EPYC profile on the Xeon: no round met 0.45 in 5)."""
-    from onnxecc.profiler import profile
-    from onnxecc.profiler.store import for_this_cpu
+    from onnxecc.cost.profiler import profile
+    from onnxecc.cost.profiler.store import for_this_cpu
 
     if (path := for_this_cpu(sorted(PROFILE.parent.glob("digits_cnn.cpu*.json")), DEMO_MODELS[0])) is not None:
         return path
@@ -50,8 +50,8 @@ def floor_here():
     the original, on this machine: their latency ratio (0.25 on an AMD EPYC, 0.35 on an Intel Xeon). The budgets
     of the tests below are placed relative to it, so that their margins hold on any CPU (fixed budgets held on
     the CPUs they were chosen on only)."""
-    from onnxecc.channels import analyze
-    from onnxecc.surgery import prune_channels
+    from onnxecc.graph.channels import analyze
+    from onnxecc.graph.surgery import prune_channels
 
     original = ingest.load(DEMO_MODELS[0])
     graph = analyze(original)
@@ -69,9 +69,9 @@ def _between(floor: float, share: float) -> str:
 
 def _optimistic_floor(tmp_path, source) -> float:
     """The smallest widths' cost as the optimistic profile estimates it, a fraction of the original's."""
-    from onnxecc.analysis import analyse
     from onnxecc.compress import cost_model
-    from onnxecc.projection import min_cost
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.optimize.projection import min_cost
 
     proto = ingest.load(DEMO_MODELS[0])
     a = analyse(proto, "compress")
@@ -147,9 +147,9 @@ def test_a_budget_below_the_measured_floor_is_measured_there_and_reported_out_of
     """The optimistic profile puts the smallest widths at ~0.09 of the original; they run at ~0.25 (AMD EPYC).
     The budget lies halfway between. The loop does not stop when its next budget falls below its model's floor:
     it measures the smallest widths once, and the miss names what they measured and what to change."""
-    from onnxecc.analysis import analyse
     from onnxecc.compress import cost_model
-    from onnxecc.projection import min_cost
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.optimize.projection import min_cost
 
     budget = _below_the_floor(tmp_path, profile_here, floor_here)
     profile = _optimistic_profile(tmp_path, profile_here)

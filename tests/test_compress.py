@@ -15,10 +15,10 @@ import zoo
 from conftest import DEMO_MODELS
 
 import onnxecc
-from onnxecc.channels import analyze
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.layers import count_params, find_layers
-from onnxecc.surgery import prune_channels
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.layers import count_params, find_layers
+from onnxecc.graph.surgery import prune_channels
 
 
 def _count(model: onnx.ModelProto, metric: str) -> int:
@@ -38,7 +38,7 @@ def test_demo_models_meet_macs_budget_and_keep_accuracy(path, tmp_path):
     assert result.final_cost == _count(written, "macs")
     assert result.accuracy_after >= result.accuracy_before - 0.015, (result.accuracy_before, result.accuracy_after)
     # The accuracy claimed is the accuracy of the file: re-measure it with a fresh ORT session.
-    ds = onnxecc.data.load_digits()
+    ds = onnxecc.graph.data.load_digits()
     logits = ort.InferenceSession(str(out)).run(None, {"input": ds.x_test})[0]
     assert float((logits.argmax(1) == ds.y_test).mean()) == pytest.approx(result.accuracy_after)
     meta = {p.key: p.value for p in written.metadata_props}

@@ -1,4 +1,4 @@
-"""Tests for onnxecc.data and the demo models it trains (models/build_demo.py)."""
+"""Tests for onnxecc.graph.data and the demo models it trains (models/build_demo.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxecc.data import Dataset, load_data, load_digits, load_npz
-from onnxecc.errors import UserError
+from onnxecc.core.errors import UserError
+from onnxecc.graph.data import Dataset, load_data, load_digits, load_npz
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DEMO_FILES = ["digits_cnn.onnx", "digits_resdw.onnx"]

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.errors import UserError
-from onnxecc.finetune import distillation_loss
+from onnxecc.core.errors import UserError
+from onnxecc.train.finetune import distillation_loss
 
 
 def test_a_score_map_is_distilled_by_relative_squared_error():
@@ -88,10 +88,10 @@ def test_fisher_importance_of_a_map_output_is_not_zero(tmp_path):
     none, so every importance was 0 and the ranking a tie."""
     import onnx
 
-    from onnxecc.channels import analyze
-    from onnxecc.data import load_npz
-    from onnxecc.finetune import TrainConfig
-    from onnxecc.masked import MaskedModel
+    from onnxecc.graph.channels import analyze
+    from onnxecc.graph.data import load_npz
+    from onnxecc.train.finetune import TrainConfig
+    from onnxecc.train.masked import MaskedModel
 
     path, data, _ = _map_model(tmp_path)
     proto = onnx.load(path)
@@ -107,7 +107,7 @@ def test_fisher_importance_of_a_map_output_is_not_zero(tmp_path):
 
 # ---- per-step class probabilities (a text recogniser's N×T×C softmax) ---------------------------------------------
 def test_output_kind_reads_the_class_axis_from_the_original_outputs():
-    from onnxecc.outputs import output_kind
+    from onnxecc.graph.outputs import output_kind
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((5, 7, 11))
@@ -122,7 +122,7 @@ def test_output_kind_reads_the_class_axis_from_the_original_outputs():
 
 def test_per_step_probabilities_are_distilled_by_kl_at_every_step():
     """KL(teacher‖student) per step on the classes, averaged over steps, T² scaled, computed in numpy."""
-    from onnxecc.outputs import OutputKind
+    from onnxecc.graph.outputs import OutputKind
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.softmax(3 * torch.randn(4, 6, 9, generator=g), -1)
@@ -171,7 +171,7 @@ def test_per_step_model_trains_and_reports_per_step_agreement(tmp_path):
     """compress distils the N×T×C probabilities by KL and its report's agreement is per step (argmax over the
     class axis), recomputed here from onnxruntime on the samples it held out; fine-tuning must raise it above the
     data-free output's. Before, agreement was argmax over axis 1 — the steps."""
-    from onnxecc.data import load_npz
+    from onnxecc.graph.data import load_npz
 
     path, data, _ = _step_model(tmp_path)
     opts = dict(metric="macs", method="project", importance="l2", epochs=6, lr=2e-3, seed=0, round_to=1,

@@ -21,12 +21,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnxecc import recalibrate, runtime
-from onnxecc.bridge import to_torch
-from onnxecc.ecc import AdmmVariables
-from onnxecc.errors import UserError
-from onnxecc.finetune import Mask
-from onnxecc.quantize import FakeQuant
+from onnxecc.core.errors import UserError
+from onnxecc.graph import runtime
+from onnxecc.methods.ecc import AdmmVariables
+from onnxecc.train import recalibrate
+from onnxecc.train.bridge import to_torch
+from onnxecc.train.finetune import Mask
+from onnxecc.train.quantize import FakeQuant
 from onnxecc.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def test_validate_reports_where_each_model_ran():
 
 
 def test_profile_records_where_its_samples_ran(tmp_path):
-    from onnxecc.profiler import load_profile, profile
+    from onnxecc.cost.profiler import load_profile, profile
 
     out = tmp_path / "p.json"
     prof = profile(MODEL, out, samples=2, warmup=0, repeats=1, paired=False)

@@ -16,8 +16,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxecc import distributed
 from onnxecc.compress import CompressOptions, compress
+from onnxecc.train import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "digits_cnn.onnx"
@@ -79,8 +79,8 @@ def test_two_processes_match_one_process(one_process, tmp_path):
 
 WORKER = textwrap.dedent("""
     import os, sys
-    from onnxecc import checkpoint
-    from onnxecc.checkpoint import Interrupted
+    from onnxecc.train import checkpoint
+    from onnxecc.train.checkpoint import Interrupted
     from onnxecc.compress import CompressOptions, compress
 
     model, out, ckpt, opts = sys.argv[1], sys.argv[2], sys.argv[3], eval(sys.argv[4])
@@ -122,7 +122,7 @@ def test_interrupted_two_process_run_resumes_in_one_process(one_process, tmp_pat
 
 CHECK = textwrap.dedent("""
     import os, sys
-    from onnxecc import distributed
+    from onnxecc.train import distributed
     distributed.init("cpu")
     rank = distributed.current().rank
     distributed.check_same({0: [1, 2, 3]}, "keep sets")  # equal: passes
@@ -182,7 +182,7 @@ def test_cuda_asked_for_where_there_is_none_is_a_one_line_user_error(tmp_path):
 
 
 def test_save_streams_the_exact_bytes_of_serialize_to_string(tmp_path):
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
 
     model = ingest.load(MODEL)
     out = ingest.save(model, tmp_path / "m.onnx")
@@ -192,7 +192,7 @@ def test_save_streams_the_exact_bytes_of_serialize_to_string(tmp_path):
 
 def test_models_over_the_limit_go_to_external_data_and_come_back(tmp_path, monkeypatch):
     """The 2 GB limit lowered to 10 kB: the same path a real >2 GB model takes (bench area `largemodel` runs one)."""
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
 
     model = ingest.load(MODEL)
     before = model.SerializeToString()

@@ -7,14 +7,14 @@ import onnx
 import pytest
 from conftest import DEMO_MODELS
 
-from onnxecc.baselines import uniform_widths
-from onnxecc.channels import analyze
 from onnxecc.compress import CompressOptions, compress, cost_model
-from onnxecc.costs import unit_classes
-from onnxecc.ecc import budget_schedule
-from onnxecc.errors import UserError
-from onnxecc.layers import find_layers
-from onnxecc.problem import Problem
+from onnxecc.core.errors import UserError
+from onnxecc.cost.costs import unit_classes
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.layers import find_layers
+from onnxecc.methods.baselines import uniform_widths
+from onnxecc.methods.ecc import budget_schedule
+from onnxecc.optimize.problem import Problem
 
 FAST = dict(metric="macs", data="digits", epochs=2, admm_iterations=3, admm_epochs=1, measure_latency=False)
 

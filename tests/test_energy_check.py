@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from conftest import DEMO_MODELS
 
-from onnxecc import ingest, runtime
 from onnxecc.compress import CompressOptions, _selected_round, compress
-from onnxecc.errors import UserError
-from onnxecc.profiler import load_profile, profile
-from onnxecc.profiler.meters import CmdMeter
+from onnxecc.core.errors import UserError
+from onnxecc.cost.profiler import load_profile, profile
+from onnxecc.cost.profiler.meters import CmdMeter
+from onnxecc.graph import ingest, runtime
 from onnxecc.validate import read_metadata, validate
 
 CNN = DEMO_MODELS[0]

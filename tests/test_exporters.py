@@ -21,14 +21,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnxecc import runtime
-from onnxecc.bridge import to_torch
-from onnxecc.channels import analyze
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.data import Dataset
-from onnxecc.finetune import TrainConfig
-from onnxecc.masked import MaskedModel
-from onnxecc.surgery import prune_channels
+from onnxecc.graph import runtime
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.data import Dataset
+from onnxecc.graph.surgery import prune_channels
+from onnxecc.train.bridge import to_torch
+from onnxecc.train.finetune import TrainConfig
+from onnxecc.train.masked import MaskedModel
 
 SIDE = 32
 
@@ -276,7 +276,7 @@ def test_paddleocr_recogniser_with_symbolic_width_converts_to_torch():
     proto = onnx.load(Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_PP-OCRv4_rec_infer.onnx")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert not dims[3].HasField("dim_value")  # the width is symbolic
-    from onnxecc.layers import with_static_shapes
+    from onnxecc.graph.layers import with_static_shapes
 
     graph = analyze(proto, with_static_shapes(proto, input_shapes={"x": (1, 3, 48, 320)}))
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 320)).astype(np.float32)

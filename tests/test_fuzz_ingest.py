@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import onnxecc
-from onnxecc import ingest
-from onnxecc.errors import UserError
+from onnxecc.core.errors import UserError
+from onnxecc.graph import ingest
 
 SEED = (Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx").read_bytes()
 EXAMPLES = int(os.environ.get("ONNXECC_FUZZ_EXAMPLES", "60"))

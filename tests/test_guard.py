@@ -1,4 +1,4 @@
-"""Training never dies with an internal error (`onnxecc.guard`): a NaN injected into a real run is recovered from
+"""Training never dies with an internal error (`onnxecc.train.guard`): a NaN injected into a real run is recovered from
 (last good state, lower rate, recorded in the history) and the output still runs in onnxruntime; a run that
 cannot recover exits 1 with one line naming the phase and what to try."""
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 from conftest import DEMO_MODELS
 
-from onnxecc.channels import analyze
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.data import Dataset, load_digits
-from onnxecc.errors import TrainingDiverged
-from onnxecc.finetune import TrainConfig, finetune
-from onnxecc.masked import MaskedModel
+from onnxecc.core.errors import TrainingDiverged
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.data import Dataset, load_digits
+from onnxecc.train.finetune import TrainConfig, finetune
+from onnxecc.train.masked import MaskedModel
 
 EYERISS = Path(__file__).resolve().parents[1] / "profiles" / "eyeriss.json"
 RUNS = {  # method → options of a short real run on digits_cnn
@@ -97,7 +97,7 @@ def test_a_rate_that_diverges_every_time_exits_1_with_one_line_naming_the_phase(
 def test_nan_data_cannot_be_recovered_from_and_names_the_phase():
     """Every batch non-finite: the loop recovers MAX_RECOVERIES times, then TrainingDiverged names the phase."""
     proto = onnx.load(DEMO_MODELS[0])
-    from onnxecc.bridge import to_torch
+    from onnxecc.train.bridge import to_torch
 
     module = to_torch(proto).module
     x = np.full((128, 1, 8, 8), np.nan, np.float32)
@@ -163,8 +163,8 @@ def test_a_model_constant_of_minus_inf_is_not_divergence(tmp_path):
     """A non-finite constant of the model itself (magika's -inf) is not a diverged state: the rate probe, the
     recalibration and the fine-tuning run, and the trained, pruned file equals the masked torch model in ORT.
     Before, the guard counted that buffer as non-finite weights and every rate of the probe 'diverged'."""
-    from onnxecc import ingest
-    from onnxecc.surgery import prune_channels
+    from onnxecc.graph import ingest
+    from onnxecc.graph.surgery import prune_channels
 
     torch.manual_seed(0)
     path = tmp_path / "jax_softmax.onnx"

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxecc
-from onnxecc import hardware as hwm
-from onnxecc.errors import UserError
+from onnxecc.core.errors import UserError
+from onnxecc.cost import hardware as hwm
 
 REPO = Path(__file__).resolve().parents[1]
 EYERISS = REPO / "profiles" / "eyeriss.json"
@@ -388,8 +388,8 @@ def _test_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 
 def test_qdq_model_is_counted_with_its_int8_layers_at_8_bits():
-    from onnxecc.data import load_digits
-    from onnxecc.quantize import quantize_layers
+    from onnxecc.graph.data import load_digits
+    from onnxecc.train.quantize import quantize_layers
 
     path = REPO / "models" / "digits_cnn.onnx"
     model = onnx.load(path)

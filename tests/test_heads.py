@@ -22,13 +22,13 @@ def _export(model, args, names, path, axes):
     # (not under no_grad: nn.MultiheadAttention would take its fused fast path, which has no ONNX export)
     torch.onnx.export(model, args, str(path), dynamo=False, input_names=names, output_names=["out"],
                       opset_version=17, dynamic_axes=axes)
-    from onnxecc import ingest
+    from onnxecc.graph import ingest
     return ingest.load(path)
 
 
 def _analyse(proto, shapes):
-    from onnxecc import channels
-    from onnxecc.layers import with_static_shapes
+    from onnxecc.graph import channels
+    from onnxecc.graph.layers import with_static_shapes
     return channels.analyze(proto, with_static_shapes(proto, input_shapes=shapes))
 
 
@@ -62,7 +62,7 @@ def _zero_heads(rows_of, weight, bias, dropped, head_dim):
 
 
 def test_hf_style_heads_pruned_equal_zeroed_heads_in_torch():
-    from onnxecc import ingest, surgery
+    from onnxecc.graph import ingest, surgery
     proto = ingest.load(zoo.export_encoder())
     graph = _analyse(proto, {"input_ids": (1, 16), "attention_mask": (1, 16)})
     model = zoo.build_encoder()
@@ -87,7 +87,7 @@ def test_hf_style_heads_pruned_equal_zeroed_heads_in_torch():
 
 def test_hf_style_reshape_constants_hold_the_kept_heads():
     """The Shape-computed `view(B, T, heads, d)` is rewritten: at run time it yields the kept head count."""
-    from onnxecc import ingest, surgery
+    from onnxecc.graph import ingest, surgery
     proto = ingest.load(zoo.export_encoder())
     graph = _analyse(proto, {"input_ids": (1, 16), "attention_mask": (1, 16)})
     keep = {gid: np.arange(graph.groups[gid].size - 1 - n) for n, gid in enumerate(sorted(graph.heads))}
@@ -118,7 +118,7 @@ def _small_vit():
 def test_multihead_attention_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
     """torchvision's ViT (vit_b_16's code at a small size): fused in_proj, sequence-first, and `view(T, B·heads,
     d)`, whose batch × heads entry surgery scales. Checked at batch 3 after analysing at batch 1."""
-    from onnxecc import surgery
+    from onnxecc.graph import surgery
     model = _small_vit()
     proto = _export(model, (torch.randn(1, 3, 32, 32),), ["input"], tmp_path / "vit.onnx",
                     {"input": {0: "batch"}, "out": {0: "batch"}})
@@ -142,7 +142,7 @@ def test_swin_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
     position bias per head (a constant sliced with the heads), shifted windows."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    from onnxecc import surgery
+    from onnxecc.graph import surgery
     torch.manual_seed(0)
     model = SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
                             num_classes=10).eval()
@@ -193,7 +193,7 @@ class _GroupedQuery(torch.nn.Module):
 
 
 def test_grouped_query_heads_prune_a_kv_head_with_its_q_heads(tmp_path):
-    from onnxecc import surgery
+    from onnxecc.graph import surgery
     torch.manual_seed(0)
     model = _GroupedQuery().eval()
     proto = _export(model, (torch.randn(1, 6, 32),), ["x"], tmp_path / "gqa.onnx",
@@ -217,7 +217,7 @@ def test_grouped_query_heads_prune_a_kv_head_with_its_q_heads(tmp_path):
 def test_min_width_and_round_to_count_channels_of_a_head(full, per_unit, min_width, round_to):
     """Widths allowed for a group whose unit holds `per_unit` channels: head counts whose channels are a multiple
     of --round-to and at least --min-width (and the full count), enumerated directly."""
-    from onnxecc.projection import allowed_widths
+    from onnxecc.optimize.projection import allowed_widths
     want = [w for w in range(1, full) if (w * per_unit) % round_to == 0 and w * per_unit >= max(min_width, 1)
             and w * per_unit >= min(round_to, per_unit * full)] + [full]
     assert allowed_widths(full, min_width, round_to, per_unit).tolist() == want
@@ -240,7 +240,7 @@ def test_data_free_compress_removes_heads_and_reports_them(tmp_path):
 def test_dynamo_export_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
     """torch's dynamo exporter writes the head split as one Reshape with allowzero=1 and a shape computed from
     the symbolic batch and length, shared by q, k and v."""
-    from onnxecc import ingest, surgery
+    from onnxecc.graph import ingest, surgery
     model = zoo.build_encoder()
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=zoo.ENCODER_MAX_LEN)
     ids, mask = torch.randint(0, zoo.ENCODER_VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.int64)
@@ -266,7 +266,7 @@ def test_dynamo_export_heads_pruned_equal_zeroed_heads_in_torch(tmp_path):
     got = _run(surgery.prune_channels(proto, keep, graph), {"input_ids": ids, "attention_mask": mask})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # and it trains: onnx2torch converts it (Gelu-20 written out, allowzero dropped on computed view shapes)
-    from onnxecc.bridge import to_torch
+    from onnxecc.train.bridge import to_torch
     tm = to_torch(proto, {"input_ids": (1, 16), "attention_mask": (1, 16)})
     with torch.no_grad():
         converted = tm.module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
@@ -289,11 +289,11 @@ def test_vit_residual_width_with_class_token_is_approximate_and_masked_torch_equ
     tokens), the position embedding and every LayerNorm: one approximate group. With heads, MLP and residual
     pruned at random, the masked torch model (pruned channels zero, LayerNorms over the kept ones) computes what
     onnxruntime computes on the physically pruned file."""
-    from onnxecc.analysis import analyse
-    from onnxecc.data import Dataset
-    from onnxecc.finetune import TrainConfig
-    from onnxecc.masked import MaskedModel
-    from onnxecc.surgery import prune_channels
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.graph.data import Dataset
+    from onnxecc.graph.surgery import prune_channels
+    from onnxecc.train.finetune import TrainConfig
+    from onnxecc.train.masked import MaskedModel
     model = _small_vit()
     proto = _export(model, (torch.randn(1, 3, 32, 32),), ["input"], tmp_path / "vit.onnx",
                     {"input": {0: "batch"}, "out": {0: "batch"}})

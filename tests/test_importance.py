@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import DEMO_MODELS
 
-from onnxecc.channels import analyze
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.data import load_digits
-from onnxecc.errors import UserError
-from onnxecc.finetune import TrainConfig
-from onnxecc.graph import Graph
-from onnxecc.importance import l2_importance
-from onnxecc.masked import MaskedModel
+from onnxecc.core.errors import UserError
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.data import load_digits
+from onnxecc.graph.graph import Graph
+from onnxecc.optimize.importance import l2_importance
+from onnxecc.train.finetune import TrainConfig
+from onnxecc.train.masked import MaskedModel
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 import zoo
 
 from onnxecc import CompressOptions, compress, validate
-from onnxecc.errors import UserError
-from onnxecc.inputs import Feeds, parse_input_shapes, resolve_shapes, with_input_shapes
+from onnxecc.core.errors import UserError
+from onnxecc.graph.inputs import Feeds, parse_input_shapes, resolve_shapes, with_input_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_paddleocr_detector_output_runs_at_two_page_sizes(tmp_path):
 # ---- integer inputs: the BERT-style encoder ---------------------------------------------------------------------
 
 def test_encoder_feeds_respect_dtype_and_embedding_size():
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     path = zoo.export_encoder()
     sess = runtime.session(path)
@@ -169,11 +169,11 @@ def test_encoder_compresses_data_free_and_runs_at_any_length(tmp_path):
 def test_pruned_encoder_equals_zeroed_channels_at_another_length():
     """Surgery on a model analysed at length 16 keeps the Shape-computed Reshapes of its attention heads computed:
     at length 40 the pruned file computes what the original with the same channels zeroed computes."""
-    from onnxecc import ingest
-    from onnxecc.analysis import analyse
-    from onnxecc.costs import macs_cost
-    from onnxecc.problem import Problem
-    from onnxecc.surgery import prune_channels, zero_channels
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.cost.costs import macs_cost
+    from onnxecc.graph import ingest
+    from onnxecc.graph.surgery import prune_channels, zero_channels
+    from onnxecc.optimize.problem import Problem
 
     proto = ingest.load(zoo.export_encoder())
     a = analyse(proto, "compress", {"input_ids": (1, 16)})
@@ -195,8 +195,8 @@ def test_an_output_that_holds_the_analysed_size_is_refused(tmp_path, monkeypatch
     """Were surgery to write the encoder's Shape-computed Reshapes as constants of the analysed length (as it does
     for fixed-size models), the output would run at length 16 only: compress tries it at twice the symbolic sizes,
     where the original runs, and refuses it (one line) instead of writing it."""
-    from onnxecc import surgery
-    from onnxecc.errors import UnsupportedModelError
+    from onnxecc.core.errors import UnsupportedModelError
+    from onnxecc.graph import surgery
 
     monkeypatch.setattr(surgery, "symbolic", lambda model: False)
     out = tmp_path / "encoder.onnx"
@@ -262,7 +262,7 @@ def _fixed_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 
 def test_run_batched_feeds_a_fixed_batch_in_chunks():
-    from onnxecc import runtime
+    from onnxecc.graph import runtime
 
     model = onnx.load(REPO / "models" / "digits_cnn.onnx")
     x = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
@@ -275,7 +275,7 @@ def test_run_batched_feeds_a_fixed_batch_in_chunks():
 def test_batch_one_model_compresses_with_digits(tmp_path):
     """The digits CNN with its batch fixed to 1: teacher logits, fine-tuning and evaluation all run; the accuracy
     before is the original's on the test split, counted here one image at a time."""
-    from onnxecc.data import load_digits
+    from onnxecc.graph.data import load_digits
 
     path = tmp_path / "digits_b1.onnx"
     onnx.save(_fixed_batch(onnx.load(REPO / "models" / "digits_cnn.onnx"), 1), path)
@@ -293,10 +293,10 @@ def test_batch_one_model_compresses_with_digits(tmp_path):
 def test_batch_baked_into_a_reshape_trains_at_that_batch():
     """A batch-1 export whose Flatten is a Reshape to [1, -1]: its torch module cannot run 64 samples at once, so
     training feeds one at a time (and the plain Flatten model trains at the configured batch)."""
-    from onnxecc.analysis import analyse
-    from onnxecc.data import Dataset, load_digits
-    from onnxecc.finetune import TrainConfig
-    from onnxecc.masked import MaskedModel
+    from onnxecc.cost.analysis import analyse
+    from onnxecc.graph.data import Dataset, load_digits
+    from onnxecc.train.finetune import TrainConfig
+    from onnxecc.train.masked import MaskedModel
 
     flat = _fixed_batch(onnx.load(REPO / "models" / "digits_cnn.onnx"), 1)
     baked = onnx.ModelProto()
@@ -320,8 +320,9 @@ def test_batch_baked_into_a_reshape_trains_at_that_batch():
 def test_int8_calibration_feeds_a_fixed_batch():
     """onnxruntime's static quantization calibrates a batch-1 model one sample at a time (32 at once fails); the
     int8 model then answers as the fp32 one on held-out digits."""
-    from onnxecc import quantize, runtime
-    from onnxecc.data import load_digits
+    from onnxecc.graph import runtime
+    from onnxecc.graph.data import load_digits
+    from onnxecc.train import quantize
 
     model = _fixed_batch(onnx.load(REPO / "models" / "digits_cnn.onnx"), 1)
     digits = load_digits()

@@ -13,7 +13,7 @@ import pytest
 import zoo
 
 import onnxecc
-from onnxecc.errors import UserError
+from onnxecc.core.errors import UserError
 
 
 def torch_hook_count(arch: str) -> tuple[int, int, int]:

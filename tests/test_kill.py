@@ -22,9 +22,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxecc import ingest
-from onnxecc.errors import UserError
-from onnxecc.profiler import load_profile, store
+from onnxecc.core.errors import UserError
+from onnxecc.cost.profiler import load_profile, store
+from onnxecc.graph import ingest
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "digits_cnn.onnx"
@@ -117,7 +117,7 @@ def test_sigkill_profile_leaves_no_partial_json(tmp_path):
 
 _SAVE_KILLED = r"""
 import os, signal, sys
-from onnxecc import ingest
+from onnxecc.graph import ingest
 
 path, source, layout, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model = ingest.load(source)
@@ -273,7 +273,7 @@ def test_output_equal_to_the_inputs_external_data_is_refused(tmp_path):
 
 def test_sweep_and_profile_never_write_over_their_input(tmp_path):
     from onnxecc.compress import CompressOptions
-    from onnxecc.profiler import profile
+    from onnxecc.cost.profiler import profile
     from onnxecc.sweep import sweep
 
     src = tmp_path / "uniform_0.5.onnx"  # the name of the sweep's own point output

@@ -15,12 +15,12 @@ import onnxruntime as ort
 import pytest
 import zoo
 
-from onnxecc import ingest, runtime
-from onnxecc.channels import analyze
-from onnxecc.graph import Graph
-from onnxecc.ingest import load
-from onnxecc.layers import shape_skeleton, tensor_shapes, with_static_shapes
-from onnxecc.surgery import prune_channels
+from onnxecc.graph import ingest, runtime
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.graph import Graph
+from onnxecc.graph.ingest import load
+from onnxecc.graph.layers import shape_skeleton, tensor_shapes, with_static_shapes
+from onnxecc.graph.surgery import prune_channels
 
 
 def _full_model_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
@@ -176,7 +176,7 @@ def test_sha256_streams_the_serialised_bytes(resnet18):
 
 
 def test_streamed_importance_equals_the_whole_tensor_sum(monkeypatch):
-    from onnxecc import importance
+    from onnxecc.optimize import importance
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((37, 5, 3, 3)).astype(np.float32)

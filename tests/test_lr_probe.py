@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import DEMO_MODELS
 
-from onnxecc.channels import analyze
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.data import load_digits
-from onnxecc.finetune import TrainConfig, distillation_loss, finetune
-from onnxecc.masked import MaskedModel
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.data import load_digits
+from onnxecc.train.finetune import TrainConfig, distillation_loss, finetune
+from onnxecc.train.masked import MaskedModel
 
 CANDIDATES = (2e-3, 1e-4)
 

@@ -19,12 +19,12 @@ import onnx
 import pytest
 import zoo
 
-from onnxecc import runtime
-from onnxecc.errors import UserError
-from onnxecc.layers import find_layers
-from onnxecc.profiler import ModelInfo, load_profile, profile, profile_cost, sampling, store
-from onnxecc.projection import allowed_widths
-from onnxecc.surgery import prune_channels
+from onnxecc.core.errors import UserError
+from onnxecc.cost.profiler import ModelInfo, load_profile, profile, profile_cost, sampling, store
+from onnxecc.graph import runtime
+from onnxecc.graph.layers import find_layers
+from onnxecc.graph.surgery import prune_channels
+from onnxecc.optimize.projection import allowed_widths
 
 TOKENS = 64
 SHAPES = {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)}
@@ -176,7 +176,7 @@ def test_encoder_profile_estimates_timings(encoder, encoder_profile):
     full = runtime.session(info.model)
     x = runtime.example_input(full, batch=1, model=info.model, shapes=info.input_shapes)
     feed = runtime.feed(full, x)
-    from onnxecc.profiler.meters import CpuTimeMeter
+    from onnxecc.cost.profiler.meters import CpuTimeMeter
 
     measured = min(CpuTimeMeter().measure(lambda: full.run(None, feed), 10, 50).value for _ in range(3))
     assert measured / 2 < cost(None) < measured * 2

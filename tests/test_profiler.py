@@ -17,11 +17,10 @@ import onnx
 import pytest
 from conftest import DEMO_MODELS, REPO
 
-from onnxecc import runtime
-from onnxecc.errors import UserError
-from onnxecc.profiler import ModelInfo, load_profile, profile, profile_cost, sampling, store
-from onnxecc.profiler import fit as fitting
-from onnxecc.profiler.meters import (
+from onnxecc.core.errors import UserError
+from onnxecc.cost.profiler import ModelInfo, load_profile, profile, profile_cost, sampling, store
+from onnxecc.cost.profiler import fit as fitting
+from onnxecc.cost.profiler.meters import (
     CmdMeter,
     CpuTimeMeter,
     JetsonMeter,
@@ -33,6 +32,7 @@ from onnxecc.profiler.meters import (
     make_meter,
     summarize,
 )
+from onnxecc.graph import runtime
 
 CNN = DEMO_MODELS[0]
 RESDW = DEMO_MODELS[1]
@@ -46,8 +46,8 @@ def test_profiler_imports_and_runs_without_torch(tmp_path):
 import sys
 for name in ("torch", "torchvision", "onnx2torch", "cvxpy", "scipy", "sklearn"):
     sys.modules[name] = None  # any import of these raises ImportError
-import onnxecc.profiler, onnxecc.profiler.meters, onnxecc.profiler.fit, onnxecc.profiler.store
-import onnxecc.profiler.sampling, onnxecc.profiler.bench
+import onnxecc.cost.profiler, onnxecc.cost.profiler.meters, onnxecc.cost.profiler.fit, onnxecc.cost.profiler.store
+import onnxecc.cost.profiler.sampling, onnxecc.cost.profiler.bench
 from onnxecc.cli import main
 sys.argv = ["onnxecc", "profile", {str(CNN)!r}, "-o", {str(tmp_path / "p.json")!r}, "--samples", "6",
             "--warmup", "1", "--repeats", "3", "--knobs", "width,precision"]
@@ -516,7 +516,7 @@ def test_compress_warns_when_the_profile_was_measured_on_another_cpu(tmp_path):
     """A profile carries the CPU it was measured on: compress says so when this machine's differs, and is
     silent when they are the same."""
     from onnxecc.compress import CompressOptions, compress
-    from onnxecc.profiler.store import cpu_name
+    from onnxecc.cost.profiler.store import cpu_name
 
     data = json.loads(SHIPPED.read_text())
     warned = {}
@@ -536,7 +536,7 @@ def test_profile_with_precision_round_trips_and_resumes(tmp_path):
     """`profile(..., knobs="width,precision")`: the precision section (per-layer int8 savings, the choice,
     int8 timed at the width anchors) is plain JSON tied to the model, provider and threads, read back equal, and
     a resumed profile keeps it (not measured again)."""
-    from onnxecc.quantize import PrecisionProfile, candidates
+    from onnxecc.train.quantize import PrecisionProfile, candidates
 
     out = tmp_path / "p.json"
     prof = profile(CNN, out, samples=6, knobs="width,precision", **FAST)
@@ -602,7 +602,7 @@ class _SpellMeter(Meter):
 
 
 def test_paired_measurement_cancels_spells_that_an_unpaired_one_carries():
-    from onnxecc.profiler import _measure, _measure_paired
+    from onnxecc.cost.profiler import _measure, _measure_paired
 
     full, variant = (lambda: 2.0), (lambda: 0.5)  # true ratio 0.25
     rec, tries = _measure_paired(_SpellMeter(spell=2), full, variant, warmup=0, repeats=10)

@@ -1,4 +1,4 @@
-"""Progress in logs (`onnxecc.progress`): off a terminal, one line per phase and per epoch (and at most every 30 s
+"""Progress in logs (`onnxecc.core.progress`): off a terminal, one line per phase and per epoch (and at most every 30 s
 within an epoch) with the time elapsed and an estimate of the time left; `--quiet` turns them off."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 from conftest import DEMO_MODELS
 
-from onnxecc.progress import LogLines
+from onnxecc.core.progress import LogLines
 
 STAMP = r"^\[\d+:\d\d:\d\d\] "
 LEFT = r"; training ~\d+:\d\d:\d\d left$"

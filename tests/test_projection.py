@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxecc.costs import BilinearCost, Term
-from onnxecc.errors import UserError
-from onnxecc.projection import allowed_widths, min_cost, project
+from onnxecc.core.errors import UserError
+from onnxecc.cost.costs import BilinearCost, Term
+from onnxecc.optimize.projection import allowed_widths, min_cost, project
 
 
 @pytest.fixture(scope="module")
 def exact():
-    return pytest.importorskip("onnxecc.exact", reason="needs the training extra (cvxpy)")
+    return pytest.importorskip("onnxecc.optimize.exact", reason="needs the training extra (cvxpy)")
 
 
 def brute_force(cost, importance, budget, min_width=1, round_to=1):
@@ -349,7 +349,7 @@ def test_25k_channels_the_projection_is_feasible_top_k_and_maximal():
 # ---------------------------------------------------------------------------------- architecture rule
 
 
-@pytest.mark.parametrize("module", ["budget.py", "projection.py"])
+@pytest.mark.parametrize("module", ["cost/budget.py", "optimize/projection.py"])
 def test_onnx_side_modules_import_no_training_stack(module):
     src = (Path(__file__).resolve().parents[1] / "onnxecc" / module).read_text()
     imported = set()

@@ -16,16 +16,17 @@ import pytest
 from conftest import DEMO_MODELS, REPO
 from onnx import numpy_helper
 
-from onnxecc import checkpoint, ingest, quantize, runtime
-from onnxecc.analysis import analyse
-from onnxecc.bridge import run_torch, to_torch
-from onnxecc.checkpoint import Interrupted
 from onnxecc.compress import CompressOptions, compress, cost_model
-from onnxecc.data import load_digits
-from onnxecc.errors import UserError
-from onnxecc.precision import scaled_cost
-from onnxecc.profiler import load_profile
-from onnxecc.quantize import (
+from onnxecc.core.errors import UserError
+from onnxecc.cost.analysis import analyse
+from onnxecc.cost.precision import scaled_cost
+from onnxecc.cost.profiler import load_profile
+from onnxecc.graph import ingest, runtime
+from onnxecc.graph.data import load_digits
+from onnxecc.train import checkpoint, quantize
+from onnxecc.train.bridge import run_torch, to_torch
+from onnxecc.train.checkpoint import Interrupted
+from onnxecc.train.quantize import (
     ALL_BUT_SLOWER,
     FASTER,
     PrecisionProfile,
@@ -477,7 +478,7 @@ def test_fake_quant_of_matmul_weights_onnx2torch_passes_as_arguments():
 @pytest.fixture(scope="module")
 def precision_profile(tmp_path_factory, digits):
     """The shipped digits_cnn profile plus a precision section measured once (`profiler.precision_section`)."""
-    from onnxecc.profiler import ModelInfo, precision_section
+    from onnxecc.cost.profiler import ModelInfo, precision_section
 
     prof = load_profile(PROFILE, CNN)
     prof.precision = precision_section(ModelInfo.of(CNN), prof, digits.x_train[:64])
@@ -529,7 +530,7 @@ def test_scaled_cost_is_exact_at_full_width_and_corrected_at_pruned_widths():
     """Every chosen layer's fitted coefficient is tiny (the fit put its cost elsewhere): the scaled model is still
     the measured int8 latency at full width. Int8 timings at pruned widths that are slower than fp32 (fixed
     Quantize/Dequantize overhead) pull the model up there."""
-    from onnxecc.precision import correct_at_widths
+    from onnxecc.cost.precision import correct_at_widths
 
     proto = ingest.load(CNN)
     a = analyse(proto, "compress")

@@ -1,5 +1,5 @@
-"""Recalibration after pruning (`onnxecc.recalibrate`, `MaskedModel.recalibrate`): checked on the written-back ONNX
-model with onnxruntime — every live convolution output channel has the original model's mean and standard deviation
+"""Recalibration after pruning (`onnxecc.train.recalibrate`, `MaskedModel.recalibrate`): checked on the written-back
+ONNX model with onnxruntime — every live convolution output channel has the original model's mean and standard deviation
 on the calibration inputs again, and pruned channels stay exactly zero (compress's record of it: test_lr_probe)."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import DEMO_MODELS
 
-from onnxecc import recalibrate, runtime
-from onnxecc.channels import analyze
-from onnxecc.data import load_digits
-from onnxecc.finetune import TrainConfig
-from onnxecc.masked import MaskedModel, _spread
+from onnxecc.graph import runtime
+from onnxecc.graph.channels import analyze
+from onnxecc.graph.data import load_digits
+from onnxecc.train import recalibrate
+from onnxecc.train.finetune import TrainConfig
+from onnxecc.train.masked import MaskedModel, _spread
 
 
 def _conv_stats(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -59,8 +60,8 @@ def test_live_channels_get_the_original_statistics_back_and_pruned_ones_stay_zer
 def test_calibration_batch_is_bounded_by_the_largest_convolution_output(path, monkeypatch):
     """The bound is twice the largest biased Conv output of one sample, taken here from the ONNX shape analysis
     (`find_layers`), not from torch: a budget of k such pairs gives k samples, clamped to [MIN, CALIBRATION_SAMPLES]."""
-    from onnxecc.bridge import to_torch
-    from onnxecc.layers import find_layers
+    from onnxecc.graph.layers import find_layers
+    from onnxecc.train.bridge import to_torch
 
     proto = onnx.load(path)
     largest = max(layer.cout * int(np.prod(layer.out_spatial)) * 4 for layer in find_layers(proto)

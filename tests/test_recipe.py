@@ -17,14 +17,14 @@ from conftest import DEMO_MODELS
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from onnxecc import recipe
 from onnxecc.cli import _SETTING_OF_FLAG, app
 from onnxecc.compress import CompressOptions
-from onnxecc.errors import UserError
+from onnxecc.core import recipe
+from onnxecc.core.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # the same parser before the standard library took it in (what onnxecc.recipe reads with there)
+else:  # the same parser before the standard library took it in (what core.recipe reads with there)
     import tomli as tomllib
 
 MODEL = str(DEMO_MODELS[0])  # digits_cnn
@@ -215,7 +215,7 @@ def test_report_recipe_repeats_the_run(tmp_path):
 
 
 def test_wsp_report_embeds_the_recipe_too(tmp_path):
-    """--method wsp writes its own report (onnxecc.wsp): the recipe is there as well. Data-free: seconds."""
+    """--method wsp writes its own report (onnxecc.methods.wsp): the recipe is there as well. Data-free: seconds."""
     from onnxecc.compress import compress
 
     opts = CompressOptions(metric="energy", method="wsp", hardware=str(DEMO_MODELS[0].parents[1] / "profiles"

@@ -22,10 +22,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxecc import checkpoint
-from onnxecc.checkpoint import Interrupted
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.errors import UserError
+from onnxecc.core.errors import UserError
+from onnxecc.train import checkpoint
+from onnxecc.train.checkpoint import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "digits_cnn.onnx"

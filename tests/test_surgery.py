@@ -12,10 +12,10 @@ import pytest
 import zoo
 from test_channels import Net, out_group
 
-from onnxecc.channels import ChannelGraph, analyze
-from onnxecc.errors import UserError
-from onnxecc.layers import find_layers
-from onnxecc.surgery import prune_channels, validate_keep, zero_channels
+from onnxecc.core.errors import UserError
+from onnxecc.graph.channels import ChannelGraph, analyze
+from onnxecc.graph.layers import find_layers
+from onnxecc.graph.surgery import prune_channels, validate_keep, zero_channels
 
 RTOL = 1e-5
 

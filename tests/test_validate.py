@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from conftest import DEMO_MODELS, MODELS
 
-from onnxecc import ingest
-from onnxecc.layers import find_layers
+from onnxecc.graph import ingest
+from onnxecc.graph.layers import find_layers
 from onnxecc.validate import read_metadata, validate, write_metadata
 
 

@@ -18,8 +18,15 @@ import pytest
 from onnx import numpy_helper
 
 from onnxecc.compress import CompressOptions, compress
-from onnxecc.errors import UserError
-from onnxecc.sparse_projection import greedy_knapsack, greedy_sorted, greedy_value, knapsack, prefix_by_score, project
+from onnxecc.core.errors import UserError
+from onnxecc.optimize.sparse_projection import (
+    greedy_knapsack,
+    greedy_sorted,
+    greedy_value,
+    knapsack,
+    prefix_by_score,
+    project,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EYERISS = REPO / "profiles" / "eyeriss.json"
@@ -124,7 +131,7 @@ def test_prefix_by_score_cuts_the_score_order_at_the_budget():
 
 # -------------------------------------------------------------------------------- greedy vs exact (cvxpy)
 def test_greedy_is_feasible_and_within_one_item_of_the_exact_knapsack():
-    exact = pytest.importorskip("onnxecc.exact", reason="needs the training extra (cvxpy)")
+    exact = pytest.importorskip("onnxecc.optimize.exact", reason="needs the training extra (cvxpy)")
     rng = np.random.default_rng(3)
     gaps = []
     for _ in range(60):
@@ -156,7 +163,7 @@ def _dense_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _independent_energy(model: onnx.ModelProto) -> float:
-    """The modelled energy (units) recounted from the file with torch's unfold/conv2d, not onnxecc.hardware. A QDQ
+    """The modelled energy (units) recounted from the file with torch's unfold/conv2d, not onnxecc.cost.hardware. A QDQ
     model is read through the test's own dequantization (test_hardware._test_dequantize); its int8 layers are
     counted with eyeriss.json's 8-bit unit energies and caches of twice as many (8-bit) values."""
     import torch
@@ -320,7 +327,7 @@ def resdw_near_floor(tmp_path_factory):
 
 
 def test_near_the_floor_every_layer_keeps_its_minimum_support(resdw_near_floor):
-    from onnxecc import wsp
+    from onnxecc.methods import wsp
 
     result, out = resdw_near_floor
     assert result.meets_budget and result.pruned
@@ -354,7 +361,7 @@ def test_near_the_floor_a_trained_result_gives_no_chance_warning(resdw_near_floo
 def test_near_the_floor_a_chance_level_result_is_not_silent(tmp_path):
     """A learning rate too small to recover anything (1e-9, 2 epochs) leaves digits_resdw at 0.2 at chance; the
     file's accuracy, measured here with a fresh onnxruntime session, is at chance and a warning says so."""
-    from onnxecc.data import load_digits
+    from onnxecc.graph.data import load_digits
 
     out = tmp_path / "chance.onnx"
     opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=2, lr=1e-9,
@@ -369,8 +376,8 @@ def test_near_the_floor_a_chance_level_result_is_not_silent(tmp_path):
 
 def test_budget_between_the_floor_and_the_minimum_supports_is_a_one_line_error(tmp_path):
     """0.178 of the original is above the floor (0.177) but below floor + minimum supports (0.179)."""
-    from onnxecc.budget import Budget
-    from onnxecc.wsp import make_plan
+    from onnxecc.cost.budget import Budget
+    from onnxecc.methods.wsp import make_plan
 
     plan = make_plan(RESDW, str(EYERISS), Budget(text="0.178", metric="energy", fraction=0.178))
     assert plan.floor < plan.target < plan.reachable
@@ -382,7 +389,7 @@ def test_budget_between_the_floor_and_the_minimum_supports_is_a_one_line_error(t
     assert len(lines) == 1 and "smallest reachable" in lines[0], proc.stderr
     assert f"{plan.reachable * plan.jpu * 1e6:.3g} uJ" in lines[0] and not (tmp_path / "o.onnx").exists()
     # the trainer itself refuses it too (the bench drives it directly: a reason in its row, no internal error)
-    from onnxecc.wsp import _Trainer
+    from onnxecc.methods.wsp import _Trainer
 
     with pytest.raises(UserError, match="smallest reachable"):
         _Trainer(plan, None, CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS)), print)
@@ -432,7 +439,7 @@ def _reference_training(module, x, teacher, y, *, epochs, lr, batch, t, mix, shu
 def test_finetune_with_param_groups_and_penalty_matches_an_independent_loop(schedule):
     import torch
 
-    from onnxecc.finetune import TrainConfig, finetune
+    from onnxecc.train.finetune import TrainConfig, finetune
 
     module, x, teacher, y = _tiny_problem()
     reference = _tiny_problem()[0]
@@ -458,7 +465,7 @@ def test_finetune_with_param_groups_and_penalty_matches_an_independent_loop(sche
 def test_finetune_after_step_sees_masked_entries_zero_and_its_zeros_last_until_the_next_step():
     import torch
 
-    from onnxecc.finetune import Mask, TrainConfig, finetune
+    from onnxecc.train.finetune import Mask, TrainConfig, finetune
 
     module, x, teacher, y = _tiny_problem(1)
     mask = (torch.arange(18).reshape(3, 6) % 3 != 0).float()  # a third of the weights pruned
@@ -485,7 +492,7 @@ def test_finetune_after_step_sees_masked_entries_zero_and_its_zeros_last_until_t
 def test_wsp_projects_every_interval_and_after_the_last_batch_of_each_phase(resdw_run):
     """The fixture: 3 epochs → two epochs of joint projection (weights and masks), one of fine-tuning;
     proj_interval 5."""
-    from onnxecc.data import load_digits
+    from onnxecc.graph.data import load_digits
 
     result, _, _ = resdw_run
     per_epoch = math.ceil(len(load_digits().x_train) / 64)
@@ -504,7 +511,7 @@ def test_wsp_projects_every_interval_and_after_the_last_batch_of_each_phase(resd
 def test_a_budget_without_masks_learns_none_and_masks_only_the_inputs_zero_in_all_training_data(tmp_path):
     """digits_cnn at 0.4 needs no input masks: no mask phase, and the only masked inputs are the image pixels
     that are blank in every training image (deeper inputs are ReLU outputs; checked by the test's own pass)."""
-    from onnxecc.data import load_digits
+    from onnxecc.graph.data import load_digits
 
     out, report = tmp_path / "cnn.onnx", tmp_path / "cnn.json"
     opts = CompressOptions(metric="energy", method="wsp", hardware=str(EYERISS), data="digits", epochs=3,
@@ -546,7 +553,7 @@ def cnn_int8_run(tmp_path_factory):
 
 
 def test_int8_wsp_writes_qdq_that_meets_the_budget_at_8_bit_energies(cnn_int8_run):
-    from onnxecc.quantize import int8_nodes
+    from onnxecc.train.quantize import int8_nodes
 
     result, out = cnn_int8_run
     written = onnx.load(out)
@@ -574,8 +581,8 @@ def test_int8_plan_halves_the_floor_on_eyeriss():
     """Every unit memory energy of eyeriss.json halves at 8 bits and no floor term overflows a cache, so the
     floor (output writes and dense-layer inputs) of the all-int8 plan is exactly half the 16-bit one; the
     budget stays relative to the original at 16 bits."""
-    from onnxecc.budget import Budget
-    from onnxecc.wsp import make_plan
+    from onnxecc.cost.budget import Budget
+    from onnxecc.methods.wsp import make_plan
 
     budget = Budget(text="0.2", metric="energy", fraction=0.2)
     p16, p8 = make_plan(RESDW, str(EYERISS), budget), make_plan(RESDW, str(EYERISS), budget, 8)
@@ -600,8 +607,8 @@ def test_validate_recounts_the_energy_budget_with_the_hardware_file(resdw_run, t
     """`validate --hardware`: the energy counted again on the file (independent recount), the stored budget
     re-checked (met; violated once the metadata budget is lowered under it); another hardware file is refused,
     and without one the budget is reported as not re-checked."""
-    from onnxecc import ingest
-    from onnxecc.errors import UserError
+    from onnxecc.core.errors import UserError
+    from onnxecc.graph import ingest
     from onnxecc.validate import validate, write_metadata
 
     result, out, _ = resdw_run
