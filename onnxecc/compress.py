@@ -14,14 +14,13 @@ import itertools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnxecc.core import atomic
-from onnxecc.core.errors import UnsupportedModelError, UserError
+from onnxecc.core.errors import UserError
 from onnxecc.core.recipe import as_dict as recipe_of
 from onnxecc.cost.analysis import analyse
 from onnxecc.cost.budget import Budget, format_cost, parse_budget
@@ -29,152 +28,20 @@ from onnxecc.cost.costs import BilinearCost, Variables, macs_cost, params_cost
 from onnxecc.graph import ingest, runtime
 from onnxecc.graph.channels import ChannelGraph, attention_name
 from onnxecc.graph.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
-from onnxecc.graph.outputs import output_kind
+from onnxecc.graph.metadata import write_metadata
 from onnxecc.graph.surgery import prune_channels
+from onnxecc.methods.options import METRICS, CompressOptions
+from onnxecc.methods.result import CompressResult, evaluate, recovery_warnings, selected_round, tool_version
 from onnxecc.optimize.problem import Problem
 from onnxecc.optimize.projection import check_reachable
 from onnxecc.train import checkpoint as checkpoints
 from onnxecc.train import distributed
 from onnxecc.train.quantize import Int8Dropped
-from onnxecc.validate import analytic_cost, write_metadata
+from onnxecc.validate import analytic_cost
 
-METRICS = ("macs", "params", "latency", "energy")
+_selected_round = selected_round  # its name here before the move (bench/guarantee.py, tests)
+
 METHODS = ("auto", "project", "ecc", "uniform", "greedy", "wsp")
-
-
-@dataclass
-class CompressOptions:
-    """Every knob of `compress`, with defaults that work on the demo models without tuning."""
-
-    metric: str = "macs"
-    method: str = "auto"  # auto: ecc with --data, else project (see `_auto_method`)
-    profile: str | None = None  # fitted latency/energy profile JSON (`onnxecc profile`), for those metrics
-    hardware: str | None = None  # accelerator description JSON, for --method wsp
-    data: str | None = None
-    epochs: int = 30
-    lr: float | None = None  # None (--lr auto): the final fine-tuning's rate by a probe (`_finetune_lr`)
-    batch_size: int = 64
-    seed: int = 0
-    round_to: int | None = None  # None: the profile's width step, else the CPU kernels' channel block (8/16)
-    min_width: int = 1
-    temperature: float = 2.0
-    distill_weight: float = 0.5
-    device: str = "auto"
-    measure_latency: bool = True
-    proj_interval: int = 10  # --method wsp: batches between weighted sparse projections
-    admm_iterations: int = 5
-    admm_epochs: int = 2  # epochs per ADMM iteration (W-step)
-    rho: float = 2.5e-3  # with admm_decay 4: chosen on a validation split of the training data (bench `tune`)
-    rho_growth: float = 2.0
-    admm_decay: int = 4  # ADMM iterations over which the budget decays from the original cost to the target
-    admm_w_step: str = "prox"  # ECC W-step: prox (exact proximal step after each Adam step) | penalty (in the loss)
-    provider: str = "CPUExecutionProvider"  # where latency is measured (closed loop, report)
-    threads: int = 1
-    closed_loop: bool = True  # measured metrics: re-measure the output; tighten if it misses, loosen if far under
-    closed_loop_loosen: bool | None = None  # loosen when >10% under: None = only when rounds do not train
-    verify_projection: bool = False  # debug: check every ADMM Z-step against the exact MILP (small models)
-    importance: str = "auto"  # channel importance for project/ecc: fisher (needs --data) | l2; auto: fisher with data
-    # with --data, prune the approximate groups too (a normalisation runs over them); False leaves them whole: on the
-    # bench's text transformer at MACs 0.3 (validation split, seed 0) pruning its residual width cost 4.9 (project)
-    # and 5.8 (ecc) points of accuracy; on its digits ViT 0 and 1.7 (issue 25)
-    prune_approximate: bool = True
-    max_rounds: int | None = None  # closed-loop rounds; None: 6 when a round only projects (seconds), else 3
-    knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.train.quantize)
-    qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (quantize.FakeQuant)
-    recalibrate: bool = True  # before fine-tuning: conv outputs' mean and spread back to the original's
-    # sizes of symbolic input dims to analyse at (`inputs.parse_input_shapes` of --input-shape; None: the first
-    # sample of --data); `compress` puts the sizes it resolved here (`inputs.resolve_shapes`, batch first);
-    # key None: the model's only input (`--input-shape 1,3,64,64`). The annotations type recipe files (`recipe`)
-    input_shapes: dict[str | None, tuple[int, ...]] | None = None
-
-
-@dataclass
-class CompressResult:
-    """What `compress` did; `as_dict()` is the `--report` JSON."""
-
-    model: onnx.ModelProto
-    output: Path | None
-    metric: str
-    budget: Budget
-    budget_abs: float
-    original_cost: float
-    estimated_cost: float
-    counted_cost: float | None  # counted again on the output file (MACs/params), independently of the model
-    pruned: bool
-    widths: dict[int, tuple[int, int]]  # group -> (kept, full)
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
-    agreement: float | None = None  # top-1 agreement with the original along the class axis (None: no class axis)
-    relative_error: float | None = None  # ‖out − original‖² / ‖original‖² on the evaluation inputs
-    latency_before: runtime.Timing | None = None
-    latency_after: runtime.Timing | None = None
-    latency_ratio: float | None = None  # after / before, the median of per-round ratios (`runtime.Pair`)
-    history: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    method: str = "none"
-    rounds: list[dict] = field(default_factory=list)  # closed-loop rounds: internal budget, measurement
-    measured_miss: bool = False  # the measurement missed the budget after every round
-    precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.train.quantize)
-    input_shapes: dict | None = None  # inputs with symbolic sizes: the size costs were counted at (batch first)
-    heads: list[dict] = field(default_factory=list)  # per attention layer: {"layer", "group", "before", "after"}
-    # groups a normalisation runs over: pruned only with --data; {"id", "reason", "pruned", "left" (why not)}
-    approximate_groups: list[dict] = field(default_factory=list)
-    recipe: dict | None = None  # the options as given (`core.recipe`): `--config REPORT` repeats the run
-
-    @property
-    def final_cost(self) -> float:
-        return self.counted_cost if self.counted_cost is not None else self.estimated_cost
-
-    @property
-    def meets_budget(self) -> bool:
-        if self.measured_miss:
-            return False
-        measured = _selected_round(self.rounds)
-        if measured is not None and "meets" in measured:  # measured metrics: the measurement is the verdict
-            return bool(measured["meets"])
-        return self.final_cost <= self.budget_abs * (1 + 1e-12)
-
-    @property
-    def meets_budget_by(self) -> str:
-        """How `meets_budget` was decided: measured on the output, counted on the file, or only estimated."""
-        measured = _selected_round(self.rounds)
-        if measured is not None and "meets" in measured:
-            how = f"with the meter {measured['meter']}" if "meter" in measured else "in latency"
-            return f"measured {how} side by side with the original"
-        if self.counted_cost is not None:
-            return "counted on the output file"
-        return "estimated by the cost model (not measured on the output)"
-
-    def as_dict(self) -> dict:
-        def timing(t):
-            return t.as_dict() if t is not None else None
-
-        return {
-            "tool": "onnxecc", "version": _tool_version(), "output": str(self.output) if self.output else None,
-            "metric": self.metric,
-            "budget": {"text": self.budget.text, "absolute": self.budget_abs,
-                       "fraction": self.budget_abs / self.original_cost if self.original_cost else None},
-            "original_cost": self.original_cost, "estimated_cost": self.estimated_cost,
-            "counted_cost": self.counted_cost, "cost_fraction": self.final_cost / self.original_cost,
-            "meets_budget": self.meets_budget, "meets_budget_by": self.meets_budget_by, "pruned": self.pruned,
-            "method": self.method,
-            "rounds": self.rounds,
-            "widths": {str(g): {"kept": k, "full": f} for g, (k, f) in self.widths.items()},
-            "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-            "top1_agreement": self.agreement, "relative_error": self.relative_error,
-            "latency_before": timing(self.latency_before), "latency_after": timing(self.latency_after),
-            "latency_ratio": self.latency_ratio,
-            "history": self.history, "timings_s": self.timings, "warnings": self.warnings,
-            "precision": self.precision, "input_shapes": self.input_shapes,
-            "approximate_groups": self.approximate_groups, "heads": self.heads, "recipe": self.recipe,
-        }
-
-
-def _tool_version() -> str:
-    from onnxecc import __version__
-
-    return __version__
 
 
 def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers, variables: Variables,
@@ -447,14 +314,14 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     emit("stage", {"name": "validate"})
     t = time.perf_counter()
     if distributed.is_main():  # the other ranks hold the same model: rank 0 alone evaluates and writes
-        _evaluate(result, runtime.on_disk(model, proto), data, opts)  # the user's file: not written again
+        evaluate(result, runtime.on_disk(model, proto), data, opts)  # the user's file: not written again
     timings["validate"] = time.perf_counter() - t
-    measured_fail = (chosen := _selected_round(rounds)) is not None and chosen.get("meets") is False
+    measured_fail = (chosen := selected_round(rounds)) is not None and chosen.get("meets") is False
     if not result.meets_budget and not measured_fail:
         raise RuntimeError(f"internal error: output cost {fmt(result.final_cost)} exceeds the budget {fmt(target)}")
 
     write_metadata(out_model, {
-        "version": _tool_version(), "metric": opts.metric, "budget": target, "budget_text": parsed.text,
+        "version": tool_version(), "metric": opts.metric, "budget": target, "budget_text": parsed.text,
         "original_cost": original, "estimated_cost": estimated, "counted_cost": counted, "pruned": pruned,
         "method": result.method, "accuracy": result.accuracy_after,
     })
@@ -496,13 +363,6 @@ def _reach_or_name_data(reach, cost, problem: Problem, approximate: dict[int, st
         raise UserError(f"{exc}; or {how}: the {len(approximate)} approximate group(s) (a normalisation runs "
                         f"over their channels) are then pruned too and fine-tuned (smallest cost {fmt(smallest)})") \
             from None
-
-
-def recovery_warnings(history: list[dict]) -> list[str]:
-    """A warning when training recovered from non-finite numbers (`onnxecc.train.guard`; the history has each)."""
-    recovered = [h for h in history if h.get("phase") == "recovery"]
-    return [f"training met non-finite numbers {len(recovered)} time(s) and recovered: see the 'recovery' entries "
-            "of the report's history"] if recovered else []
 
 
 def _refuse_overwriting_input(model, output, report, checkpoint, overwrite: bool) -> None:
@@ -925,11 +785,6 @@ def _choose_round(rounds: list[dict]) -> dict:
     return chosen
 
 
-def _selected_round(rounds: list[dict]) -> dict | None:
-    """The closed-loop round whose output was returned (the last one in reports written before the mark)."""
-    return next((r for r in rounds if r.get("selected")), rounds[-1] if rounds else None)
-
-
 def attention_heads(graph: ChannelGraph, keep: dict[int, np.ndarray] | None) -> list[dict]:
     """Heads before → after per attention layer (named by the path its products share, e.g. '/blocks.0'; a head
     group's unit is one head, or one k/v head with the q heads that share it)."""
@@ -977,53 +832,3 @@ def _input_shapes(proto: onnx.ModelProto, opts: CompressOptions, data) -> dict[s
                         f"({shapes_text(shapes)}): profile the model at the data's size (--input-shape)")
     return shapes
 
-
-def _check_other_size(sess_o, sess_c, original, opts: CompressOptions) -> None:
-    """A model with symbolic input sizes was analysed and pruned at one size (`opts.input_shapes`): its output must
-    still run at others. At twice every symbolic size, where the original runs, the output must run and give
-    outputs of the original's shape, else UnsupportedModelError (nothing is written): something the graph computes
-    from the size was turned into a constant."""
-    open_axes = {i.name: [a for a, d in enumerate(i.shape) if a > 0 and not (isinstance(d, int) and d > 0)]
-                 for i in sess_o.get_inputs()}
-    if not any(open_axes.values()):
-        return
-    other = {n: tuple(2 * d if a in open_axes.get(n, ()) else d for a, d in enumerate(shape))
-             for n, shape in opts.input_shapes.items()}
-    x = runtime.example_input(sess_o, batch=1, seed=opts.seed, model=original, shapes=other)
-    quiet = runtime.quiet_run()  # a failure here is reported in one line below, not in onnxruntime's log
-    try:
-        expected = sess_o.run(None, runtime.feed(sess_o, x), quiet)
-    except Exception:  # the original does not take that size (a fixed size in disguise): nothing to compare
-        return
-    try:
-        got = sess_c.run(None, runtime.feed(sess_c, x), quiet)
-    except Exception as exc:  # onnxruntime's errors have no common base class
-        raise UnsupportedModelError(
-            f"the compressed model runs at {shapes_text(opts.input_shapes)} but not at {shapes_text(other)}, where the "
-            f"original runs ({str(exc).strip().splitlines()[0][:200]}): a size the graph computes was fixed; not "
-            "supported for this graph yet — compress a copy with fixed input sizes instead") from None
-    if [a.shape for a in got] != [a.shape for a in expected]:
-        raise UnsupportedModelError(
-            f"at {shapes_text(other)} the compressed model's outputs have shapes {[a.shape for a in got]}, the "
-            f"original's {[a.shape for a in expected]}: a size the graph computes was fixed; not supported for this "
-            "graph yet — compress a copy with fixed input sizes instead")
-
-
-def _evaluate(result: CompressResult, original: onnx.ModelProto, data, opts: CompressOptions) -> None:
-    """Measure the output in onnxruntime next to the original: accuracy, agreement, latency (1 thread)."""
-    sess_o, sess_c = runtime.session(original), runtime.session(result.model)
-    if data is not None and len(data.x_test):
-        x, y = data.x_test, data.y_test
-    else:
-        x, y = runtime.example_input(sess_o, batch=32, seed=opts.seed, model=original, shapes=opts.input_shapes), None
-    out_o, out_c = runtime.run_batched(sess_o, x), runtime.run_batched(sess_c, x)
-    _check_other_size(sess_o, sess_c, original, opts)
-    result.agreement = output_kind(out_o).agreement(out_o, out_c)  # per step for N×T×C scores; a map has none
-    result.relative_error = float(np.sum((out_c.astype(np.float64) - out_o) ** 2)
-                                  / max(float(np.sum(out_o.astype(np.float64) ** 2)), 1e-30))
-    if y is not None:
-        result.accuracy_before = float((out_o.argmax(1) == y).mean())
-        result.accuracy_after = float((out_c.argmax(1) == y).mean())
-    if opts.measure_latency:
-        pair = runtime.measure_pair(sess_o, sess_c, x[:1])
-        result.latency_before, result.latency_after, result.latency_ratio = pair.a, pair.b, pair.ratio

@@ -42,9 +42,9 @@ class SweepResult:
     computed: int = 0  # points computed in this run (the others were reused or skipped)
 
     def as_dict(self) -> dict:
-        from onnxecc.compress import _tool_version
+        from onnxecc.methods.result import tool_version
 
-        return {"tool": "onnxecc", "version": _tool_version(), "format": FORMAT, "model": self.model,
+        return {"tool": "onnxecc", "version": tool_version(), "format": FORMAT, "model": self.model,
                 "model_sha256": self.model_sha256, "metric": self.metric, "options": self.options,
                 "original": {"accuracy": self.original_accuracy, "cost": self.original_cost},
                 "plot": str(self.plot) if self.plot else None, "points": self.points}

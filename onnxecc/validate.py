@@ -7,7 +7,6 @@ energy budget only when given the meter to measure it with: otherwise it says so
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,9 +17,8 @@ from onnxecc.cost.budget import parse_budget
 from onnxecc.graph import ingest, runtime
 from onnxecc.graph.inputs import resolve_shapes, shapes_text
 from onnxecc.graph.layers import count_params, find_layers
+from onnxecc.graph.metadata import read_metadata, write_metadata  # noqa: F401 (write_metadata: public here too)
 from onnxecc.graph.outputs import output_kind
-
-META_PREFIX = "onnxecc."
 
 
 @dataclass
@@ -52,29 +50,6 @@ class ValidateResult:
             "latency_ratio": self.latency_ratio,
             "budget": self.budget, "meets_budget": self.meets_budget, "placement": self.placement,
         }
-
-
-def read_metadata(model: onnx.ModelProto) -> dict:
-    """The onnxecc.* metadata_props written by `compress` (values are JSON)."""
-    out = {}
-    for prop in model.metadata_props:
-        if prop.key.startswith(META_PREFIX):
-            try:
-                out[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
-            except json.JSONDecodeError:
-                out[prop.key[len(META_PREFIX):]] = prop.value
-    return out
-
-
-def write_metadata(model: onnx.ModelProto, values: dict) -> None:
-    for key, value in values.items():
-        full = META_PREFIX + key
-        for prop in model.metadata_props:
-            if prop.key == full:
-                prop.value = json.dumps(value)
-                break
-        else:
-            model.metadata_props.add(key=full, value=json.dumps(value))
 
 
 def analytic_cost(model: onnx.ModelProto, metric: str, input_shapes=None) -> float | None:

@@ -27,9 +27,6 @@ BLOCK = "import sys\nfor m in ('torch', 'onnx2torch', 'cvxpy', 'torchvision'):\n
 # Cycles that today's code hides behind function-local imports. Each entry names its way out; when one is broken,
 # remove it here (the test fails on an entry that no longer holds, so this list only shrinks).
 KNOWN_CYCLES = {
-    # wsp takes CompressOptions/CompressResult/_evaluate from compress, compress dispatches to wsp: issue 26 part 2
-    # (a method interface and a shared result/evaluation module, so methods never import the verb).
-    frozenset({"onnxecc.compress", "onnxecc.methods.wsp"}),
     # store.load re-enters the package for load_profile: move the reading of a profile into store (follow-up).
     frozenset({"onnxecc.cost.profiler", "onnxecc.cost.profiler.store"}),
 }
@@ -40,9 +37,6 @@ KNOWN_UPWARD = {
     ("onnxecc.cost.profiler", "onnxecc.train.quantize"),
     # the width grid of a group is a property of the cost variables, not of the projection: move `allowed_widths`.
     ("onnxecc.cost.profiler.sampling", "onnxecc.optimize.projection"),
-    # issue 26 part 2 (see KNOWN_CYCLES): wsp's result, evaluation and metadata come from the verbs' modules.
-    ("onnxecc.methods.wsp", "onnxecc.compress"),
-    ("onnxecc.methods.wsp", "onnxecc.validate"),
 }
 
 

@@ -898,9 +898,9 @@ def _accuracy(model: onnx.ModelProto, data) -> float | None:
 # ------------------------------------------------------------------------------------------------- compress
 def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, report, emit):
     """`compress --method wsp --metric energy --hardware H.json` (see the module docstring)."""
-    from onnxecc.compress import CompressResult, _evaluate, _tool_version, recovery_warnings
     from onnxecc.core.recipe import as_dict as recipe_of
-    from onnxecc.validate import write_metadata
+    from onnxecc.graph.metadata import write_metadata
+    from onnxecc.methods.result import CompressResult, evaluate, recovery_warnings, tool_version
 
     opts = options
     _check_options(budget, opts)
@@ -982,7 +982,7 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
     result.recipe = recipe_of(opts)  # wsp changes no option: the options as given
     emit("stage", {"name": "validate"})
     t = time.perf_counter()
-    _evaluate(result, plan.proto, data, opts)
+    evaluate(result, plan.proto, data, opts)
     timings["validate"] = time.perf_counter() - t
     if precision is not None:
         precision["accuracy_int8"] = result.accuracy_after
@@ -1010,7 +1010,7 @@ def compress_wsp(model: ingest.ModelSource, budget: Budget, output, options, rep
                     f"({top.total / counted:.0%}); per layer: the report's wsp.energy or `onnxecc inspect OUT "
                     f"--hardware {opts.hardware}`")
     write_metadata(out_model, {
-        "version": _tool_version(), "method": "wsp", "metric": "energy", "budget": plan.target * jpu,
+        "version": tool_version(), "method": "wsp", "metric": "energy", "budget": plan.target * jpu,
         "budget_text": budget.text, "original_cost": plan.original * jpu, "estimated_cost": estimated * jpu,
         "counted_cost": counted * jpu, "pruned": pruned, "accuracy": result.accuracy_after,
         "hardware": hw.name, "hardware_sha256": hw.sha256, "energy_unit": hw.energy_unit,
@@ -1094,8 +1094,8 @@ def bench_wsp_accuracy(seeds=(0, 1, 2), budgets=(0.2, 0.4), models=None, epochs:
     8-bit energies during the projections, the output written as int8 QDQ (its row also has the accuracy of the
     pruned fp32 model before quantization, `accuracy_fp32`). Returns `summarise_accuracy(rows)`: one row per
     (model, budget, method) with the per-seed runs under "runs"."""
-    from onnxecc.compress import CompressOptions
     from onnxecc.graph.data import load_digits
+    from onnxecc.methods.options import CompressOptions
 
     repo = Path(__file__).resolve().parents[2]
     models = models or [repo / "models" / "digits_cnn.onnx", repo / "models" / "digits_resdw.onnx"]
