@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxecc.core.errors import ExplainedFailure, UserError
+from onnxecc.methods.registry import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress an ONNX model so that it meets a hard resource budget.")
@@ -147,7 +148,7 @@ def compress(
     output: str = typer.Option(None, "--output", "-o", help="Required: where to write the compressed .onnx file."),
     metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
     method: str = typer.Option("auto", "--method", help="auto (ecc with --data, else project) | "
-                                                        "project | ecc | uniform | greedy | wsp."),
+                                                        + " | ".join(METHODS) + "."),
     profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
     hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
@@ -534,7 +535,8 @@ def sweep(
     model: str = typer.Argument(..., help="Path to the .onnx file to compress."),
     budgets: str = typer.Option(..., "--budgets", help="Comma-separated budgets, e.g. 0.2,0.4,0.6,0.8."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the models, reports and sweep.json."),
-    methods: str = typer.Option("ecc,uniform,greedy", "--methods", help="Comma-separated methods."),
+    methods: str = typer.Option("ecc,uniform,greedy", "--methods",
+                               help=f"Comma-separated methods: {', '.join(METHODS)}."),
     metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
     profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
     data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),

@@ -30,6 +30,8 @@ from onnxecc.graph.channels import ChannelGraph, attention_name
 from onnxecc.graph.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
 from onnxecc.graph.metadata import write_metadata
 from onnxecc.graph.surgery import prune_channels
+from onnxecc.methods import registry
+from onnxecc.methods.base import Context
 from onnxecc.methods.options import METRICS, CompressOptions
 from onnxecc.methods.result import CompressResult, evaluate, recovery_warnings, selected_round, tool_version
 from onnxecc.optimize.problem import Problem
@@ -41,7 +43,7 @@ from onnxecc.validate import analytic_cost
 
 _selected_round = selected_round  # its name here before the move (bench/guarantee.py, tests)
 
-METHODS = ("auto", "project", "ecc", "uniform", "greedy", "wsp")
+METHODS = ("auto", *registry.METHODS)  # as imported; `_check_options` reads the registry itself
 
 
 def cost_model(metric: str, model: onnx.ModelProto, graph: ChannelGraph, layers, variables: Variables,
@@ -115,11 +117,10 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
         if resumed is not None:
             checkpoints.check_fingerprint(Path(resume), resumed["fingerprint"], fingerprint)
         ck = checkpoints.Checkpointer(checkpoint, fingerprint, resumed)
-    if opts.method == "wsp":  # its trainer saves and restores its own state (`methods.wsp._Trainer`, frame "wsp")
-        from onnxecc.methods.wsp import compress_wsp
-
+    own = registry.METHODS.get(opts.method)
+    if own is not None and own.own_pipeline:  # wsp: its trainer saves and restores its own state (frame "wsp")
         with checkpoints.active(ck):
-            result = compress_wsp(model, parsed, output, opts, report, emit)
+            result = own.run(model, parsed, output, opts, report, emit)
         if resume is not None:  # the run the checkpoint was for is complete
             Path(resume).unlink(missing_ok=True)
         return result
@@ -154,7 +155,7 @@ def compress(model: ingest.ModelSource, budget: str | float, output: str | Path 
     fmt = lambda v: format_cost(v, opts.metric)  # noqa: E731
     method = opts.method if opts.method != "auto" else _auto_method(opts)
     method = "greedy" if method == "netadapt" else method
-    if method in ("ecc", "greedy") and not opts.data:
+    if registry.get(method).needs_data and not opts.data:
         raise UserError(f"--method {method} trains the network and needs --data (digits or FILE.npz); "
                         "without data use --method project or uniform")
     if data is not None:
@@ -419,8 +420,8 @@ def _check_options(opts: CompressOptions) -> None:
         raise UserError(f"unknown importance '{opts.importance}': choose auto, fisher or l2")
     if opts.importance == "fisher" and not opts.data:
         raise UserError("--importance fisher needs --data (loss gradients define it): pass --data or use l2")
-    if opts.method not in METHODS and opts.method != "netadapt":
-        raise UserError(f"unknown method '{opts.method}': choose one of {', '.join(METHODS)}")
+    if opts.method not in ("auto", "netadapt", *registry.METHODS):
+        raise UserError(f"unknown method '{opts.method}': choose one of auto, {', '.join(registry.METHODS)}")
     if tuple(opts.knobs) != ("width",):
         from onnxecc.train.quantize import check_knobs, parse_knobs
 
@@ -445,15 +446,14 @@ def min_cost_or_zero(problem: Problem) -> float:
 
 
 def _select(method: str, problem: Problem, target: float, data, opts: CompressOptions, emit, precision=None):
-    """Run one method: (kept units per group, the model with trained weights, training history)."""
-    from onnxecc.methods.baselines import uniform_keep
-
+    """Run one method (`methods.registry`) and the fine-tuning tail every method shares: (kept units per group,
+    the model with trained weights, training history)."""
+    chosen = registry.get(method)
     admm_epochs = opts.admm_iterations * opts.admm_epochs
     total_epochs = opts.epochs + admm_epochs  # every method gets the same training budget as ecc
     if _projection_only(method, data, opts):
         emit("stage", {"name": "project"})
-        keep = distributed.on_main(
-            lambda: problem.project(target)[0] if method == "project" else uniform_keep(problem, target))
+        keep = distributed.on_main(lambda: chosen.project(problem, target))
         distributed.check_same(keep, "channel keep sets")
         return keep, problem.proto, []
     mm = _masked_model(problem, data, opts)
@@ -462,7 +462,7 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
     fisher = _uses_fisher(opts, data)
     ck = checkpoints.current()  # interrupt and resume: the phase, the keep sets in force, the history
     saved = ck.take("select") if ck is not None else None
-    now = {"phase": "admm" if method == "ecc" else method, "keep": None, "lr": None}
+    now = {"phase": chosen.phase or chosen.name, "keep": None, "lr": None}
     state = lambda: {"phase": now["phase"], "keep": checkpoints.keep_to_plain(now["keep"]),  # noqa: E731
                      "history": history, "total_epochs": total_epochs, "lr": now["lr"]}
     with checkpoints.frame("select", state):
@@ -470,32 +470,11 @@ def _select(method: str, problem: Problem, target: float, data, opts: CompressOp
             keep, total_epochs = checkpoints.keep_from_plain(saved["keep"]), saved["total_epochs"]
             history += saved["history"]
             now["lr"] = saved.get("lr")
-        elif method == "project":
-            keep = distributed.on_main(lambda: problem.project(
-                target, fisher=mm.fisher(problem.producer_tensors()) if fisher else None)[0])
-        elif method == "uniform":
-            keep = uniform_keep(problem, target)
-        elif method == "greedy":
-            from onnxecc.methods.baselines import greedy
-
-            keep, log = greedy(problem, mm, target, emit=emit)  # resumable: see its "greedy" frame
-            history += [{"phase": "greedy", **e} for e in log]
-            total_epochs -= len(log)
-        elif method == "ecc":
-            from onnxecc.methods.ecc import AdmmConfig, admm
-
-            config = AdmmConfig(opts.admm_iterations, opts.admm_epochs, opts.rho, opts.rho_growth, opts.admm_decay,
-                                verify=opts.verify_projection, importance="fisher" if fisher else "l2",
-                                w_step=opts.admm_w_step)
-            log = admm(problem, mm, target, config, emit)
-            history += [{"phase": "admm", **e} for e in log]
-            names = problem.producer_tensors()
-            # hard projection of the trained W, in the Z-steps' metric
-            keep = distributed.on_main(lambda: problem.project(
-                target, mm.onnx_values(names), fisher=mm.fisher(names) if fisher else None)[0])
-            total_epochs = opts.epochs
         else:
-            raise UserError(f"unknown method '{method}'")
+            selection = chosen.select(problem, target, Context(data, opts, emit, mm, fisher))
+            keep = selection.keep
+            history += selection.log
+            total_epochs -= selection.epochs_spent
         history += mm.take_recoveries()  # non-finite steps undone so far (`onnxecc.train.guard`), as they are below
         distributed.check_same(keep, "channel keep sets")  # several processes: every rank masks the same channels
         now.update(phase="finetune", keep=keep)
@@ -717,7 +696,8 @@ def _loosens(opts: CompressOptions, method: str, data) -> bool:
 
 def _projection_only(method: str, data, opts: CompressOptions) -> bool:
     """A round that only projects and measures (no torch): cheap enough for more closed-loop rounds."""
-    return method in ("project", "uniform") and (data is None or opts.epochs == 0)
+    chosen = registry.get(method)
+    return not (chosen.needs_data or chosen.own_pipeline) and (data is None or opts.epochs == 0)
 
 
 def _next_internal(rounds: list[dict], original: float, loosen: bool, top_ratio: float | None = None,

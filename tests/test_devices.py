@@ -23,7 +23,7 @@ import torch
 
 from onnxecc.core.errors import UserError
 from onnxecc.graph import runtime
-from onnxecc.methods.ecc import AdmmVariables
+from onnxecc.methods.admm import AdmmVariables
 from onnxecc.train import recalibrate
 from onnxecc.train.bridge import to_torch
 from onnxecc.train.finetune import Mask

@@ -12,8 +12,8 @@ from onnxecc.core.errors import UserError
 from onnxecc.cost.costs import unit_classes
 from onnxecc.graph.channels import analyze
 from onnxecc.graph.layers import find_layers
+from onnxecc.methods.admm import budget_schedule
 from onnxecc.methods.baselines import uniform_widths
-from onnxecc.methods.ecc import budget_schedule
 from onnxecc.optimize.problem import Problem
 
 FAST = dict(metric="macs", data="digits", epochs=2, admm_iterations=3, admm_epochs=1, measure_latency=False)

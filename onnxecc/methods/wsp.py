@@ -75,6 +75,7 @@ from onnxecc.cost.budget import Budget, format_cost
 from onnxecc.graph import ingest, runtime
 from onnxecc.graph.inputs import graph_inputs, symbolic
 from onnxecc.graph.layers import with_static_shapes
+from onnxecc.methods.base import Method
 from onnxecc.optimize.sparse_projection import knapsack, prefix_by_score, project
 from onnxecc.train import checkpoint
 
@@ -1169,3 +1170,14 @@ def summarise_accuracy(rows: list[dict]) -> list[dict]:
                     **({"accuracy_fp32_mean": float(np.mean([r["accuracy_fp32"] for r in rs]))}
                        if acc and all(r.get("accuracy_fp32") is not None for r in rs) else {})})
     return out
+
+
+class Wsp(Method):
+    """`--method wsp` in the method registry: a pipeline of its own (`compress_wsp`), not a width selection."""
+
+    name = "wsp"
+    own_pipeline = True
+
+    @staticmethod
+    def run(model, budget, output, options, report, emit):
+        return compress_wsp(model, budget, output, options, report, emit)
