@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 from conftest import DEMO_MODELS, REPO
 
-from onnxecc.compress import (
+from onnxecc.closed_loop import (
     CHECK_ROUNDS,
     CONFIRM_ROUNDS,
-    CompressOptions,
     _closed_loop_check,
     _latency_verdict,
     _loosens,
     _next_internal,
-    _selected_round,
-    compress,
 )
+from onnxecc.compress import CompressOptions, _selected_round, compress
 from onnxecc.cost.budget import parse_budget
 from onnxecc.graph import ingest, runtime
 

@@ -399,7 +399,7 @@ def test_int8_dropped_at_the_trained_widths_stops_the_round_before_its_fine_tuni
     from onnxecc.compress import INT8_DROPPED
 
     _fixed_measurement(monkeypatch, pruned=[])
-    monkeypatch.setattr(sys.modules["onnxecc.compress"], "_plan_int8", lambda *a, **k: None)  # the module
+    monkeypatch.setattr(sys.modules["onnxecc.closed_loop"], "_plan_int8", lambda *a, **k: None)  # the module
     both, both_steps = _batches(QAT_OPTS)
     alone, alone_steps = _batches({**QAT_OPTS, "knobs": ("width",)})
     assert both.rounds[0]["next"] == INT8_DROPPED and both.rounds[0]["int8_measured"] == "before the fine-tuning"
