@@ -266,42 +266,10 @@ class TrainOutcome:
     mask_keep: float = 1.0
 
 
-class _Trainer:
-    """Projection-interleaved training on a converted model (see the module docstring)."""
+class _Structure:
+    """`_Trainer`'s model structure: the input-mask modules of the convs, installed, frozen and read back (state
+    from `_Trainer.__init__`)."""
 
-    def __init__(self, plan: Plan, data, opts, emit, *, order: str = "wsp", use_masks: bool = True,
-                 mask_keep: float | None = None):
-        import torch
-
-        from onnxecc.train.bridge import to_torch
-
-        check_reachable(plan)
-        self.torch = torch
-        self.plan, self.hw, self.data, self.opts, self.emit = plan, plan.hw, data, opts, emit
-        self.order = order
-        self.joint = False  # weights and input masks projected together (`project_joint`)
-        self.tm = to_torch(plan.proto)
-        self.states: list[_LayerState] = []
-        for geom in plan.geoms:
-            qualified = self.tm.params.get(geom.weight)
-            tensor = self.tm.parameter(geom.weight) if qualified else None
-            if not isinstance(tensor, torch.nn.Parameter):
-                raise UnsupportedModelError(f"the weight of {geom.op} '{geom.name}' is not trainable in torch")
-            layout = self.tm.layouts.get(geom.weight)
-            self.states.append(_LayerState(geom, tensor, bool(layout and layout.transpose),
-                                           self._input_module(qualified) if geom.is_conv else None,
-                                           hw=plan.hw_of(geom)))
-        self.history: list[dict] = []
-        self.use_masks = use_masks and data is not None and opts.epochs > 0
-        self.mask_keep = self._mask_keep(mask_keep) if self.use_masks else 1.0
-        if not self.use_masks and plan.target < plan.inputs_full + plan.reserve_weights:
-            need = "pass --data so input masks can be learned" if data is None or opts.epochs == 0 else \
-                "input masks are off"
-            raise UserError(f"the budget is below the modelled energy of the layer inputs alone plus every layer's "
-                            f"minimum of {_MIN_WEIGHTS} weights "
-                            f"({format_cost((plan.inputs_full + plan.reserve_weights) * plan.jpu, 'energy')}): {need}")
-
-    # -- structure --------------------------------------------------------------------------------------
     def _input_module(self, qualified: str):
         """The module that receives the conv's input (a padded conv sits in a Sequential after its Pad)."""
         owner_name = qualified.rpartition(".")[0]
@@ -371,7 +339,11 @@ class _Trainer:
         self.project_masks(1.0)  # keeps every element whose input power is > 0
         self.freeze_masks()
 
-    # -- projections ------------------------------------------------------------------------------------
+
+class _Projections:
+    """`_Trainer`'s projections: weights, input masks, or both jointly onto the energy budget, and the final one
+    (state from `_Trainer.__init__`)."""
+
     def masks_now(self) -> dict[str, np.ndarray]:
         out = {}
         for s in self.states:
@@ -515,6 +487,135 @@ class _Trainer:
         return {"total": float(sum(e.total for e in layers)),
                 "nnz": int(sum(e.nnz_weights for e in layers)),
                 "inputs_kept": int(sum(e.nnz_inputs for e in layers))}
+
+
+class _FinalPhase:
+    """`_Trainer`'s last phase: the final projection, masks repaired where it emptied them, fine-tuning with the
+    support fixed, and the outcome written back into the ONNX graph (state from `_Trainer.__init__`)."""
+
+    def project_final(self) -> None:
+        """Project the weights to the target (the masks are fixed by now); shrink the masks first if the inputs and
+        the minimum weight supports would leave the other weights less than a tenth of what the budget leaves
+        above the smallest reachable energy (`Plan.reachable`)."""
+        plan = self.plan
+        masks = self.masks_now()
+        inputs = sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
+        slack = plan.target - plan.reachable
+        if plan.target - inputs - plan.reserve_weights < 0.1 * slack:
+            if not any(s.mask is not None for s in self.states):
+                self.install_masks()
+            self._repair_masks(plan.floor + plan.reserve_inputs + 0.5 * slack)
+            self.freeze_masks()
+        for shrink in (1.0, 1 - 1e-9, 1 - 1e-6, 1 - 1e-3):
+            info = self.project_weights(plan.target * shrink)
+            if info["total"] <= plan.target:
+                return
+        raise RuntimeError(f"internal error: projection left {info['total']} > {plan.target} energy units")
+
+    def _repair_masks(self, allowed_inputs: float) -> None:
+        """Shrink every layer's mask to the same kept fraction of its current support (bisection) until the
+        input energy is ≤ allowed_inputs."""
+        torch = self.torch
+        states = [s for s in self.states if s.mask is not None]
+        start = {id(s): s.mask.detach().clone() for s in states}
+
+        def apply(fraction: float) -> float:
+            for s in states:
+                with torch.no_grad():
+                    s.mask.copy_(start[id(s)])
+                self._apply_inputs(s, self._top_inputs(s, fraction * float((start[id(s)] != 0).float().mean())))
+            masks = self.masks_now()
+            return sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
+
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if apply(mid) <= allowed_inputs:
+                lo = mid
+            else:
+                hi = mid
+        apply(lo)
+
+    def _finetune(self, epochs: int, teacher: np.ndarray) -> None:
+        torch = self.torch
+        from onnxecc.train.finetune import Mask, TrainConfig, finetune, training_lr
+
+        opts = self.opts
+        if self._phase != "finetune":  # else resumed in it (`_restore`): the supports and start step saved then
+            self._phase, self._loop_start = "finetune", (self._step, len(self.history))
+            self._weight_masks = [(s.param.detach() != 0).cpu() for s in self.states]
+        weight_masks = [Mask(s.param, m.to(s.param.device, s.param.dtype)) for s, m in
+                        zip(self.states, self._weight_masks, strict=True)]
+        config = TrainConfig(epochs=epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed + 1,
+                             temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device,
+                             phase="wsp finetune")
+        offset = self._loop_start[0]
+
+        def on_batch(step, total):
+            self.emit("batch", {"step": offset + step, "total": self._total_steps, "epochs": opts.epochs})
+
+        def on_epoch(log):
+            self.emit("epoch", {**log.__dict__, "phase": "finetune", "epochs": epochs})
+
+        history = finetune(self.tm.module, self.data.x_train, teacher, self.data.y_train, config, weight_masks,
+                           on_epoch=on_epoch, on_batch=on_batch, on_recovery=self._recovered)
+        with torch.no_grad():
+            for m in weight_masks:
+                m.param.mul_(m.mask.cpu())
+        self.history.extend({"phase": "finetune", **e} for e in history.as_dict())
+
+    def outcome(self) -> TrainOutcome:
+        from onnxecc.train.bridge import write_back
+
+        weights = {s.geom.weight: s.onnx_weight() for s in self.states}
+        masks = self.masks_now()
+        if self.joint:  # the learned values (zero outside the support)
+            for s in self.states:
+                if s.geom.name in masks and s.mask is not None:
+                    masks[s.geom.name] = s.mask.detach().cpu().numpy().reshape(s.geom.in_shape).copy()
+        for s in self.states:  # write_back reads parameters: take the hooks and masks away first
+            if s.hook is not None:
+                s.hook.remove()
+                s.hook = None
+        model = write_back(self.tm)
+        return TrainOutcome(weights, masks, model, self.plan.exact(weights, masks), self.history, self.mask_keep)
+
+
+class _Trainer(_Structure, _Projections, _FinalPhase):
+    """Projection-interleaved training on a converted model (see the module docstring): the training loops here,
+    the phases they call in `_Structure`, `_Projections` and `_FinalPhase`."""
+
+    def __init__(self, plan: Plan, data, opts, emit, *, order: str = "wsp", use_masks: bool = True,
+                 mask_keep: float | None = None):
+        import torch
+
+        from onnxecc.train.bridge import to_torch
+
+        check_reachable(plan)
+        self.torch = torch
+        self.plan, self.hw, self.data, self.opts, self.emit = plan, plan.hw, data, opts, emit
+        self.order = order
+        self.joint = False  # weights and input masks projected together (`project_joint`)
+        self.tm = to_torch(plan.proto)
+        self.states: list[_LayerState] = []
+        for geom in plan.geoms:
+            qualified = self.tm.params.get(geom.weight)
+            tensor = self.tm.parameter(geom.weight) if qualified else None
+            if not isinstance(tensor, torch.nn.Parameter):
+                raise UnsupportedModelError(f"the weight of {geom.op} '{geom.name}' is not trainable in torch")
+            layout = self.tm.layouts.get(geom.weight)
+            self.states.append(_LayerState(geom, tensor, bool(layout and layout.transpose),
+                                           self._input_module(qualified) if geom.is_conv else None,
+                                           hw=plan.hw_of(geom)))
+        self.history: list[dict] = []
+        self.use_masks = use_masks and data is not None and opts.epochs > 0
+        self.mask_keep = self._mask_keep(mask_keep) if self.use_masks else 1.0
+        if not self.use_masks and plan.target < plan.inputs_full + plan.reserve_weights:
+            need = "pass --data so input masks can be learned" if data is None or opts.epochs == 0 else \
+                "input masks are off"
+            raise UserError(f"the budget is below the modelled energy of the layer inputs alone plus every layer's "
+                            f"minimum of {_MIN_WEIGHTS} weights "
+                            f"({format_cost((plan.inputs_full + plan.reserve_weights) * plan.jpu, 'energy')}): {need}")
 
     # -- loops ------------------------------------------------------------------------------------------
     def run(self) -> TrainOutcome:
@@ -673,93 +774,6 @@ class _Trainer:
         """A non-finite step undone by the training loop (`onnxecc.train.guard`): into the history, and told."""
         self.history.append(record)
         self.emit("recovery", record)
-
-    def project_final(self) -> None:
-        """Project the weights to the target (the masks are fixed by now); shrink the masks first if the inputs and
-        the minimum weight supports would leave the other weights less than a tenth of what the budget leaves
-        above the smallest reachable energy (`Plan.reachable`)."""
-        plan = self.plan
-        masks = self.masks_now()
-        inputs = sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
-        slack = plan.target - plan.reachable
-        if plan.target - inputs - plan.reserve_weights < 0.1 * slack:
-            if not any(s.mask is not None for s in self.states):
-                self.install_masks()
-            self._repair_masks(plan.floor + plan.reserve_inputs + 0.5 * slack)
-            self.freeze_masks()
-        for shrink in (1.0, 1 - 1e-9, 1 - 1e-6, 1 - 1e-3):
-            info = self.project_weights(plan.target * shrink)
-            if info["total"] <= plan.target:
-                return
-        raise RuntimeError(f"internal error: projection left {info['total']} > {plan.target} energy units")
-
-    def _repair_masks(self, allowed_inputs: float) -> None:
-        """Shrink every layer's mask to the same kept fraction of its current support (bisection) until the
-        input energy is ≤ allowed_inputs."""
-        torch = self.torch
-        states = [s for s in self.states if s.mask is not None]
-        start = {id(s): s.mask.detach().clone() for s in states}
-
-        def apply(fraction: float) -> float:
-            for s in states:
-                with torch.no_grad():
-                    s.mask.copy_(start[id(s)])
-                self._apply_inputs(s, self._top_inputs(s, fraction * float((start[id(s)] != 0).float().mean())))
-            masks = self.masks_now()
-            return sum(hwm.inputs_energy(s.geom, s.hw, masks.get(s.geom.name))[0] for s in self.states)
-
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            if apply(mid) <= allowed_inputs:
-                lo = mid
-            else:
-                hi = mid
-        apply(lo)
-
-    def _finetune(self, epochs: int, teacher: np.ndarray) -> None:
-        torch = self.torch
-        from onnxecc.train.finetune import Mask, TrainConfig, finetune, training_lr
-
-        opts = self.opts
-        if self._phase != "finetune":  # else resumed in it (`_restore`): the supports and start step saved then
-            self._phase, self._loop_start = "finetune", (self._step, len(self.history))
-            self._weight_masks = [(s.param.detach() != 0).cpu() for s in self.states]
-        weight_masks = [Mask(s.param, m.to(s.param.device, s.param.dtype)) for s, m in
-                        zip(self.states, self._weight_masks, strict=True)]
-        config = TrainConfig(epochs=epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed + 1,
-                             temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device,
-                             phase="wsp finetune")
-        offset = self._loop_start[0]
-
-        def on_batch(step, total):
-            self.emit("batch", {"step": offset + step, "total": self._total_steps, "epochs": opts.epochs})
-
-        def on_epoch(log):
-            self.emit("epoch", {**log.__dict__, "phase": "finetune", "epochs": epochs})
-
-        history = finetune(self.tm.module, self.data.x_train, teacher, self.data.y_train, config, weight_masks,
-                           on_epoch=on_epoch, on_batch=on_batch, on_recovery=self._recovered)
-        with torch.no_grad():
-            for m in weight_masks:
-                m.param.mul_(m.mask.cpu())
-        self.history.extend({"phase": "finetune", **e} for e in history.as_dict())
-
-    def outcome(self) -> TrainOutcome:
-        from onnxecc.train.bridge import write_back
-
-        weights = {s.geom.weight: s.onnx_weight() for s in self.states}
-        masks = self.masks_now()
-        if self.joint:  # the learned values (zero outside the support)
-            for s in self.states:
-                if s.geom.name in masks and s.mask is not None:
-                    masks[s.geom.name] = s.mask.detach().cpu().numpy().reshape(s.geom.in_shape).copy()
-        for s in self.states:  # write_back reads parameters: take the hooks and masks away first
-            if s.hook is not None:
-                s.hook.remove()
-                s.hook = None
-        model = write_back(self.tm)
-        return TrainOutcome(weights, masks, model, self.plan.exact(weights, masks), self.history, self.mask_keep)
 
 
 def _mask_hook(module, args):
