@@ -35,6 +35,19 @@ class Of:
         return self.what
 
 
+def _sep(model: str, method: str, what: str, stat: str = "mean", scale: float = 100) -> Of:
+    """A number of the separation area's MACs 0.3 row: a method's summary statistic (in % unless `scale` says
+    otherwise), or, with method "paired", a count of ecc's paired test against the row's best other method."""
+    def value(d):
+        m = next(x for x in d["result"]["models"] if x["model"] == model)
+        row = next(r for r in m["rows"] if r["budget"] == "macs@0.3")
+        if method == "paired":
+            test, count = what.split(".")
+            return row["paired"][test][count]
+        return row["summary"][method][what][stat] * scale
+    return Of(f"separation {model} macs@0.3 {method} {what} {stat}", value)
+
+
 def _trained(model: str, budget: str, tool: str, what: str = "accuracy") -> str:
     """Path of a mean accuracy (in %) in the transformers area's summary."""
     return f"result.summary[model={model},budget={budget},tool={tool}].{what}.mean*100"
@@ -511,6 +524,22 @@ README = [
      ["result.accuracy.cls.original*100", "result.accuracy.cls.data_free*100", "result.accuracy.cls.finetuned*100",
       "result.accuracy.det.data_free.iou_original_vs_compressed",
       "result.accuracy.det.finetuned.iou_original_vs_compressed"]),
+    ("separation.json",
+     "the detector's page F-score (original {} %) project {} %, ecc {} %, greedy {} %, uniform {} % (ecc vs project: "
+     "better on {} pages, worse on {}); the recogniser's character accuracy (original {} %) ecc {} ± {} %, "
+     "project {} %, greedy {} %, uniform {} %, Torch-Pruning {} % (ecc vs project: fewer character errors on {} lines, "
+     "more on {})",
+     ["result.models[model=det].original.test.f_score*100",
+      _sep("det", "project", "f_score"), _sep("det", "ecc", "f_score"), _sep("det", "greedy", "f_score"),
+      _sep("det", "uniform", "f_score"),
+      _sep("det", "paired", "page_f_sign.ecc_better"), _sep("det", "paired", "page_f_sign.ecc_worse"),
+      "result.models[model=rec].original.test.char_accuracy*100",
+      _sep("rec", "ecc", "char_accuracy"), _sep("rec", "ecc", "char_accuracy", "std"),
+      _sep("rec", "project", "char_accuracy"), _sep("rec", "greedy", "char_accuracy"),
+      _sep("rec", "uniform", "char_accuracy"), _sep("rec", "torch_pruning", "char_accuracy"),
+      _sep("rec", "paired", "char_errors_sign.ecc_better"), _sep("rec", "paired", "char_errors_sign.ecc_worse")]),
+    ("separation.json", "greedy spends {} s per detector run to ecc's {} s",
+     [_sep("det", "greedy", "wall_s", scale=1), _sep("det", "ecc", "wall_s", scale=1)]),
     ("transformers.json",
      "data-free at MACs 0.5, torchvision's vit_b_16 keeps {} of 12 heads and {} to {} of 3072 MLP channels in every "
      "layer and runs at {} of the original's ORT latency (swin_t {}, the small BERT-style encoder {}). Trained models, "
