@@ -81,6 +81,7 @@ def config(variant: str = "full") -> dict:
         "det": {"train": 256, "test": 64, "size": 320, "threshold": 0.3},
         "data_seeds": {"train": 1001, "val": 2002, "test": 3003},
         "admm_iterations": 3, "admm_epochs": 2, "admm_decay": 3, "epochs": 4,  # 10 training epochs per method
+        "rho": None,  # ecc's initial ADMM ρ (`--rho`); None: onnxecc's default, chosen on digits (bench `tune`)
         "max_rounds": 2,  # closed loop (latency budgets): measured rounds at most, each re-trains
         "profile": {"samples": 60, "warmup": 5, "repeats": 15},
         "latency_step": 0.05,  # an unreachable latency budget is raised to the next multiple above the floor
@@ -389,6 +390,8 @@ def _onnxecc(path: Path, original, task, row: dict, method: str, seed: int, cfg:
 
     out, report = tmp / f"{method}-{row['budget']}-{seed}.onnx", tmp / f"{method}-{row['budget']}-{seed}.json"
     extra = ["--profile", row["profile_path"]] if row["metric"] == "latency" else []
+    if method == "ecc" and cfg["rho"] is not None:
+        extra += ["--rho", str(cfg["rho"])]
 
     def compress(budget: str):
         return _cli("compress", str(path), "--budget", budget, "--metric", row["metric"], "--method", method,
