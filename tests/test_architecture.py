@@ -26,10 +26,7 @@ BLOCK = "import sys\nfor m in ('torch', 'onnx2torch', 'cvxpy', 'torchvision'):\n
 
 # Cycles that today's code hides behind function-local imports. Each entry names its way out; when one is broken,
 # remove it here (the test fails on an entry that no longer holds, so this list only shrinks).
-KNOWN_CYCLES = {
-    # store.load re-enters the package for load_profile: move the reading of a profile into store (follow-up).
-    frozenset({"onnxecc.cost.profiler", "onnxecc.cost.profiler.store"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 # Imports from an earlier stage into a later one, all function-local today, each with its way out.
 KNOWN_UPWARD = {
     # `profile --knobs precision` measures int8 layers with quantize's ONNX-side half: split quantize into the

@@ -29,7 +29,7 @@ from onnxecc.cost.costs import BilinearCost, Term, Variables, _merge, layer_cost
 from onnxecc.cost.profiler import fit as fitting
 from onnxecc.cost.profiler import meters, sampling, store
 from onnxecc.cost.profiler.meters import Meter, make_meter
-from onnxecc.cost.profiler.store import Fit, Profile, fingerprint
+from onnxecc.cost.profiler.store import Fit, Profile, fingerprint, load_profile
 from onnxecc.graph import ingest, runtime
 from onnxecc.graph.inputs import symbolic
 
@@ -394,15 +394,6 @@ def fit_samples(prof: Profile, info: ModelInfo, only: fitting.Candidate | None =
         variants={"chosen_by": "5-fold cross-validation on the training split", "split": result.split,
                   "bilinear_holdout": result.bilinear_holdout, "noise": noise, "candidates": result.variants},
     )
-
-
-def load_profile(path: str | os.PathLike, model: ingest.ModelSource | None = None) -> Profile:
-    """Read a profile; with `model`, check that it was measured on this model's structure (UserError if not)."""
-    prof = store.read(path)
-    if model is not None:
-        proto = model if isinstance(model, onnx.ModelProto) else ingest.load(model)
-        store.check_model(prof, fingerprint(proto), path)
-    return prof
 
 
 def profile_cost(prof: Profile, model: onnx.ModelProto, graph, layers, variables: Variables,

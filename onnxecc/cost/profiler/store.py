@@ -23,6 +23,7 @@ import onnx
 
 from onnxecc.core import atomic
 from onnxecc.core.errors import UserError
+from onnxecc.graph import ingest
 
 FORMAT = "onnxecc-profile"
 SCHEMA = 1
@@ -204,8 +205,6 @@ def same_cpu(machine: dict) -> bool | None:
 
 def for_this_cpu(paths, model) -> Path | None:
     """The first of the profiles `paths` (of `model`) measured on this machine's CPU; None when none was."""
-    from onnxecc.cost.profiler import load_profile
-
     return next((Path(p) for p in paths if same_cpu(load_profile(p, model).machine)), None)
 
 
@@ -219,6 +218,16 @@ def machine_info() -> dict:
 
 
 # ---- reading back ----------------------------------------------------------------------------------------------------
+def load_profile(path: str | os.PathLike, model: ingest.ModelSource | None = None) -> Profile:
+    """Read a profile; with `model` (a path or ModelProto), check that it was measured on this model's structure
+    (UserError if not)."""
+    prof = read(path)
+    if model is not None:
+        proto = model if isinstance(model, onnx.ModelProto) else ingest.load(model)
+        check_model(prof, fingerprint(proto), path)
+    return prof
+
+
 def read(path: str | os.PathLike, *, require_fit: bool = True) -> Profile:
     """Parse and validate a profile file; any problem is a one-line UserError naming the file and the field."""
     path = Path(path)
