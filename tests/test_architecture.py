@@ -32,8 +32,6 @@ KNOWN_UPWARD = {
     # `profile --knobs precision` measures int8 layers with quantize's ONNX-side half: split quantize into the
     # measurement (cost/) and fake quantization/QAT (train/).
     ("onnxecc.cost.profiler", "onnxecc.train.quantize"),
-    # the width grid of a group is a property of the cost variables, not of the projection: move `allowed_widths`.
-    ("onnxecc.cost.profiler.sampling", "onnxecc.optimize.projection"),
 }
 
 

@@ -13,11 +13,28 @@ report, and the same numbers in numpy (reporting) and torch (training, on soft w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from onnxecc.core.errors import UnsupportedModelError
+
+
+def allowed_widths(full: int, min_width: int = 1, round_to: int = 1, per_unit: int = 1) -> np.ndarray:
+    """Ascending allowed widths of a group of `full` channels: `full` itself and the multiples of `round_to`
+    below it that are at least max(min_width, round_to); `full` only if it is below that floor. For units of
+    `per_unit` channels each (heads), both options count channels and are turned into units first."""
+    if per_unit > 1:
+        min_width = -(-int(min_width) // per_unit)
+        round_to = int(round_to) // math.gcd(int(round_to), int(per_unit))
+    full = int(full)
+    lo = max(int(min_width), int(round_to))
+    if full <= lo:
+        return np.array([full], dtype=np.int64)
+    first = -(-lo // round_to) * round_to  # smallest multiple of round_to >= lo
+    steps = np.arange(first, full, round_to, dtype=np.int64)
+    return np.concatenate([steps, np.array([full], dtype=np.int64)])
 
 
 @dataclass(frozen=True)

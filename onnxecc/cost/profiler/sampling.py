@@ -6,7 +6,7 @@ and 75 % of its width — then each random sample draws, per prunable channel gr
 [min_width, size] (with `step` > 1: among the multiples of `step` in that range, and the full width) and which
 units to keep (at random: timing does not depend on which channels go). `min_width` and `step` count channels,
 as compress's `--min-width`/`--round-to` do: a unit of an attention-head group is a head of many channels, so
-a 12-head group of 64-channel heads takes any head count at step 16 (`projection.allowed_widths`).
+a 12-head group of 64-channel heads takes any head count at step 16 (`costs.allowed_widths`).
 The variant is the ORIGINAL model with those channels physically removed by `onnxecc.graph.surgery.prune_channels`
 (its weights are slices of the original ones). The cost model only sees the width of each width variable
 (`costs.Variables`): the number of kept units of that class.
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxecc.cost.costs import allowed_widths
 from onnxecc.graph.surgery import prune_channels
-from onnxecc.optimize.projection import allowed_widths
 
 ANCHORS = (("full", None), ("uniform0.25", 0.25), ("uniform0.5", 0.5), ("uniform0.75", 0.75))
 
