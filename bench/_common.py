@@ -289,3 +289,58 @@ def secs(v) -> str:
     if v < 0.01:
         return f"{v * 1e3:.2f} ms"
     return f"{v * 1e3:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def mean_std(values: list[float]) -> dict | None:
+    """Mean, sample standard deviation (0 for one value) and count; None for no values."""
+    import statistics
+
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def probe_and_finetune(module, x, teacher: np.ndarray, y: np.ndarray | None, epochs: int, seed: int,
+                       names=None) -> tuple[float, list[dict]]:
+    """onnxecc's fine-tuning for a torch module pruned outside onnxecc (Torch-Pruning): the learning rate chosen
+    as `MaskedModel.choose_lr` does (one constant-rate pass over up to its probe's samples per candidate, lowest
+    distillation loss after it), then `train.finetune.finetune` (Adam, cosine decay). Probe and training compare
+    the outputs as the original's outputs say (`graph.outputs.output_kind`). `x`: an array or `inputs.Feeds`
+    (ordered by `names`, the module's inputs). Returns the rate and every candidate's loss."""
+    import copy
+
+    import torch
+
+    from onnxecc.graph.outputs import output_kind
+    from onnxecc.train.finetune import PROBE_LRS, TorchInputs, TrainConfig, distillation_loss, finetune
+    from onnxecc.train.masked import PROBE_SAMPLES, _spread
+
+    kind = output_kind(teacher)
+    every = _spread(len(teacher), PROBE_SAMPLES)
+    xs, ts, ys = x[every], teacher[every], (y[every] if y is not None else None)
+    start = copy.deepcopy(module.state_dict())
+    base = TrainConfig(epochs=epochs, seed=seed, device="cpu")
+    tried = []
+    for lr in PROBE_LRS:
+        module.load_state_dict(start)
+        probe = TrainConfig(**{**base.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant", "max_recoveries": 0})
+        try:
+            finetune(module, xs, ts, ys, probe, kind=kind)
+            module.eval()
+            total = 0.0
+            with torch.no_grad():
+                for i in range(0, len(ts), 64):  # batches: a page detector's probe samples at once are large
+                    out = TorchInputs.of(xs[i:i + 64], names)(module)
+                    labels = torch.as_tensor(ys[i:i + 64]) if ys is not None else None
+                    total += float(distillation_loss(out, torch.as_tensor(ts[i:i + 64]), labels, base.temperature,
+                                                     base.distill_weight, kind)) * len(ts[i:i + 64])
+            loss = total / len(ts)
+        except Exception:  # a diverged rate is not a candidate
+            loss = float("nan")
+        tried.append({"lr": lr, "loss": loss if np.isfinite(loss) else None})
+    module.load_state_dict(start)
+    best = min((t for t in tried if t["loss"] is not None), key=lambda t: t["loss"])["lr"]
+    finetune(module, x, teacher, y, TrainConfig(**{**base.__dict__, "lr": best}), kind=kind)
+    module.eval()
+    return best, tried

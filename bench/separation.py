@@ -40,7 +40,6 @@ import io
 import json
 import os
 import site
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -596,6 +595,7 @@ def _torch_pruning(path: Path, original, task, target: float, seed: int, cfg: di
     import torch
 
     from onnxecc.cost.profiler.sampling import auto_step
+    from onnxecc.graph import runtime
     from onnxecc.train.bridge import to_torch
 
     t = time.perf_counter()
@@ -624,7 +624,8 @@ def _torch_pruning(path: Path, original, task, target: float, seed: int, cfg: di
     if best is None:
         best, _ = pruned_at(ratio)  # found in the cache of an earlier seed: the same weights prune alike
     epochs = cfg["admm_iterations"] * cfg["admm_epochs"] + cfg["epochs"]
-    lr, tried = _probe_and_finetune(best, task, original, epochs, seed)
+    teacher = runtime.run_batched(runtime.session(original, threads=1), task.x_train, batch_size=16)
+    lr, tried = _common.probe_and_finetune(best, task.x_train, teacher, None, epochs, seed)
     out = onnx.load_from_string(_export(best, example))
     res = {"ratio": ratio, "epochs_trained": epochs, "lr": lr, "lr_probe": tried, "wall_s": time.perf_counter() - t,
            "round_to": round_to}
@@ -660,51 +661,7 @@ def tp_ratio(pruned_at, target: float, cfg: dict, cache: dict) -> tuple[float, o
     return hi, built.get(hi)
 
 
-def _probe_and_finetune(module, task, original, epochs: int, seed: int) -> tuple[float, list]:
-    """onnxecc's fine-tuning for the Torch-Pruning model, distilled from the original's outputs on the training
-    lines: the rate chosen as `MaskedModel.choose_lr` does (one constant-rate pass over up to its probe's samples
-    per candidate, lowest distillation loss after it), then `onnxecc.train.finetune.finetune` (Adam, cosine decay)."""
-    import torch
-
-    from onnxecc.graph import runtime
-    from onnxecc.train.finetune import PROBE_LRS, TrainConfig, distillation_loss, finetune
-    from onnxecc.train.masked import PROBE_SAMPLES, _spread
-
-    x = task.x_train
-    teacher = runtime.run_batched(runtime.session(original, threads=1), x, batch_size=16)
-    every = _spread(len(x), PROBE_SAMPLES)
-    start = copy.deepcopy(module.state_dict())
-    base = TrainConfig(epochs=epochs, seed=seed, device="cpu")
-    tried = []
-    for lr in PROBE_LRS:
-        module.load_state_dict(start)
-        probe = TrainConfig(**{**base.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant", "max_recoveries": 0})
-        try:
-            finetune(module, x[every], teacher[every], None, probe)
-            module.eval()
-            with torch.no_grad():
-                loss = float(sum(distillation_loss(module(torch.from_numpy(x[every][i:i + 64])),
-                                                   torch.from_numpy(teacher[every][i:i + 64]), None,
-                                                   base.temperature, base.distill_weight) * len(x[every][i:i + 64])
-                                 for i in range(0, len(every), 64)) / len(every))
-        except Exception:  # a diverged rate is not a candidate
-            loss = float("nan")
-        tried.append({"lr": lr, "loss": loss if np.isfinite(loss) else None})
-    module.load_state_dict(start)
-    best = min((t for t in tried if t["loss"] is not None), key=lambda t: t["loss"])["lr"]
-    finetune(module, x, teacher, None, TrainConfig(**{**base.__dict__, "lr": best}))
-    module.eval()
-    return best, tried
-
-
 # ---- summary and the paired test ---------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def met_budget(runs: list[dict]) -> list[dict]:
     """The runs that produced an output within the budget (not an error, not a missed measured budget)."""
     return [r for r in runs if "error" not in r and not r.get("missed_budget")]
@@ -719,11 +676,11 @@ def _summary(runs: list[dict], task) -> dict:
                "closed_loop_ratio": r.get("closed_loop_ratio"), "wall_s": r["wall_s"],
                "epochs_trained": r.get("epochs_trained")} for r in runs if r.get("missed_budget")]
     return {"runs": len(ok), "errors": sorted({r["error"] for r in runs if "error" in r}), "missed": missed,
-            **{k: _mean_std([r["test"][k] for r in ok]) for k in keys},
-            "val": {k: _mean_std([r["val"][k] for r in ok]) for k in (list(ok[0]["val"]) if ok else [])},
-            "macs_ratio": _mean_std([r["macs_ratio"] for r in ok]),
-            "latency_ratio": _mean_std([r["latency_ratio"] for r in ok]),
-            "wall_s": _mean_std([r["wall_s"] for r in ok]),
+            **{k: _common.mean_std([r["test"][k] for r in ok]) for k in keys},
+            "val": {k: _common.mean_std([r["val"][k] for r in ok]) for k in (list(ok[0]["val"]) if ok else [])},
+            "macs_ratio": _common.mean_std([r["macs_ratio"] for r in ok]),
+            "latency_ratio": _common.mean_std([r["latency_ratio"] for r in ok]),
+            "wall_s": _common.mean_std([r["wall_s"] for r in ok]),
             "epochs_trained": sorted({r.get("epochs_trained") for r in ok if r.get("epochs_trained") is not None})}
 
 

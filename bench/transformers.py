@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -448,7 +447,7 @@ def _torch_pruning(model, original, task: _Task, teacher: np.ndarray, target_mac
             lo = mid
     _, pruned = macs_at(hi, residual)
     shape = tm.heads_and_widths(pruned)
-    lr, tried = _probe_and_finetune(pruned, task, teacher, epochs, seed)
+    lr, tried = _common.probe_and_finetune(pruned, task.ort_train, teacher, task.y_train, epochs, seed, task.names)
     out = onnx.load_from_string(tm.export_bytes(pruned, task.example(), task.names))
     row = {"ratio": hi, "residual_pruned": residual, "short_of_target": short, "shape": shape, "epochs": epochs,
            "lr": lr, "lr_probe": tried, "wall_s": time.perf_counter() - t, "round_to": round_to}
@@ -456,56 +455,12 @@ def _torch_pruning(model, original, task: _Task, teacher: np.ndarray, target_mac
     return row
 
 
-def _probe_and_finetune(module, task: _Task, teacher: np.ndarray, epochs: int, seed: int) -> tuple[float, list]:
-    """onnxecc's fine-tuning for the Torch-Pruning model: the learning rate chosen as `MaskedModel.choose_lr` does
-    (one constant-rate pass over up to 1024 training samples per candidate, lowest distillation loss after it),
-    then `onnxecc.train.finetune.finetune` (Adam, cosine decay, KL at T=2 mixed with cross-entropy)."""
-    import copy
-
-    import torch
-
-    from onnxecc.train.finetune import PROBE_LRS, TorchInputs, TrainConfig, distillation_loss, finetune
-    from onnxecc.train.masked import PROBE_SAMPLES, _spread
-
-    x = task.ort_train
-    every = _spread(len(task.y_train), PROBE_SAMPLES)
-    start = copy.deepcopy(module.state_dict())
-    base = TrainConfig(epochs=epochs, seed=seed, device="cpu")
-    tried = []
-    for lr in PROBE_LRS:
-        module.load_state_dict(start)
-        probe = TrainConfig(**{**base.__dict__, "epochs": 1, "lr": lr, "lr_schedule": "constant", "max_recoveries": 0})
-        try:
-            finetune(module, x[every], teacher[every], task.y_train[every], probe)
-            module.eval()
-            with torch.no_grad():
-                out = TorchInputs.of(x[every], task.names)(module)
-                loss = float(distillation_loss(out, torch.as_tensor(teacher[every]),
-                                               torch.as_tensor(task.y_train[every]), base.temperature,
-                                               base.distill_weight))
-        except Exception:  # a diverged rate is not a candidate
-            loss = float("nan")
-        tried.append({"lr": lr, "loss": loss if np.isfinite(loss) else None})
-    module.load_state_dict(start)
-    best = min((t for t in tried if t["loss"] is not None), key=lambda t: t["loss"])["lr"]
-    finetune(module, x, teacher, task.y_train, TrainConfig(**{**base.__dict__, "lr": best}))
-    module.eval()
-    return best, tried
-
-
 # ---- summary ------------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def _summary(trained: list[dict], cfg: dict) -> list[dict]:
     rows = []
     for entry in trained:
         ok = [r for r in entry["runs"] if "error" not in r]
-        base = {"model": entry["model"], "original_accuracy": _mean_std([r["accuracy"] for r in ok])}
+        base = {"model": entry["model"], "original_accuracy": _common.mean_std([r["accuracy"] for r in ok])}
         for metric, budget in cfg["budgets"]:
             key = f"{metric}@{budget}"
             for tool in ("onnxecc", "torch_pruning"):
@@ -514,9 +469,9 @@ def _summary(trained: list[dict], cfg: dict) -> list[dict]:
                 errors = sorted({r[key][tool]["error"] for r in ok if "error" in r.get(key, {}).get(tool, {})}
                                 | {r["error"] for r in entry["runs"] if "error" in r})
                 rows.append({**base, "budget": key, "budgets_used": used, "tool": tool, "runs": len(done),
-                             "accuracy": _mean_std([d["accuracy"] for d in done]),
-                             "macs_ratio": _mean_std([d["macs_ratio"] for d in done]),
-                             "latency_ratio": _mean_std([d["latency_ratio"] for d in done]),
+                             "accuracy": _common.mean_std([d["accuracy"] for d in done]),
+                             "macs_ratio": _common.mean_std([d["macs_ratio"] for d in done]),
+                             "latency_ratio": _common.mean_std([d["latency_ratio"] for d in done]),
                              "heads": [_heads_after(d, tool) for d in done], "errors": errors,
                              "residual_pruned": sum(bool(d.get("residual_pruned")) for d in done),
                              "short_of_target": sum(bool(d.get("short_of_target")) for d in done)})
