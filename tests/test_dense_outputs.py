@@ -49,17 +49,22 @@ class _MapNet(torch.nn.Module):
         return torch.sigmoid(self.head(self.body(x)))
 
 
-def _map_model(tmp_path):
+def _exported(tmp_path, net_class, name: str, output: str, sample: tuple[int, ...], samples: int):
+    """`net_class` (seeded) exported with a dynamic batch, and `samples` standard-normal inputs as an x-only npz:
+    (model path, npz path, x)."""
     torch.manual_seed(0)
-    net = _MapNet().eval()
-    path = tmp_path / "mapnet.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 24, 24),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["map"], dynamic_axes={"x": {0: "n"}, "map": {0: "n"}}, opset_version=17)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((384, 3, 24, 24)).astype(np.float32)
-    data = tmp_path / "pages.npz"
+    net = net_class().eval()
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(net, (torch.randn(1, *sample),), str(path), dynamo=False, input_names=["x"],
+                      output_names=[output], dynamic_axes={"x": {0: "n"}, output: {0: "n"}}, opset_version=17)
+    x = np.random.default_rng(0).standard_normal((samples, *sample)).astype(np.float32)
+    data = tmp_path / f"{name}.npz"
     np.savez(data, x=x)
     return path, data, x
+
+
+def _map_model(tmp_path):
+    return _exported(tmp_path, _MapNet, "mapnet", "map", (3, 24, 24), 384)
 
 
 def test_finetuning_a_map_output_brings_it_back_towards_the_original(tmp_path):
@@ -156,15 +161,7 @@ class _StepNet(torch.nn.Module):
 
 
 def _step_model(tmp_path):
-    torch.manual_seed(0)
-    net = _StepNet().eval()
-    path = tmp_path / "stepnet.onnx"
-    torch.onnx.export(net, (torch.randn(1, 1, 8, 20),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["probs"], dynamic_axes={"x": {0: "n"}, "probs": {0: "n"}}, opset_version=17)
-    x = np.random.default_rng(0).standard_normal((320, 1, 8, 20)).astype(np.float32)
-    data = tmp_path / "lines.npz"
-    np.savez(data, x=x)
-    return path, data, x
+    return _exported(tmp_path, _StepNet, "stepnet", "probs", (1, 8, 20), 320)
 
 
 def test_per_step_model_trains_and_reports_per_step_agreement(tmp_path):

@@ -70,6 +70,10 @@ def fidelity(kind: OutputKind, out: np.ndarray, reference: np.ndarray, labels: n
         return float((kind.top1(out) == labels).mean())
     if kind.class_axis is not None:
         return kind.agreement(out, reference)
+    return 1.0 / (1.0 + relative_error(out, reference))
+
+
+def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
+    """‖out − reference‖² / ‖reference‖², in float64: how far an output moved, comparable across models."""
     ref = np.asarray(reference, dtype=np.float64)
-    err = float(np.mean((np.asarray(out, dtype=np.float64) - ref) ** 2) / max(float(np.mean(ref ** 2)), 1e-12))
-    return 1.0 / (1.0 + err)
+    return float(np.sum((np.asarray(out, dtype=np.float64) - ref) ** 2) / max(float(np.sum(ref ** 2)), 1e-30))

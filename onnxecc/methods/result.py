@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from onnxecc.core.errors import UnsupportedModelError
 from onnxecc.cost.budget import Budget
 from onnxecc.graph import runtime
 from onnxecc.graph.inputs import shapes_text
-from onnxecc.graph.outputs import output_kind
+from onnxecc.graph.outputs import output_kind, relative_error
 
 
 @dataclass
@@ -160,8 +159,7 @@ def evaluate(result: CompressResult, original: onnx.ModelProto, data, opts) -> N
     out_o, out_c = runtime.run_batched(sess_o, x), runtime.run_batched(sess_c, x)
     _check_other_size(sess_o, sess_c, original, opts)
     result.agreement = output_kind(out_o).agreement(out_o, out_c)  # per step for N×T×C scores; a map has none
-    result.relative_error = float(np.sum((out_c.astype(np.float64) - out_o) ** 2)
-                                  / max(float(np.sum(out_o.astype(np.float64) ** 2)), 1e-30))
+    result.relative_error = relative_error(out_c, out_o)
     if y is not None:
         result.accuracy_before = float((out_o.argmax(1) == y).mean())
         result.accuracy_after = float((out_c.argmax(1) == y).mean())
