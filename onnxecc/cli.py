@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import traceback
@@ -167,7 +168,9 @@ def compress(
     proj_interval: int = typer.Option(10, "--proj-interval", help="wsp: batches between weighted sparse projections."),
     admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
     admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
-    rho: float = typer.Option(2.5e-3, "--rho", help="ECC: initial ADMM penalty ρ (doubles every iteration)."),
+    rho: str = typer.Option("auto", "--rho", help="ECC: initial ADMM penalty ρ per Adam step (doubles every "
+                            "iteration); auto = 2.5e-3 at 46 steps per W-step, scaled so that every W-step pulls "
+                            "as hard whatever its number of steps."),
     admm_decay: int = typer.Option(4, "--admm-decay", help="ECC: ADMM iterations over which the budget decays "
                                    "from the original cost to the target."),
     admm_w_step: str = typer.Option("prox", "--admm-w-step",
@@ -243,9 +246,9 @@ def compress(
     from onnxecc.train.checkpoint import Interrupted, default_path
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
-                              epochs=epochs, lr=_lr(lr), batch_size=batch_size, seed=seed,
+                              epochs=epochs, lr=_auto_number(lr, "--lr", "5e-4"), batch_size=batch_size, seed=seed,
                               admm_iterations=admm_iterations,
-                              admm_epochs=admm_epochs, rho=rho, admm_decay=admm_decay, admm_w_step=admm_w_step,
+                              admm_epochs=admm_epochs, rho=_auto_number(rho, "--rho", "0.1"), admm_decay=admm_decay, admm_w_step=admm_w_step,
                               provider=provider,
                               threads=threads,
                               max_rounds=max_rounds, verify_projection=verify_projection, closed_loop=closed_loop,
@@ -632,14 +635,17 @@ def _without_option(args: list[str], option: str) -> list[str]:
     return out
 
 
-def _lr(text: str) -> float | None:
-    """--lr: auto → None (the probe chooses), else a positive number."""
+def _auto_number(text: str, option: str, example: str) -> float | None:
+    """--lr, --rho: auto → None (the tool chooses), else a positive number."""
     if text.strip().lower() == "auto":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise UserError(f"--lr {text!r}: give auto or a number such as 5e-4") from None
+        value = float("nan")
+    if not value > 0 or math.isinf(value):
+        raise UserError(f"{option} {text!r}: give auto or a positive number such as {example}")
+    return value
 
 
 def _resume_command(path) -> str:

@@ -190,6 +190,10 @@ def c_lr_zero(d):
     return Case(_compress(d, "--lr", "0"), "--lr")
 
 
+def c_rho_negative(d):
+    return Case(_compress(d, "--rho", "-1"), "--rho")
+
+
 def c_budget_negative(d):
     return Case(_compress(d, budget="-0.5"), "budget")
 

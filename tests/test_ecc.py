@@ -64,13 +64,38 @@ def test_every_method_meets_the_budget_on_the_file(method, tmp_path):
     assert result.accuracy_after > 0.8  # a few epochs on digits: far above chance (0.1)
 
 
+def test_reference_rho_keeps_the_pull_per_w_step():
+    """The prox step shrinks a pruned coordinate by 1/(1+ρ) per Adam step: applied S times at reference_rho(S),
+    it shrinks it as far as the reference ρ over the reference steps, for any S."""
+    import torch
+
+    from onnxecc.methods.admm import REFERENCE_STEPS, RHO_REFERENCE, AdmmVariables, reference_rho
+
+    assert reference_rho(REFERENCE_STEPS) == RHO_REFERENCE
+    for steps in (1, 2, 7, REFERENCE_STEPS, 300):
+        w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        variables = AdmmVariables({"w": w})
+        variables.set_z({"w": w.clone()}, {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)})  # Z zeroes the first coordinate
+        for _ in range(steps):
+            variables.prox({"w": w}, reference_rho(steps))
+        assert float(w[0]) == pytest.approx(1.0025 ** -46, rel=1e-9) and float(w[1]) == 2.0
+    assert reference_rho(1) > reference_rho(2) > RHO_REFERENCE > reference_rho(300)
+
+
+def test_explicit_rho_is_per_step():
+    result = compress(DEMO_MODELS[0], "0.5", None, CompressOptions(method="ecc", rho=0.01, **FAST))
+    assert [h["rho"] for h in result.history if h.get("phase") == "admm"] == pytest.approx([0.01, 0.02, 0.04])
+
+
 def test_admm_schedule_and_zstep_matches_exact(tmp_path):
     result = compress(DEMO_MODELS[0], "0.5", None,
                       CompressOptions(method="ecc", round_to=8, verify_projection=True,
                                       **{**FAST, "admm_iterations": 4}))
     admm = [h for h in result.history if h.get("phase") == "admm"]
     assert len(admm) == 4
-    assert [h["rho"] for h in admm] == pytest.approx([CompressOptions().rho * 2**k for k in range(4)])
+    # --rho auto: digits' 1438 training images at batch 64 are 23 Adam steps, one epoch per W-step, so ρ₀ pulls
+    # as hard over 23 steps as 2.5e-3 over 46: (1 + ρ₀)^23 = 1.0025^46
+    assert [h["rho"] for h in admm] == pytest.approx([(1.0025 ** 2 - 1) * 2**k for k in range(4)])
     assert admm[-1]["budget"] == pytest.approx(0.5 * result.original_cost)
     assert all(a["budget"] > b["budget"] for a, b in zip(admm[:2], admm[1:3]))
     for h in admm:

@@ -19,10 +19,21 @@ How the W-step treats the quadratic term (`w_step`):
   anchoring them to their value at the last Z-step (what the full proximal step does) slowed learning there
   (digits_resdw @ latency 0.5: 97.8% vs 99.4% after fine-tuning, seed 0), so they are left to the loss.
 - "penalty": the quadratic added to the loss and differentiated (the textbook form).
+
+Why ρ₀ follows the length of the W-step (`--rho auto`, the default): the prox step shrinks the coordinates Z zeroes
+by 1/(1+ρ) after every Adam step, so one W-step of S steps pulls them by (1+ρ)^S, and the same ρ is a different
+subproblem on a different number of samples, batch size or epochs per iteration. The W-step should solve the same
+subproblem however many optimizer steps it is given, so `auto` fixes the pull per W-step: ρ₀ = 2.5e-3 at 46 steps
+(digits' 1438 training images at batch 64 × 2 epochs, the setting `make demo` and the digits benches run; bench
+`tune` chose 2.5e-3 at 36 steps, within its grid's factor 2) and (1+2.5e-3)^(46/S) − 1 at S steps. Measured
+(issue 27, PaddleOCR detector at MACs 0.3, 1 step per W-step, validation F-score): the unscaled 2.5e-3 left ecc at
+49.5 %; ρ₀ 0.25 reached 58.4 %.
+A number given to `--rho` is ρ₀ per Adam step, as written (the textbook parameter).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +49,7 @@ from onnxecc.train.masked import MaskedModel
 class AdmmConfig:
     iterations: int = 5
     epochs_per_iteration: int = 2
-    rho: float = 2.5e-3  # defaults chosen on a validation split of the training data (bench `tune`)
+    rho: float | None = None  # ρ₀ per Adam step; None: the pull of RHO_REFERENCE per W-step (`reference_rho`)
     rho_growth: float = 2.0
     decay_iterations: int = 4  # B_k reaches the target after this many iterations
     lr: float | None = None  # W-step learning rate (None: the fine-tuning rate)
@@ -49,6 +60,18 @@ class AdmmConfig:
     @property
     def epochs(self) -> int:
         return self.iterations * self.epochs_per_iteration
+
+
+RHO_REFERENCE = 2.5e-3  # ρ₀ per Adam step at REFERENCE_STEPS, chosen on a validation split of the training data
+REFERENCE_STEPS = 46  # Adam steps of one W-step there: digits' 1438 training images at batch 64 (23) × 2 epochs
+
+
+def reference_rho(steps: int) -> float:
+    """ρ₀ per Adam step that pulls as hard over a W-step of `steps` steps as RHO_REFERENCE does over
+    REFERENCE_STEPS: (1+ρ)^steps = (1+RHO_REFERENCE)^REFERENCE_STEPS (see the module docstring)."""
+    if steps == REFERENCE_STEPS:
+        return RHO_REFERENCE
+    return math.expm1(REFERENCE_STEPS / steps * math.log1p(RHO_REFERENCE))
 
 
 def budget_schedule(original: float, target: float, k: int, decay_iterations: int) -> float:
@@ -128,7 +151,8 @@ def admm(problem: Problem, mm: MaskedModel, target: float, config: AdmmConfig, e
     tensors = {n: mm.tensor(n) for n in constrained}
     variables = AdmmVariables(tensors)
     u, z = variables.u, variables.z  # the same dicts (the checkpoint saves and restores them)
-    rho = {"value": config.rho}
+    rho = {"value": config.rho if config.rho is not None else
+           reference_rho(mm.steps_per_epoch() * config.epochs_per_iteration)}
     log: list[dict] = []
     checks: list[dict] = []
 

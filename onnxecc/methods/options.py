@@ -32,7 +32,9 @@ class CompressOptions:
     proj_interval: int = 10  # --method wsp: batches between weighted sparse projections
     admm_iterations: int = 5
     admm_epochs: int = 2  # epochs per ADMM iteration (W-step)
-    rho: float = 2.5e-3  # with admm_decay 4: chosen on a validation split of the training data (bench `tune`)
+    # ECC's initial ADMM ρ per Adam step; None (--rho auto): the pull per W-step that was chosen with admm_decay 4
+    # on a validation split of the training data (bench `tune`), whatever the W-step's length (`admm.reference_rho`)
+    rho: float | None = None
     rho_growth: float = 2.0
     admm_decay: int = 4  # ADMM iterations over which the budget decays from the original cost to the target
     admm_w_step: str = "prox"  # ECC W-step: prox (exact proximal step after each Adam step) | penalty (in the loss)

@@ -8,6 +8,8 @@ back and physically removing the channels gives the same function (`onnxecc.grap
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import torch
@@ -170,6 +172,11 @@ class MaskedModel:
                            on_batch=lambda step, total: emit("batch", {"step": step, "total": total, "epochs": epochs}),
                            penalty=penalty, after_step=after_step, on_recovery=recovered, kind=self.kind)
         return history.as_dict()
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of `train` (as `finetune` counts them; DDP shards each batch, not the
+        epoch)."""
+        return max(1, math.ceil(len(self.data.x_train) / self.config.batch_size))
 
     def choose_lr(self, candidates, samples: int = PROBE_SAMPLES) -> tuple[float, list[dict]]:
         """The fine-tuning learning rate for the current (pruned) weights: from these weights, one pass over up to
