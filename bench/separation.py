@@ -80,7 +80,7 @@ def config(variant: str = "full") -> dict:
         "det": {"train": 256, "test": 64, "size": 320, "threshold": 0.3},
         "data_seeds": {"train": 1001, "val": 2002, "test": 3003},
         "admm_iterations": 3, "admm_epochs": 2, "admm_decay": 3, "epochs": 4,  # 10 training epochs per method
-        "rho": None,  # ecc's initial ADMM ρ (`--rho`); None: onnxecc's default, chosen on digits (bench `tune`)
+        "rho": None,  # ecc's initial ADMM ρ per Adam step (`--rho`); None: onnxecc's default, `--rho auto`
         "max_rounds": 2,  # closed loop (latency budgets): measured rounds at most, each re-trains
         "profile": {"samples": 60, "warmup": 5, "repeats": 15},
         "latency_step": 0.05,  # an unreachable latency budget is raised to the next multiple above the floor
