@@ -43,6 +43,10 @@ _INPUT_SHAPE = typer.Option(None, "--input-shape", help=_INPUT_SHAPE_HELP)
 _VALIDATE_INPUT_SHAPE = typer.Option(None, "--input-shape",
                                      help="Size to feed a model with symbolic input dims at (NAME:d0,d1,..., "
                                           "repeatable). Default: --data's, else the size compress counted at.")
+_CLASS_AXIS = typer.Option(None, "--class-axis",
+                           help="The output axis that holds class scores (e.g. 2 for N×T×C logits per step), for "
+                                "distillation and top-1 agreement; default: detected from the original's outputs "
+                                "(N×C, or probabilities summing to 1 along an axis; else a map).")
 
 
 @app.callback()
@@ -205,6 +209,7 @@ def compress(
                                      help="Before fine-tuning, give each convolution's output channels the original "
                                           "model's mean and spread on up to 512 training inputs again (re-estimating "
                                           "the BatchNorm that export folded away)."),
+    class_axis: int = _CLASS_AXIS,
     report: str = typer.Option(None, "--report", help="Write a JSON report here (with the run's recipe)."),
     config: str = typer.Option(None, "--config",
                                help="Recipe file (.toml or .json, or a --report JSON) with the options; flags given "
@@ -247,10 +252,9 @@ def compress(
 
     options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
                               epochs=epochs, lr=_auto_number(lr, "--lr", "5e-4"), batch_size=batch_size, seed=seed,
-                              admm_iterations=admm_iterations,
-                              admm_epochs=admm_epochs, rho=_auto_number(rho, "--rho", "0.1"), admm_decay=admm_decay, admm_w_step=admm_w_step,
-                              provider=provider,
-                              threads=threads,
+                              admm_iterations=admm_iterations, admm_epochs=admm_epochs,
+                              rho=_auto_number(rho, "--rho", "0.1"), admm_decay=admm_decay, admm_w_step=admm_w_step,
+                              provider=provider, threads=threads, class_axis=class_axis,
                               max_rounds=max_rounds, verify_projection=verify_projection, closed_loop=closed_loop,
                               round_to=round_to, min_width=min_width, device=device,
                               proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
@@ -382,13 +386,14 @@ def validate(
                               help="Energy meter (as for profile) to re-measure an energy budget set with an energy "
                                    "profile; without it that budget is not re-checked."),
     input_shape: list[str] = _VALIDATE_INPUT_SHAPE,
+    class_axis: int = _CLASS_AXIS,
 ) -> None:
     """Run ORIGINAL and COMPRESSED side by side: agreement, accuracy, latency, budget re-check (exit 1 if missed)."""
     from onnxecc.graph.inputs import parse_input_shapes
     from onnxecc.validate import validate as run_validate
 
     result = run_validate(original, compressed, data=data, provider=provider, threads=threads, hardware=hardware,
-                          meter=meter, input_shapes=parse_input_shapes(input_shape) or None)
+                          meter=meter, input_shapes=parse_input_shapes(input_shape) or None, class_axis=class_axis)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

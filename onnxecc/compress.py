@@ -31,6 +31,7 @@ from onnxecc.graph import ingest, runtime
 from onnxecc.graph.channels import ChannelGraph, attention_name
 from onnxecc.graph.inputs import graph_inputs, per_sample_shapes, resolve_shapes, shapes_text, symbolic
 from onnxecc.graph.metadata import write_metadata
+from onnxecc.graph.outputs import class_axis_index, declared_shape
 from onnxecc.methods import registry
 from onnxecc.methods.options import METRICS, CompressOptions
 from onnxecc.methods.result import CompressResult, evaluate, recovery_warnings, selected_round, tool_version
@@ -162,6 +163,8 @@ def _start(model, budget, output, options, report, on_event, checkpoint, resume,
         distributed.init(opts.device)
     resumed = checkpoints.load(resume) if resume is not None else None
     proto = ingest.load(model)
+    if opts.class_axis is not None and declared_shape(proto) is not None:  # before any training (a declared rank)
+        class_axis_index(opts.class_axis, declared_shape(proto))
     ck = None
     if checkpoint is not None:
         fingerprint = checkpoints.fingerprint(ingest.sha256(proto), str(budget), opts)
@@ -413,6 +416,8 @@ def _check_options(opts: CompressOptions) -> None:
         raise UserError("--epochs must be ≥ 0; --round-to, --min-width and --max-rounds ≥ 1")
     if opts.lr is not None and not opts.lr > 0:
         raise UserError(f"--lr must be > 0 (or auto), got {opts.lr}")
+    if opts.rho is not None and not opts.rho > 0:
+        raise UserError(f"--rho must be > 0 (or auto), got {opts.rho}")
     if opts.admm_w_step not in ("prox", "penalty"):
         raise UserError(f"unknown --admm-w-step '{opts.admm_w_step}': choose prox or penalty")
     if opts.importance not in ("auto", "fisher", "l2"):

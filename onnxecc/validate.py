@@ -65,7 +65,7 @@ def analytic_cost(model: onnx.ModelProto, metric: str, input_shapes=None) -> flo
 def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data: str | None = None,
              provider: str = "CPUExecutionProvider", threads: int = 1, samples: int = 256,
              seed: int = 0, hardware: str | None = None, meter: str | None = None,
-             input_shapes=None) -> ValidateResult:
+             input_shapes=None, class_axis: int | None = None) -> ValidateResult:
     """Compare two models in onnxruntime on the test split of `data` (or random inputs without data, of every
     input's dtype: `inputs.example_feeds`).
 
@@ -79,7 +79,9 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     `meter` (a `--meter` spec, e.g. `rapl` or `cmd:...`): the energy of both models is measured side by side with it
     and a measured energy budget (compressed with an energy profile, whose meter the file records) judged on that,
     as compress's closed loop judged it. Without it such a budget is reported as not re-checked: the meter the
-    file records is never run on the file's say-so (a `cmd:` meter is a shell command)."""
+    file records is never run on the file's say-so (a `cmd:` meter is a shell command).
+
+    `class_axis`: the output axis of class scores for the agreement (`outputs.output_kind`; None: detected)."""
     hw = None
     if hardware is not None:  # a bad file fails before any session is built
         from onnxecc.cost.hardware import load_hardware
@@ -111,7 +113,7 @@ def validate(original: ingest.ModelSource, compressed: ingest.ModelSource, data:
     pair = runtime.measure_pair(sess_o, sess_c, x[:1])
     energy = _measure_energy(comp_proto, meter, sess_o, sess_c, x[:1]) if meter is not None else None
     budget = _budget_check(comp_proto, pair, hw, energy, counted_at)
-    return ValidateResult(len(x), output_kind(out_o).agreement(out_o, out_c), float(diff.max()),
+    return ValidateResult(len(x), output_kind(out_o, class_axis).agreement(out_o, out_c), float(diff.max()),
                           float(diff.mean()), acc_o, acc_c, pair.a, pair.b, pair.ratio, provider, budget,
                           {"original": runtime.placement(sess_o), "compressed": runtime.placement(sess_c)})
 

@@ -199,3 +199,64 @@ def test_greedy_scores_candidates_of_a_map_model_by_their_error(tmp_path):
     steps = [h for h in result.history if "val_score" in h]
     assert steps and all(0 < h["val_score"] < 1 for h in steps), steps
     assert result.agreement is None and result.relative_error is not None
+
+
+# ---- per-step logits: nothing in the numbers says which axis holds classes, --class-axis does ------------------
+def test_class_axis_names_the_axis_that_detection_cannot_know():
+    from onnxecc.graph.outputs import output_kind
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 7, 11))
+    per_step = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for axis in (2, -1):
+        assert (output_kind(logits, axis).class_axis, output_kind(logits, axis).probabilities) == (2, False)
+        assert (output_kind(per_step, axis).class_axis, output_kind(per_step, axis).probabilities) == (2, True)
+    assert (output_kind(per_step, 1).class_axis, output_kind(per_step, 1).probabilities) == (1, False)
+    for axis in (0, 3, -3):  # the batch, past the last axis
+        with pytest.raises(UserError, match="--class-axis"):
+            output_kind(logits, axis)
+    with pytest.raises(UserError, match="--class-axis 1: the model's output is 5×1"):
+        output_kind(logits[:, :1, 0], 1)  # one class is no class axis
+
+
+class _StepLogitsNet(_StepNet):
+    """_StepNet without the softmax: N×T×C logits per step, as a CTC recogniser may be exported."""
+
+    def forward(self, x):
+        return 3 * self.head(self.body(x)).mean(2).transpose(1, 2)
+
+
+def test_class_axis_makes_per_step_logits_compared_per_step(tmp_path):
+    """Without --class-axis N×T×C logits are a map (agreement None); with it compress and validate report
+    top-1 agreement per step, recomputed here from onnxruntime on the held-out samples."""
+    from onnxecc.graph.data import load_npz
+    from onnxecc.validate import validate
+
+    path, data, _ = _exported(tmp_path, _StepLogitsNet, "steplogits", "logits", (1, 8, 20), 320)
+    opts = dict(metric="macs", method="project", importance="l2", epochs=2, lr=2e-3, seed=0, round_to=1,
+                measure_latency=False, data=str(data))
+    assert compress(path, "0.3", tmp_path / "map.onnx", CompressOptions(**opts)).agreement is None
+    result = compress(path, "0.3", tmp_path / "steps.onnx", CompressOptions(**opts, class_axis=2))
+    x_test = load_npz(data, input_shape=(1, 1, 8, 20)).x_test
+
+    def run(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x_test})[0]
+
+    expected = float((run(path).argmax(-1) == run(tmp_path / "steps.onnx").argmax(-1)).mean())
+    assert result.agreement == pytest.approx(expected)
+    checked = validate(path, tmp_path / "steps.onnx", data=str(data), class_axis=-1)
+    assert checked.top1_agreement == pytest.approx(expected)
+    assert validate(path, tmp_path / "steps.onnx", data=str(data)).top1_agreement is None
+
+
+def test_class_axis_out_of_range_fails_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    path, data, _ = _exported(tmp_path, _StepLogitsNet, "steplogits", "logits", (1, 8, 20), 320)
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxecc", "compress", str(path), "--budget", "0.3", "--data",
+                           str(data), "--class-axis", "3", "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (proc.stdout, proc.stderr)
+    assert "--class-axis 3: the model's output is ?×20×12" in proc.stderr and "epoch" not in proc.stdout
+    assert not out.exists()

@@ -75,7 +75,8 @@ def test_reference_rho_keeps_the_pull_per_w_step():
     for steps in (1, 2, 7, REFERENCE_STEPS, 300):
         w = torch.tensor([1.0, 2.0], dtype=torch.float64)
         variables = AdmmVariables({"w": w})
-        variables.set_z({"w": w.clone()}, {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)})  # Z zeroes the first coordinate
+        zero_first = {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)}  # Z zeroes the first coordinate
+        variables.set_z({"w": w.clone()}, zero_first)
         for _ in range(steps):
             variables.prox({"w": w}, reference_rho(steps))
         assert float(w[0]) == pytest.approx(1.0025 ** -46, rel=1e-9) and float(w[1]) == 2.0

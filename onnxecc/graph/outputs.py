@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxecc.core.errors import UserError
+
 PROBABILITY_TOLERANCE = 1e-3  # |Σ p − 1| along the axis, float32 softmax sums are off by ~1e-6
 
 
@@ -44,14 +46,17 @@ class OutputKind:
         return f"class {what} along axis {self.class_axis}"
 
 
-def output_kind(reference: np.ndarray) -> OutputKind:
-    """The kind of output `reference` (the original model's outputs on the data, N×...) is.
+def output_kind(reference: np.ndarray, class_axis: int | None = None) -> OutputKind:
+    """The kind of output `reference` (the original model's outputs on the data, N×...) is; `class_axis`
+    (--class-axis) names the axis of class scores where detection cannot know it, e.g. N×T×C logits per step.
 
     Probabilities along an axis of size ≥ 2 (every entry ≥ 0, every sum along it within 1e-3 of 1) are class
     probabilities, the last such axis winning (per-step scores put classes last). Otherwise an N×C output with
     C ≥ 2 is class scores (logits). Anything else — N×1×H×W maps, N×T×C logits, N×1 regressions — has no
     class axis we can know of."""
     ref = np.asarray(reference)
+    if class_axis is not None:
+        return _given_axis(ref, class_axis)
     if ref.ndim >= 2 and np.issubdtype(ref.dtype, np.floating) and ref.size and np.isfinite(ref).all() \
             and ref.min() >= 0:
         for axis in range(ref.ndim - 1, 0, -1):
@@ -60,6 +65,34 @@ def output_kind(reference: np.ndarray) -> OutputKind:
     if ref.ndim == 2 and ref.shape[1] >= 2:
         return OutputKind(1)
     return OutputKind(None)
+
+
+def class_axis_index(axis: int, shape: tuple[int | None, ...]) -> int:
+    """--class-axis as an axis of an output of `shape` (batch first, None: a size not known yet), from 1; a
+    negative axis counts from the end. One line naming the option when the output has no such axis."""
+    positive = axis + len(shape) if axis < 0 else axis
+    if not 1 <= positive < len(shape) or (shape[positive] or 2) < 2:
+        dims = "×".join("?" if d is None else str(d) for d in shape)
+        raise UserError(f"--class-axis {axis}: the model's output is {dims} (batch first); give an axis from 1 to "
+                        f"{len(shape) - 1} of size ≥ 2, or leave --class-axis out to detect it")
+    return positive
+
+
+def declared_shape(proto) -> tuple[int | None, ...] | None:
+    """The first output's shape as the graph declares it (the output the comparisons read; a size None: symbolic
+    or unknown); None when the graph does not declare its rank."""
+    tensor = proto.graph.output[0].type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+
+
+def _given_axis(ref: np.ndarray, axis: int) -> OutputKind:
+    """The kind with the user's class axis; probabilities when they are ones."""
+    positive = class_axis_index(axis, ref.shape)
+    sums = ref.sum(axis=positive) if ref.size else np.ones(1)
+    probabilities = bool(ref.size and ref.min() >= 0 and np.abs(sums - 1).max() <= PROBABILITY_TOLERANCE)
+    return OutputKind(positive, probabilities=probabilities)
 
 
 def fidelity(kind: OutputKind, out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None = None) -> float:

@@ -56,3 +56,6 @@ class CompressOptions:
     # sample of --data); `compress` puts the sizes it resolved here (`inputs.resolve_shapes`, batch first);
     # key None: the model's only input (`--input-shape 1,3,64,64`). The annotations type recipe files (`recipe`)
     input_shapes: dict[str | None, tuple[int, ...]] | None = None
+    # the output axis of class scores (`outputs.output_kind`); None: detected, which cannot tell N×T×C logits per
+    # step from a map
+    class_axis: int | None = None

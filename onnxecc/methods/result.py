@@ -158,7 +158,8 @@ def evaluate(result: CompressResult, original: onnx.ModelProto, data, opts) -> N
         x, y = runtime.example_input(sess_o, batch=32, seed=opts.seed, model=original, shapes=opts.input_shapes), None
     out_o, out_c = runtime.run_batched(sess_o, x), runtime.run_batched(sess_c, x)
     _check_other_size(sess_o, sess_c, original, opts)
-    result.agreement = output_kind(out_o).agreement(out_o, out_c)  # per step for N×T×C scores; a map has none
+    # per step for N×T×C scores; a map has none
+    result.agreement = output_kind(out_o, opts.class_axis).agreement(out_o, out_c)
     result.relative_error = relative_error(out_c, out_o)
     if y is not None:
         result.accuracy_before = float((out_o.argmax(1) == y).mean())

@@ -101,4 +101,5 @@ def masked_model(problem: Problem, data, opts: CompressOptions):
 
     config = TrainConfig(epochs=opts.epochs, lr=training_lr(opts.lr), batch_size=opts.batch_size, seed=opts.seed,
                          temperature=opts.temperature, distill_weight=opts.distill_weight, device=opts.device)
-    return MaskedModel(problem.proto, problem.graph, data, config, recalibration=opts.recalibrate)
+    return MaskedModel(problem.proto, problem.graph, data, config, recalibration=opts.recalibrate,
+                       class_axis=opts.class_axis)

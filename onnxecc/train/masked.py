@@ -36,7 +36,7 @@ def _spread(n: int, count: int) -> np.ndarray:
 
 class MaskedModel:
     def __init__(self, proto: onnx.ModelProto, graph: ChannelGraph, data, config: TrainConfig,
-                 recalibration: bool = True):
+                 recalibration: bool = True, class_axis: int | None = None):
         self.proto = proto
         self.graph = graph
         self.data = data
@@ -46,7 +46,8 @@ class MaskedModel:
         self.tm: TorchModel = to_torch(proto, resolve_shapes(proto, samples=per_sample_shapes(data.x_train, names)))
         session = runtime.session(proto)
         self.teacher = runtime.run_batched(session, data.x_train)  # in chunks of a fixed batch size, if any
-        self.kind = output_kind(self.teacher)  # class scores along which axis, or a map: how outputs are compared
+        # class scores along which axis (--class-axis, else detected), or a map: how outputs are compared
+        self.kind = output_kind(self.teacher, class_axis)
         # a model exported with a fixed batch size: torch trains it at larger batches only if its converted module
         # computes each sample alone at those (`_free_batches`); else every pass is fed that many samples
         fixed = runtime.fixed_batch(session)
