@@ -706,7 +706,7 @@ def paired_counts(a: list, b: list, higher_is_better: bool) -> tuple[int, int]:
     return int((a > b).sum()), int((a < b).sum())
 
 
-def _paired(row: dict, task) -> dict | None:
+def _paired(row: dict, task) -> dict | None:  # `task`: the task, or its model's name (`merge`)
     """ecc against the best other method of the row (by mean test score), seed by seed on the same test samples
     (runs that met the budget only), counts summed over the seeds: recogniser — McNemar on exact lines and a sign
     test on character errors; detector — a sign test on page F-scores."""
@@ -720,7 +720,7 @@ def _paired(row: dict, task) -> dict | None:
     other = {r["seed"]: r["per_sample"] for r in met_budget(row["methods"][best])}
     seeds = sorted(set(ecc) & set(other))
     out: dict = {"versus": best, "seeds": seeds}
-    if isinstance(task, _Lines):
+    if key == "char_accuracy":  # the recogniser
         exact = [paired_counts(np.asarray(ecc[s]) == 0, np.asarray(other[s]) == 0, True) for s in seeds]
         errors = [paired_counts(ecc[s], other[s], False) for s in seeds]
         tests = {"exact_line_mcnemar": exact, "char_errors_sign": errors}
@@ -761,6 +761,46 @@ def _notes(models: list[dict], cfg: dict) -> list[str]:
                  f"{cfg['admm_epochs']} ADMM + {cfg['epochs']} fine-tuning; greedy: one per step, column 'epochs'), "
                  "distilled from the original's outputs, rate by onnxecc's probe; ORT CPU, 1 thread, batch 1")
     return notes
+
+
+# ---- runs put together ------------------------------------------------------------------------------------------
+PART_KEYS = ("command", "date", "wall_s", "load_average_before", "load_average_after")
+
+
+def merge(files: list[dict]) -> dict:
+    """Result files of this area as one (one model per process, or one method re-run): rows of the same model
+    and budget are joined, a method's runs in a later file replacing an earlier file's, and each joined row's
+    summary and paired test are computed again. Each file's command, date, wall time and settings stay under
+    "parts"; "wall_s" is the longest part's (the parts may have run at the same time)."""
+    out = copy.deepcopy(files[0])
+    parts = [part for f in files
+             for part in (f.get("parts") or [{**{k: f.get(k) for k in PART_KEYS}, "config": f["result"]["config"]}])]
+    out.update(parts=parts, command="  &&  ".join(p["command"] for p in parts), wall_s=max(p["wall_s"] for p in parts),
+               cpu_s=sum(f.get("cpu_s") or 0 for f in files))
+    result = out["result"]
+    by_name = {m["model"]: m for m in result["models"]}
+    for f in files[1:]:
+        for model in f["result"]["models"]:
+            if model["model"] not in by_name:
+                by_name[model["model"]] = copy.deepcopy(model)
+                result["models"].append(by_name[model["model"]])
+                continue
+            rows = {r["budget"]: r for r in by_name[model["model"]]["rows"]}
+            for row in model["rows"]:
+                if row["budget"] not in rows:
+                    by_name[model["model"]]["rows"].append(copy.deepcopy(row))
+                    continue
+                joined = rows[row["budget"]]
+                joined["methods"].update({m: copy.deepcopy(runs) for m, runs in row["methods"].items() if runs})
+                joined["summary"] = {m: _summary(runs, model["model"]) for m, runs in joined["methods"].items()}
+                joined["paired"] = _paired(joined, model["model"])
+    cfg = result["config"]
+    for f in files[1:]:
+        other = f["result"]["config"]
+        for key in ("models", "methods", "seeds", "budgets"):
+            cfg[key] += [v for v in other[key] if v not in cfg[key]]
+    result["notes"] = list(dict.fromkeys(n for f in files for n in f["result"]["notes"]))
+    return out
 
 
 # ---- table -------------------------------------------------------------------------------------------------------
@@ -825,3 +865,8 @@ def _missed_rows(t: Table, label: str, method: str, missed: list[dict], key: str
                   f"{100 * r['line_accuracy']:.1f}" if "line_accuracy" in r else "—", f"{r['macs_ratio']:.3f}",
                   f"missed ({r['latency_ratio']:.2f})", str(r.get("epochs_trained") or ""), _common.secs(r["wall_s"]),
                   "missed the budget: not in the mean above")
+
+
+if __name__ == "__main__":  # python -m bench.separation OUT.json IN.json...: the result files, `merge`d
+    target, *sources = sys.argv[1:]
+    Path(target).write_text(json.dumps(merge([json.loads(Path(p).read_text()) for p in sources]), indent=1) + "\n")

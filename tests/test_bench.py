@@ -304,6 +304,36 @@ def test_separation_area_quick(tmp_path):
                 console=_quiet()) == 1
 
 
+def test_separation_merge_joins_a_re_run_method_into_its_row():
+    """The committed MACs 0.3 row and the committed ecc-only re-run (ρ₀ 0.25): the merged row takes ecc's runs
+    from the re-run, keeps the other methods, and its summary and paired test are those recomputed here in numpy
+    from the per-sample scores."""
+    from bench.separation import merge
+
+    results = REPO / "bench" / "results"
+    full, rerun = (json.loads((results / name).read_text()) for name in ("separation.json",
+                                                                          "separation-ecc-rho0.25.json"))
+    merged = merge([full, rerun])
+    row = lambda d, model: next(m for m in d["result"]["models"] if m["model"] == model)["rows"][0]  # noqa: E731
+    for model, key, higher in (("det", "f_score", True), ("rec", "char_accuracy", False)):
+        joined, ecc_runs, old = row(merged, model), row(rerun, model)["methods"]["ecc"], row(full, model)
+        assert joined["methods"]["ecc"] == ecc_runs and joined["methods"]["project"] == old["methods"]["project"]
+        assert joined["summary"]["ecc"][key]["mean"] == pytest.approx(np.mean([r["test"][key] for r in ecc_runs]))
+        assert joined["summary"]["greedy"] == old["summary"]["greedy"]
+        best = max((m for m in joined["summary"] if m != "ecc" and joined["summary"][m].get(key)),
+                   key=lambda m: joined["summary"][m][key]["mean"])
+        assert joined["paired"]["versus"] == best
+        other = {r["seed"]: np.asarray(r["per_sample"], float) for r in joined["methods"][best]}
+        ecc = {r["seed"]: np.asarray(r["per_sample"], float) for r in ecc_runs}
+        # the recogniser's per-sample scores are character errors: fewer is better
+        better = sum(int(((ecc[s] > other[s]) if higher else (ecc[s] < other[s])).sum()) for s in ecc)
+        worse = sum(int(((ecc[s] < other[s]) if higher else (ecc[s] > other[s])).sum()) for s in ecc)
+        test = joined["paired"]["page_f_sign" if model == "det" else "char_errors_sign"]
+        assert (test["ecc_better"], test["ecc_worse"]) == (better, worse)
+    assert len(merged["parts"]) == len(full["parts"]) + len(rerun["parts"]) and merged["wall_s"] == max(
+        p["wall_s"] for p in merged["parts"])
+
+
 def test_separation_reads_a_missed_measured_budget_as_its_own_outcome(tmp_path, request):
     """compress through the CLI as the area runs it, on a budget the (optimistic) profile believes reachable and
     this machine measures over (test_closed_loop's injected model error): exit 1, the model kept as
