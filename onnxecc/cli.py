@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import traceback
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from onnxecc.cli_options import CLASS_AXIS_HELP, INPUT_SHAPE_HELP, with_options
 from onnxecc.core.errors import ExplainedFailure, UserError
 from onnxecc.methods.registry import METHODS
 
@@ -36,17 +36,11 @@ def _is_ctrl_c(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or _state["sigint"]
 
 
-_INPUT_SHAPE_HELP = ("Size to analyse a model with symbolic input dims at: NAME:d0,d1,... batch first (repeatable; "
-                     "the name may be left out for a single-input model). compress and sweep default to the first "
-                     "sample of --data. A compressed model keeps the dims symbolic.")
-_INPUT_SHAPE = typer.Option(None, "--input-shape", help=_INPUT_SHAPE_HELP)
+_INPUT_SHAPE = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP)
 _VALIDATE_INPUT_SHAPE = typer.Option(None, "--input-shape",
                                      help="Size to feed a model with symbolic input dims at (NAME:d0,d1,..., "
                                           "repeatable). Default: --data's, else the size compress counted at.")
-_CLASS_AXIS = typer.Option(None, "--class-axis",
-                           help="The output axis that holds class scores (e.g. 2 for N×T×C logits per step), for "
-                                "distillation and top-1 agreement; default: detected from the original's outputs "
-                                "(N×C, or probabilities summing to 1 along an axis; else a map).")
+_CLASS_AXIS = typer.Option(None, "--class-axis", help=CLASS_AXIS_HELP)
 
 
 @app.callback()
@@ -144,6 +138,7 @@ def _group_ids(ids: list[int]) -> str:
 
 
 @app.command()
+@with_options()
 def compress(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Path to the .onnx file to compress."),
@@ -151,65 +146,6 @@ def compress(
                                help="Required: 0.3 or 30% of the original's cost, or absolute: 120M (MACs), 300k "
                                     "(params)."),
     output: str = typer.Option(None, "--output", "-o", help="Required: where to write the compressed .onnx file."),
-    metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
-    method: str = typer.Option("auto", "--method", help="auto (ecc with --data, else project) | "
-                                                        + " | ".join(METHODS) + "."),
-    profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
-    hardware: str = typer.Option(None, "--hardware", help="Accelerator description JSON (--method wsp)."),
-    data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
-    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
-    lr: str = typer.Option("auto", "--lr", help="Learning rate (Adam): auto = the final fine-tuning's rate chosen "
-                                                "by a probe of 2e-3, 5e-4, 1.25e-4 (one pass over up to 1024 "
-                                                "training samples each; training phases: 2e-3); a number fixes "
-                                                "every phase's rate."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
-    round_to: int = typer.Option(None, "--round-to",
-                                 help="Keep channel counts at multiples of this (default: the CPU kernels' block, "
-                                      "8 or 16; 1: any)."),
-    min_width: int = typer.Option(1, "--min-width", help="Never keep fewer channels than this in a group."),
-    device: str = typer.Option("auto", "--device", help="Training device: auto, cpu, cuda."),
-    proj_interval: int = typer.Option(10, "--proj-interval", help="wsp: batches between weighted sparse projections."),
-    admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
-    admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
-    rho: str = typer.Option("auto", "--rho", help="ECC: initial ADMM penalty ρ per Adam step (doubles every "
-                            "iteration); auto = 2.5e-3 at 46 steps per W-step, scaled so that every W-step pulls "
-                            "as hard whatever its number of steps."),
-    admm_decay: int = typer.Option(4, "--admm-decay", help="ECC: ADMM iterations over which the budget decays "
-                                   "from the original cost to the target."),
-    admm_w_step: str = typer.Option("prox", "--admm-w-step",
-                                    help="ECC: prox (proximal step after each Adam step) | penalty (in the loss)."),
-    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="Where latency is measured."),
-    threads: int = typer.Option(1, "--threads", help="onnxruntime threads for latency measurements."),
-    closed_loop: bool = typer.Option(True, "--closed-loop/--no-closed-loop",
-                                     help="Measure a latency or energy (measured profile) output side by side with "
-                                          "the original, correct misses; --no-closed-loop: the estimate only."),
-    max_rounds: int = typer.Option(None, "--max-rounds",
-                                   help="Closed loop: measured rounds at most (default 6 without training, else 3)."),
-    verify_projection: bool = typer.Option(False, "--verify-projection",
-                                           help="Debug: check each ADMM Z-step against the exact MILP (small models)."),
-    importance: str = typer.Option("auto", "--importance",
-                                   help="Channel importance (project/ecc): fisher (loss-aware, needs --data), "
-                                        "l2 (weight norms); auto: fisher with --data."),
-    prune_approximate: bool = typer.Option(True, "--prune-approximate/--keep-approximate",
-                                           help="With --data, prune the approximate groups too (a normalisation runs "
-                                                "over them, e.g. a transformer's residual width); --keep-approximate "
-                                                "leaves them whole and prunes heads and other widths only."),
-    loosen: bool = typer.Option(None, "--loosen/--no-loosen",
-                                help="Closed loop: re-project an output measured >10% under the budget "
-                                     "(default: only when no training)."),
-    knobs: str = typer.Option("width", "--knobs",
-                              help="What compress may change: width (channels), or width,precision (also int8 QDQ "
-                                   "layers where measured faster; needs --data and --metric latency)."),
-    qat: bool = typer.Option(True, "--qat/--no-qat",
-                             help="With --knobs width,precision: fine-tune with the int8 layers fake-quantized "
-                                  "(quantization-aware training); --no-qat: fp32 fine-tuning, then post-training "
-                                  "quantization."),
-    recalibrate: bool = typer.Option(True, "--recalibrate/--no-recalibrate",
-                                     help="Before fine-tuning, give each convolution's output channels the original "
-                                          "model's mean and spread on up to 512 training inputs again (re-estimating "
-                                          "the BatchNorm that export folded away)."),
-    class_axis: int = _CLASS_AXIS,
     report: str = typer.Option(None, "--report", help="Write a JSON report here (with the run's recipe)."),
     config: str = typer.Option(None, "--config",
                                help="Recipe file (.toml or .json, or a --report JSON) with the options; flags given "
@@ -227,7 +163,8 @@ def compress(
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress: neither the bar (terminal) nor the per-phase and per-epoch lines "
                                     "(logs)."),
-    input_shape: list[str] = _INPUT_SHAPE,
+    options=None,
+    given_options=(),
 ) -> None:
     """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning).
 
@@ -241,28 +178,13 @@ def compress(
         raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_option(sys.argv[1:], "--nproc")]))
     if distributed.env_rank() > 0:  # under torchrun / --nproc rank 0 alone prints (and writes)
         console.quiet = err_console.quiet = True
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from onnxecc.compress import CompressOptions
     from onnxecc.compress import compress as run_compress
     from onnxecc.core import recipe
-    from onnxecc.cost.budget import format_cost
-    from onnxecc.graph.inputs import parse_input_shapes
     from onnxecc.train.checkpoint import Interrupted, default_path
 
-    options = CompressOptions(metric=metric, method=method, profile=profile, hardware=hardware, data=data,
-                              epochs=epochs, lr=_auto_number(lr, "--lr", "5e-4"), batch_size=batch_size, seed=seed,
-                              admm_iterations=admm_iterations, admm_epochs=admm_epochs,
-                              rho=_auto_number(rho, "--rho", "0.1"), admm_decay=admm_decay, admm_w_step=admm_w_step,
-                              provider=provider, threads=threads, class_axis=class_axis,
-                              max_rounds=max_rounds, verify_projection=verify_projection, closed_loop=closed_loop,
-                              round_to=round_to, min_width=min_width, device=device,
-                              proj_interval=proj_interval, importance=importance, closed_loop_loosen=loosen,
-                              prune_approximate=prune_approximate,
-                              knobs=tuple(k.strip() for k in knobs.split(",")), qat=qat, recalibrate=recalibrate,
-                              input_shapes=parse_input_shapes(input_shape) or None)
     if config:  # the file's options, with the flags given on the command line over them
-        options = recipe.merge(recipe.load(config, CompressOptions), options, _given_settings(ctx))
+        options = recipe.merge(recipe.load(config, CompressOptions), options, given_options)
     if print_config:
         sys.stdout.write(recipe.to_toml(options))
         return
@@ -270,20 +192,57 @@ def compress(
                            (output, "--output is missing: give -o FILE.onnx (where to write the compressed model)")):
         if value is None:
             raise UserError(missing)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), console=err_console, transient=True)
-    task = {}
     checkpoint = checkpoint or resume or str(default_path(model, output))
-    lines = _log_lines(quiet)
+    display = _CompressDisplay(quiet, checkpoint)
+    try:
+        result = run_compress(model, budget, output, options, report=report, on_event=display,
+                              checkpoint=checkpoint, resume=resume, overwrite=overwrite)
+    except Interrupted as exc:  # exit here: typer turns a KeyboardInterrupt into a silent exit 130
+        display.stop()
+        if exc.path is None:
+            err_console.print(f"interrupted: {exc.reason}", highlight=False, soft_wrap=True)
+        else:
+            err_console.print(f"interrupted: checkpoint saved to {exc.path}; resume with: "
+                              f"{_resume_command(exc.path)}", highlight=False, soft_wrap=True, markup=False)
+        raise SystemExit(130) from None
+    except (KeyboardInterrupt, Exception) as exc:  # outside training, or a second Ctrl-C: nothing new was saved
+        if not _is_ctrl_c(exc):
+            raise
+        display.stop()
+        err_console.print("interrupted: no checkpoint written (not training, or Ctrl-C twice); no output written"
+                          + (f"; {resume} still resumes the earlier state" if resume else ""), highlight=False,
+                          soft_wrap=True, markup=False)
+        raise SystemExit(130) from None
+    finally:
+        display.stop()
+    if display.lines is not None:  # a run without training held its phase lines back until it succeeded
+        display.lines.flush()
+    _print_compressed(model, output, result, options.metric)
+    if not result.meets_budget:
+        raise typer.Exit(1)
 
-    def on_event(kind: str, info: dict) -> None:
+
+class _CompressDisplay:
+    """compress's progress (its `on_event`): a transient bar on a terminal, timed lines in logs (`_log_lines`),
+    nothing with --quiet; and, at the first training batch, one line saying where Ctrl-C saves."""
+
+    def __init__(self, quiet: bool, checkpoint: str):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeRemainingColumn(), console=err_console, transient=True)
+        self.quiet, self.checkpoint, self.lines = quiet, checkpoint, _log_lines(quiet)
+        self.task: dict = {}
+
+    def __call__(self, kind: str, info: dict) -> None:
+        task, progress = self.task, self.progress
         if kind == "batch" and "told" not in task:  # every training method resumes (wsp and greedy too)
             task["told"] = True  # one line, also in logs: from here on Ctrl-C keeps the work done
-            err_console.print(f"training: Ctrl-C stops and saves a checkpoint to {checkpoint}", highlight=False,
+            err_console.print(f"training: Ctrl-C stops and saves a checkpoint to {self.checkpoint}", highlight=False,
                               soft_wrap=True, markup=False)
-        if lines is not None or quiet:  # logs and pipelines: lines with elapsed and estimated time (or nothing)
-            if lines is not None:
-                lines(kind, info)
+        if self.lines is not None or self.quiet:  # logs and pipelines: lines with elapsed and estimated time
+            if self.lines is not None:
+                self.lines(kind, info)
             return
         if kind == "recovery":
             from onnxecc.core.progress import describe_recovery
@@ -304,32 +263,15 @@ def compress(
             progress.update(task["id"], info=f"epoch {info['epoch']} loss {info['loss']:.4f}"
                             + (f" train acc {acc:.3f}" if acc is not None else ""))
 
-    try:
-        result = run_compress(model, budget, output, options, report=report, on_event=on_event,
-                              checkpoint=checkpoint, resume=resume, overwrite=overwrite)
-    except Interrupted as exc:  # exit here: typer turns a KeyboardInterrupt into a silent exit 130
-        if progress.live.is_started:
-            progress.stop()
-        if exc.path is None:
-            err_console.print(f"interrupted: {exc.reason}", highlight=False, soft_wrap=True)
-        else:
-            err_console.print(f"interrupted: checkpoint saved to {exc.path}; resume with: "
-                              f"{_resume_command(exc.path)}", highlight=False, soft_wrap=True, markup=False)
-        raise SystemExit(130) from None
-    except (KeyboardInterrupt, Exception) as exc:  # outside training, or a second Ctrl-C: nothing new was saved
-        if not _is_ctrl_c(exc):
-            raise
-        if progress.live.is_started:
-            progress.stop()
-        err_console.print("interrupted: no checkpoint written (not training, or Ctrl-C twice); no output written"
-                          + (f"; {resume} still resumes the earlier state" if resume else ""), highlight=False,
-                          soft_wrap=True, markup=False)
-        raise SystemExit(130) from None
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-    if lines is not None:  # a run without training held its phase lines back until it succeeded
-        lines.flush()
+    def stop(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
+def _print_compressed(model: str, output: str, result, metric: str) -> None:
+    """compress's outcome: warnings, the int8 choices, the table of cost/accuracy/latency and the verdict."""
+    from onnxecc.cost.budget import format_cost
+
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
     for name, layer in ((result.precision or {}).get("measured", {}).get("layers", {})).items():
@@ -368,8 +310,6 @@ def compress(
 
         console.print(f"costs at input size {shapes_text(result.input_shapes)}; the output keeps the symbolic sizes",
                       highlight=False)
-    if not result.meets_budget:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -539,34 +479,35 @@ def _calibration(data: str | None):
 
 
 @app.command()
+@with_options(exclude=("method",))
 def sweep(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Path to the .onnx file to compress."),
     budgets: str = typer.Option(..., "--budgets", help="Comma-separated budgets, e.g. 0.2,0.4,0.6,0.8."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the models, reports and sweep.json."),
     methods: str = typer.Option("ecc,uniform,greedy", "--methods",
                                help=f"Comma-separated methods: {', '.join(METHODS)}."),
-    metric: str = typer.Option("macs", "--metric", "-m", help="macs | params | latency | energy."),
-    profile: str = typer.Option(None, "--profile", help="Fitted profile JSON (latency/energy metrics)."),
-    data: str = typer.Option(None, "--data", help="digits (built-in) or FILE.npz with x and optional y."),
-    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (0: projection only)."),
-    seed: int = typer.Option(0, "--seed"),
-    admm_iterations: int = typer.Option(5, "--admm-iterations", help="ECC: ADMM iterations."),
-    admm_epochs: int = typer.Option(2, "--admm-epochs", help="ECC: training epochs per ADMM iteration."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the latency ratio of every point."),
     plot: str = typer.Option(None, "--plot", help="Write the accuracy-vs-cost plot (PNG) here."),
     plot_x: str = typer.Option("cost", "--plot-x", help="x axis of the plot: cost | latency (measured ratio)."),
+    config: str = typer.Option(None, "--config",
+                               help="Recipe file (.toml or .json, or a compress --report JSON) with the options of "
+                                    "every point; flags given on the command line override it."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No per-phase and per-epoch progress lines in logs (the per-point lines stay)."),
-    input_shape: list[str] = _INPUT_SHAPE,
+    options=None,
+    given_options=(),
 ) -> None:
-    """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points)."""
+    """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points).
+
+    Every point takes compress's options (the same flags, or --config); --methods replaces --method."""
     from onnxecc.compress import CompressOptions
-    from onnxecc.graph.inputs import parse_input_shapes
+    from onnxecc.core import recipe
     from onnxecc.sweep import sweep as run_sweep
 
-    options = CompressOptions(metric=metric, profile=profile, data=data, epochs=epochs, seed=seed,
-                              admm_iterations=admm_iterations, admm_epochs=admm_epochs, measure_latency=latency,
-                              input_shapes=parse_input_shapes(input_shape) or None)
+    if config:
+        options = recipe.merge(recipe.load(config, CompressOptions), options, given_options)
+    options.measure_latency = latency
 
     point = {"lines": None}
 
@@ -595,7 +536,7 @@ def sweep(
     def num(v, spec):
         return format(v, spec) if v is not None else "-"
 
-    table = Table(title=f"{model} sweep ({metric}) → {output}")
+    table = Table(title=f"{model} sweep ({options.metric}) → {output}")
     for col in ("budget", "method", "cost fraction", "latency ratio", "accuracy", "time", "status"):
         table.add_column(col, justify="left" if col in ("method", "status") else "right")
     if result.original_accuracy is not None:
@@ -613,20 +554,6 @@ def sweep(
                   f"summary {result.outdir / 'sweep.json'}" + (f", plot {result.plot}" if result.plot else ""))
 
 
-_SETTING_OF_FLAG = {"loosen": "closed_loop_loosen", "input_shape": "input_shapes"}  # compress's flags named otherwise
-
-
-def _given_settings(ctx: typer.Context) -> set[str]:
-    """The `CompressOptions` fields whose flags were given on the command line (not left at their defaults):
-    those override a --config file."""
-    from onnxecc.compress import CompressOptions
-    from onnxecc.core.recipe import settings
-
-    given = {_SETTING_OF_FLAG.get(name, name) for name in ctx.params
-             if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
-    return given & set(settings(CompressOptions))
-
-
 def _without_option(args: list[str], option: str) -> list[str]:
     """`args` without `option` and its value (given as `option VALUE` or `option=VALUE`)."""
     out, skip = [], False
@@ -638,19 +565,6 @@ def _without_option(args: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             out.append(arg)
     return out
-
-
-def _auto_number(text: str, option: str, example: str) -> float | None:
-    """--lr, --rho: auto → None (the tool chooses), else a positive number."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or math.isinf(value):
-        raise UserError(f"{option} {text!r}: give auto or a positive number such as {example}")
-    return value
 
 
 def _resume_command(path) -> str:

@@ -17,7 +17,7 @@ from conftest import DEMO_MODELS
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from onnxecc.cli import _SETTING_OF_FLAG, app
+from onnxecc.cli import app
 from onnxecc.compress import CompressOptions
 from onnxecc.core import recipe
 from onnxecc.core.errors import UserError
@@ -146,7 +146,7 @@ def _flag_args(param, value) -> list[str]:
         return [param.opts[0] if value else param.secondary_opts[0]]
     if param.name == "knobs":
         return [param.opts[0], ",".join(value)]
-    if param.name == "input_shape":
+    if param.name == "input_shapes":
         return [arg for name, dims in value.items() for arg in (param.opts[0], f"{name}:{','.join(map(str, dims))}")]
     return [param.opts[0], str(value)]
 
@@ -161,7 +161,7 @@ def test_file_overrides_defaults_and_every_given_flag_overrides_the_file(tmp_pat
                                     knobs=("precision", "width"), closed_loop_loosen=True)  # unlike the flags
     flags, args = {}, []
     for param in command.params:
-        setting = _SETTING_OF_FLAG.get(param.name, param.name)
+        setting = param.name  # compress's flags are named by their setting (`onnxecc.cli_options`)
         if setting not in hints:
             assert param.name in NOT_SETTINGS, f"compress --{param.name}: neither a setting nor listed as not one"
             continue
