@@ -302,12 +302,13 @@ def mean_std(values: list[float]) -> dict | None:
 
 
 def probe_and_finetune(module, x, teacher: np.ndarray, y: np.ndarray | None, epochs: int, seed: int,
-                       names=None) -> tuple[float, list[dict]]:
+                       names=None, batch_size: int | None = None) -> tuple[float, list[dict]]:
     """onnxecc's fine-tuning for a torch module pruned outside onnxecc (Torch-Pruning): the learning rate chosen
     as `MaskedModel.choose_lr` does (one constant-rate pass over up to its probe's samples per candidate, lowest
     distillation loss after it), then `train.finetune.finetune` (Adam, cosine decay). Probe and training compare
     the outputs as the original's outputs say (`graph.outputs.output_kind`). `x`: an array or `inputs.Feeds`
-    (ordered by `names`, the module's inputs). Returns the rate and every candidate's loss."""
+    (ordered by `names`, the module's inputs); `batch_size`: compress's `--batch-size` (None: its default).
+    Returns the rate and every candidate's loss."""
     import copy
 
     import torch
@@ -320,7 +321,7 @@ def probe_and_finetune(module, x, teacher: np.ndarray, y: np.ndarray | None, epo
     every = _spread(len(teacher), PROBE_SAMPLES)
     xs, ts, ys = x[every], teacher[every], (y[every] if y is not None else None)
     start = copy.deepcopy(module.state_dict())
-    base = TrainConfig(epochs=epochs, seed=seed, device="cpu")
+    base = TrainConfig(epochs=epochs, seed=seed, device="cpu", **({"batch_size": batch_size} if batch_size else {}))
     tried = []
     for lr in PROBE_LRS:
         module.load_state_dict(start)

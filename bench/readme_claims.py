@@ -35,17 +35,18 @@ class Of:
         return self.what
 
 
-def _sep(model: str, method: str, what: str, stat: str = "mean", scale: float = 100) -> Of:
-    """A number of the separation area's MACs 0.3 row: a method's summary statistic (in % unless `scale` says
+def _sep(model: str, method: str, what: str, stat: str = "mean", scale: float = 100,
+         budget: str = "macs@0.3") -> Of:
+    """A number of a separation area's row (`budget`): a method's summary statistic (in % unless `scale` says
     otherwise), or, with method "paired", a count of ecc's paired test against the row's best other method."""
     def value(d):
         m = next(x for x in d["result"]["models"] if x["model"] == model)
-        row = next(r for r in m["rows"] if r["budget"] == "macs@0.3")
+        row = next(r for r in m["rows"] if r["budget"] == budget)
         if method == "paired":
             test, count = what.split(".")
             return row["paired"][test][count]
         return row["summary"][method][what][stat] * scale
-    return Of(f"separation {model} macs@0.3 {method} {what} {stat}", value)
+    return Of(f"separation {model} {budget} {method} {what} {stat}", value)
 
 
 def _trained(model: str, budget: str, tool: str, what: str = "accuracy") -> str:
@@ -613,7 +614,7 @@ NOT_MEASURED = {
         ("it must stay well under 10 minutes", "a limit of the test suite (pyproject.toml)"),
         ("kept to about 1 GiB", "a limit of the code (recalibrate)"),
         ("if it lands more than 10% under the budget", "the closed loop's rule"),
-        ("faster by more than the noise and 0.2%", "a threshold of onnxecc.train.quantize"),
+        ("faster by more than the noise and 0.2%", "a threshold of onnxecc.cost.quantize"),
         ("protobuf's 2 GB limit", "protobuf's limit"),
         ("models of 64 MiB or more", "a threshold of onnxecc.graph.runtime"),
         ("on a model over 2 GB", "what the feature handles, not a measurement"),

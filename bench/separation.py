@@ -81,6 +81,9 @@ def config(variant: str = "full") -> dict:
         "data_seeds": {"train": 1001, "val": 2002, "test": 3003},
         "admm_iterations": 3, "admm_epochs": 2, "admm_decay": 3, "epochs": 4,  # 10 training epochs per method
         "rho": None,  # ecc's initial ADMM ρ per Adam step (`--rho`); None: onnxecc's default, `--rho auto`
+        # training batch (`--batch-size`) of every method; None: compress's 64 — at 40 detector pages that is one
+        # Adam step per epoch, so a small variant trains little whatever the method
+        "batch_size": None,
         "max_rounds": 2,  # closed loop (latency budgets): measured rounds at most, each re-trains
         "profile": {"samples": 60, "warmup": 5, "repeats": 15},
         "latency_step": 0.05,  # an unreachable latency budget is raised to the next multiple above the floor
@@ -391,6 +394,8 @@ def _onnxecc(path: Path, original, task, row: dict, method: str, seed: int, cfg:
     extra = ["--profile", row["profile_path"]] if row["metric"] == "latency" else []
     if method == "ecc" and cfg["rho"] is not None:
         extra += ["--rho", str(cfg["rho"])]
+    if cfg["batch_size"] is not None:
+        extra += ["--batch-size", str(cfg["batch_size"])]
 
     def compress(budget: str):
         return _cli("compress", str(path), "--budget", budget, "--metric", row["metric"], "--method", method,
@@ -625,7 +630,8 @@ def _torch_pruning(path: Path, original, task, target: float, seed: int, cfg: di
         best, _ = pruned_at(ratio)  # found in the cache of an earlier seed: the same weights prune alike
     epochs = cfg["admm_iterations"] * cfg["admm_epochs"] + cfg["epochs"]
     teacher = runtime.run_batched(runtime.session(original, threads=1), task.x_train, batch_size=16)
-    lr, tried = _common.probe_and_finetune(best, task.x_train, teacher, None, epochs, seed)
+    lr, tried = _common.probe_and_finetune(best, task.x_train, teacher, None, epochs, seed,
+                                           batch_size=cfg["batch_size"])
     out = onnx.load_from_string(_export(best, example))
     res = {"ratio": ratio, "epochs_trained": epochs, "lr": lr, "lr_probe": tried, "wall_s": time.perf_counter() - t,
            "round_to": round_to}
