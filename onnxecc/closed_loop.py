@@ -15,6 +15,7 @@ import onnx
 
 from onnxecc.cost.budget import Budget
 from onnxecc.cost.costs import Variables
+from onnxecc.cost.quantize import Int8Dropped
 from onnxecc.graph import runtime
 from onnxecc.graph.surgery import prune_channels
 from onnxecc.methods.options import CompressOptions
@@ -22,7 +23,6 @@ from onnxecc.methods.select import projection_only, select
 from onnxecc.optimize.problem import Problem
 from onnxecc.train import checkpoint as checkpoints
 from onnxecc.train import distributed
-from onnxecc.train.quantize import Int8Dropped
 
 
 @dataclass

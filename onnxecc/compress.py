@@ -225,9 +225,10 @@ def _cost(run: _Run) -> None:
         check_classes(data, next(layer.cout for layer in reversed(layers) if layer.weight is not None))
     run.fp32_cost = cost
     if "precision" in opts.knobs and target < original:  # int8 layers by measurement; their terms scaled down
-        from onnxecc.train.quantize import plan_precision
+        from onnxecc.cost.quantize import plan_precision
 
-        run.precision = plan_precision(proto, run.analysis, cost, profile, data, opts, run.emit)
+        run.precision = plan_precision(proto, run.analysis, cost, profile, data, opts, run.emit,
+                                       once=distributed.on_main)
         cost = run.precision.cost
     cost.channels_per_unit = {v: graph.groups[g].channels // graph.groups[g].size
                               for v, g in enumerate(variables.group) if g in graph.heads}  # a head: many channels
@@ -427,7 +428,7 @@ def _check_options(opts: CompressOptions) -> None:
     if opts.method not in ("auto", "netadapt", *registry.METHODS):
         raise UserError(f"unknown method '{opts.method}': choose one of auto, {', '.join(registry.METHODS)}")
     if tuple(opts.knobs) != ("width",):
-        from onnxecc.train.quantize import check_knobs, parse_knobs
+        from onnxecc.cost.quantize import check_knobs, parse_knobs
 
         if opts.method != "wsp":  # wsp checks its own: int8 at the hardware file's 8-bit energies (onnxecc.methods.wsp)
             check_knobs(opts)

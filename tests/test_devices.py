@@ -27,7 +27,7 @@ from onnxecc.methods.admm import AdmmVariables
 from onnxecc.train import recalibrate
 from onnxecc.train.bridge import to_torch
 from onnxecc.train.finetune import Mask
-from onnxecc.train.quantize import FakeQuant
+from onnxecc.train.qat import FakeQuant
 from onnxecc.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -388,8 +388,8 @@ def _test_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 
 def test_qdq_model_is_counted_with_its_int8_layers_at_8_bits():
+    from onnxecc.cost.quantize import quantize_layers
     from onnxecc.graph.data import load_digits
-    from onnxecc.train.quantize import quantize_layers
 
     path = REPO / "models" / "digits_cnn.onnx"
     model = onnx.load(path)

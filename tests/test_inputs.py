@@ -320,9 +320,9 @@ def test_batch_baked_into_a_reshape_trains_at_that_batch():
 def test_int8_calibration_feeds_a_fixed_batch():
     """onnxruntime's static quantization calibrates a batch-1 model one sample at a time (32 at once fails); the
     int8 model then answers as the fp32 one on held-out digits."""
+    from onnxecc.cost import quantize
     from onnxecc.graph import runtime
     from onnxecc.graph.data import load_digits
-    from onnxecc.train import quantize
 
     model = _fixed_batch(onnx.load(REPO / "models" / "digits_cnn.onnx"), 1)
     digits = load_digits()

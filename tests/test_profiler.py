@@ -536,7 +536,7 @@ def test_profile_with_precision_round_trips_and_resumes(tmp_path):
     """`profile(..., knobs="width,precision")`: the precision section (per-layer int8 savings, the choice,
     int8 timed at the width anchors) is plain JSON tied to the model, provider and threads, read back equal, and
     a resumed profile keeps it (not measured again)."""
-    from onnxecc.train.quantize import PrecisionProfile, candidates
+    from onnxecc.cost.quantize import PrecisionProfile, candidates
 
     out = tmp_path / "p.json"
     prof = profile(CNN, out, samples=6, knobs="width,precision", **FAST)

@@ -18,15 +18,11 @@ from onnx import numpy_helper
 
 from onnxecc.compress import CompressOptions, compress, cost_model
 from onnxecc.core.errors import UserError
+from onnxecc.cost import quantize
 from onnxecc.cost.analysis import analyse
 from onnxecc.cost.precision import scaled_cost
 from onnxecc.cost.profiler import load_profile
-from onnxecc.graph import ingest, runtime
-from onnxecc.graph.data import load_digits
-from onnxecc.train import checkpoint, quantize
-from onnxecc.train.bridge import run_torch, to_torch
-from onnxecc.train.checkpoint import Interrupted
-from onnxecc.train.quantize import (
+from onnxecc.cost.quantize import (
     ALL_BUT_SLOWER,
     FASTER,
     PrecisionProfile,
@@ -34,14 +30,18 @@ from onnxecc.train.quantize import (
     candidates,
     choose_layers,
     choose_set,
-    fake_quantized,
     glue_nodes,
     int8_nodes,
     measure_precision,
     parse_knobs,
-    qat_start,
     quantize_layers,
 )
+from onnxecc.graph import ingest, runtime
+from onnxecc.graph.data import load_digits
+from onnxecc.train import checkpoint
+from onnxecc.train.bridge import run_torch, to_torch
+from onnxecc.train.checkpoint import Interrupted
+from onnxecc.train.qat import fake_quantized, qat_start
 
 CNN = DEMO_MODELS[0]
 PROFILE = REPO / "profiles" / "digits_cnn.cpu.json"

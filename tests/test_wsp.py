@@ -553,7 +553,7 @@ def cnn_int8_run(tmp_path_factory):
 
 
 def test_int8_wsp_writes_qdq_that_meets_the_budget_at_8_bit_energies(cnn_int8_run):
-    from onnxecc.train.quantize import int8_nodes
+    from onnxecc.cost.quantize import int8_nodes
 
     result, out = cnn_int8_run
     written = onnx.load(out)

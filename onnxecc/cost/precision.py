@@ -7,7 +7,7 @@ in the widths). With the layers of a set P in int8 the model becomes
 
 still bilinear in the widths, so the width projection is the same structured knapsack — only the int8 layers
 are cheaper per channel, and the budget buys more width. The factors come from measurement
-(`onnxecc.train.quantize.measure_precision`, at full width): the total saving is the measured ratio of the chosen
+(`onnxecc.cost.quantize.measure_precision`, at full width): the total saving is the measured ratio of the chosen
 int8 model to fp32, C₀·(1 − r); it is split over the int8 layers in proportion to their measured marginal
 savings, each layer's share taken from its own term (ρ_l = 1 − share/a_l, at least `RHO_MIN`) and what a term
 cannot absorb (a layer whose fitted coefficient is small: Quantize/Dequantize boundaries it removes are not

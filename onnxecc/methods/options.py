@@ -49,8 +49,8 @@ class CompressOptions:
     # and 5.8 (ecc) points of accuracy; on its digits ViT 0 and 1.7 (issue 25)
     prune_approximate: bool = True
     max_rounds: int | None = None  # closed-loop rounds; None: 6 when a round only projects (seconds), else 3
-    knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.train.quantize)
-    qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (quantize.FakeQuant)
+    knobs: tuple[str, ...] = ("width",)  # + "precision": int8 QDQ layers chosen by measurement (onnxecc.cost.quantize)
+    qat: bool = True  # with precision: final fine-tuning with the int8 layers fake-quantized (train.qat.FakeQuant)
     recalibrate: bool = True  # before fine-tuning: conv outputs' mean and spread back to the original's
     # sizes of symbolic input dims to analyse at (`inputs.parse_input_shapes` of --input-shape; None: the first
     # sample of --data); `compress` puts the sizes it resolved here (`inputs.resolve_shapes`, batch first);

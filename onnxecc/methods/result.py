@@ -44,7 +44,7 @@ class CompressResult:
     method: str = "none"
     rounds: list[dict] = field(default_factory=list)  # closed-loop rounds: internal budget, measurement
     measured_miss: bool = False  # the measurement missed the budget after every round
-    precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.train.quantize)
+    precision: dict | None = None  # --knobs precision: int8 layers, measured savings, why (onnxecc.cost.quantize)
     input_shapes: dict | None = None  # inputs with symbolic sizes: the size costs were counted at (batch first)
     heads: list[dict] = field(default_factory=list)  # per attention layer: {"layer", "group", "before", "after"}
     # groups a normalisation runs over: pruned only with --data; {"id", "reason", "pruned", "left" (why not)}

@@ -14,6 +14,7 @@ from onnxecc.methods.options import CompressOptions
 from onnxecc.optimize.problem import Problem
 from onnxecc.train import checkpoint as checkpoints
 from onnxecc.train import distributed
+from onnxecc.train.qat import fake_quant
 
 
 def select(method: str, problem: Problem, target: float, data, opts: CompressOptions, emit, precision=None):
@@ -63,7 +64,7 @@ def select(method: str, problem: Problem, target: float, data, opts: CompressOpt
             now["lr"], tried = finetune_lr(mm, opts, total_epochs, emit)
             history += [{"phase": "lr_probe", **t} for t in tried] + mm.take_recoveries()
         emit("stage", {"name": "finetune", "epochs": total_epochs, "lr": now["lr"]})
-        qat = precision.fake_quant(mm.tm, opts.qat, total_epochs) if precision is not None else nullcontext()
+        qat = fake_quant(precision, mm.tm, opts.qat, total_epochs) if precision is not None else nullcontext()
         with qat as fq:  # QAT: the int8 layers fake-quantized, their activation ranges recomputed every epoch
             history += [{"phase": "finetune", **e} for e in mm.train(max(0, total_epochs), emit, lr=now["lr"],
                                                                     on_epoch=fq.epoch_done if fq else None,

@@ -48,7 +48,7 @@ modelled accelerator's, and the file is smaller.
 **Precision** (`--knobs width,precision`, issue #11): every layer that onnxruntime's static quantization takes
 runs at the hardware file's 8-bit unit energies (`hardware.Hardware.at_bits`; the caches hold twice as many
 values), in the plan, the floor and every projection — so the same budget keeps more weights. Training stays
-fp32; the output is the pruned model's layers as int8 QDQ (`onnxecc.train.quantize.quantize_layers`, MinMax
+fp32; the output is the pruned model's layers as int8 QDQ (`onnxecc.cost.quantize.quantize_layers`, MinMax
 calibration on `--data`), whose energy is counted again from the file with its int8 layers at 8 bits
 (`hardware.dequantized`). All layers go int8 because on the modelled accelerator each one is cheaper at 8 bits
 at any sparsity; the report's `precision` section gives the accuracy before and after quantization.
@@ -175,8 +175,8 @@ def make_plan(model: ingest.ModelSource, hardware: str | hwm.Hardware, budget: B
 
 
 def int8_layers(proto: onnx.ModelProto, geoms: list[hwm.LayerGeometry]) -> list[str]:
-    """The layers `onnxecc.train.quantize.quantize_layers` can put in int8 QDQ (its candidates), in model order."""
-    from onnxecc.train.quantize import candidates
+    """The layers `onnxecc.cost.quantize.quantize_layers` can put in int8 QDQ (its candidates), in model order."""
+    from onnxecc.cost.quantize import candidates
 
     names = set(candidates(proto))
     return [g.name for g in geoms if g.name in names]
@@ -219,11 +219,11 @@ def _precision_bits(hw: hwm.Hardware, opts) -> int | None:
 
 
 def quantize_output(model: onnx.ModelProto, plan: Plan, data) -> onnx.ModelProto:
-    """The trained, pruned model with `plan.bits`' layers in int8 QDQ (`onnxecc.train.quantize.quantize_layers`,
+    """The trained, pruned model with `plan.bits`' layers in int8 QDQ (`onnxecc.cost.quantize.quantize_layers`,
     MinMax calibration on the first training samples). Quantization keeps every zero weight and mask element
     an exact zero (symmetric int8 weights; a zero point represents 0 exactly), and may round more weights to 0:
     the energy counted on the file is at most the plan's."""
-    from onnxecc.train.quantize import CALIBRATION_SAMPLES, quantize_layers
+    from onnxecc.cost.quantize import CALIBRATION_SAMPLES, quantize_layers
 
     return quantize_layers(model, np.asarray(data.x_train[:CALIBRATION_SAMPLES], dtype=np.float32),
                            [name for name, b in plan.bits.items() if b == PRECISION_BITS])

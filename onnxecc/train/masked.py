@@ -154,7 +154,7 @@ class MaskedModel:
     def train(self, epochs: int, emit=None, penalty=None, lr: float | None = None, after_step=None,
               on_epoch=None, phase: str = "training") -> list[dict]:
         """`on_epoch(epoch)` runs after every epoch, numbered from 1 (QAT starts and recomputes its activation
-        ranges there: `onnxecc.train.quantize.FakeQuant.epoch_done`). `phase` names the loop in recovery records
+        ranges there: `onnxecc.train.qat.FakeQuant.epoch_done`). `phase` names the loop in recovery records
         (kept in `recoveries`, each also emitted as a "recovery" event) and divergence messages."""
         cfg = TrainConfig(**{**self.config.__dict__, "epochs": epochs, "phase": phase, **({"lr": lr} if lr else {})})
         emit = emit or (lambda kind, info: None)

@@ -115,7 +115,7 @@ def profile(model: ingest.ModelSource, output: str | os.PathLike | None = None, 
 
     A model with symbolic input sizes is measured at `input_shapes` (parsed --input-shape), recorded in the
     settings: `compress --profile` analyses at that size."""
-    from onnxecc.train.quantize import parse_knobs
+    from onnxecc.cost.quantize import parse_knobs
 
     knobs = parse_knobs(knobs)
     if "precision" in knobs and (meter if isinstance(meter, str) else meter.name) != "latency":
@@ -199,13 +199,13 @@ PRECISION_SAMPLES = (1, 2, 3)  # the uniform 25/50/75 % anchors: int8 timed at p
 
 def precision_section(info: ModelInfo, prof: Profile, calibration: np.ndarray | None = None) -> dict:
     """The int8 measurement `compress --knobs width,precision` would make at compress time
-    (`onnxecc.train.quantize.measure_precision`: per-layer marginal savings and the choice, at full width), made here on
+    (`onnxecc.cost.quantize.measure_precision`: per-layer marginal savings and the choice, at full width), made here on
     the target once, plus the chosen layers timed in int8 side by side with fp32 at the width anchors
     `PRECISION_SAMPLES` (`samples`: widths per width variable, fp32_ms, int8_ms), from which `onnxecc.cost.precision`
     corrects the int8 cost model at pruned widths. Calibration: `calibration` (N×input), else 32 seeded random
     inputs — the int8 kernels' speed does not depend on the calibrated ranges, and compress calibrates the
     output on its own --data. JSON-able; tied to the model by its fingerprint, provider and threads."""
-    from onnxecc.train import quantize
+    from onnxecc.cost import quantize
 
     provider, threads = prof.provider, int(prof.settings["threads"])
     seed = int(prof.settings.get("seed", 0))

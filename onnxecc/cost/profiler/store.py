@@ -147,7 +147,7 @@ class Profile:
     tool_version: str = ""
     profiling_s: float = 0.0
     path: Path | None = None
-    # `--knobs width,precision`: the int8 measurement (`onnxecc.train.quantize.PrecisionProfile.as_dict` plus the model
+    # `--knobs width,precision`: the int8 measurement (`onnxecc.cost.quantize.PrecisionProfile.as_dict` plus the model
     # fingerprint, provider, threads, calibration and int8 samples at pruned widths); None for width-only profiles
     precision: dict | None = None
     # nodes per execution provider in the full model's session (`onnxecc.graph.runtime.placement`): where the samples
