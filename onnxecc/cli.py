@@ -147,9 +147,6 @@ def compress(
                                     "(params)."),
     output: str = typer.Option(None, "--output", "-o", help="Required: where to write the compressed .onnx file."),
     report: str = typer.Option(None, "--report", help="Write a JSON report here (with the run's recipe)."),
-    config: str = typer.Option(None, "--config",
-                               help="Recipe file (.toml or .json, or a --report JSON) with the options; flags given "
-                                    "on the command line override it."),
     print_config: bool = typer.Option(False, "--print-config",
                                       help="Print the effective recipe (TOML) and exit without compressing."),
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -164,7 +161,6 @@ def compress(
                                help="No progress: neither the bar (terminal) nor the per-phase and per-epoch lines "
                                     "(logs)."),
     options=None,
-    given_options=(),
 ) -> None:
     """Compress MODEL so that it meets the budget; train on --data (ECC: ADMM, then fine-tuning).
 
@@ -178,13 +174,10 @@ def compress(
         raise SystemExit(distributed.launch(nproc, ["-m", "onnxecc", *_without_option(sys.argv[1:], "--nproc")]))
     if distributed.env_rank() > 0:  # under torchrun / --nproc rank 0 alone prints (and writes)
         console.quiet = err_console.quiet = True
-    from onnxecc.compress import CompressOptions
     from onnxecc.compress import compress as run_compress
     from onnxecc.core import recipe
     from onnxecc.train.checkpoint import Interrupted, default_path
 
-    if config:  # the file's options, with the flags given on the command line over them
-        options = recipe.merge(recipe.load(config, CompressOptions), options, given_options)
     if print_config:
         sys.stdout.write(recipe.to_toml(options))
         return
@@ -490,23 +483,15 @@ def sweep(
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the latency ratio of every point."),
     plot: str = typer.Option(None, "--plot", help="Write the accuracy-vs-cost plot (PNG) here."),
     plot_x: str = typer.Option("cost", "--plot-x", help="x axis of the plot: cost | latency (measured ratio)."),
-    config: str = typer.Option(None, "--config",
-                               help="Recipe file (.toml or .json, or a compress --report JSON) with the options of "
-                                    "every point; flags given on the command line override it."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No per-phase and per-epoch progress lines in logs (the per-point lines stay)."),
     options=None,
-    given_options=(),
 ) -> None:
     """Compress MODEL at several budgets with several methods; resumable (reruns skip finished points).
 
     Every point takes compress's options (the same flags, or --config); --methods replaces --method."""
-    from onnxecc.compress import CompressOptions
-    from onnxecc.core import recipe
     from onnxecc.sweep import sweep as run_sweep
 
-    if config:
-        options = recipe.merge(recipe.load(config, CompressOptions), options, given_options)
     options.measure_latency = latency
 
     point = {"lines": None}

@@ -65,6 +65,8 @@ class Flag:
 INPUT_SHAPE_HELP = ("Size to analyse a model with symbolic input dims at: NAME:d0,d1,... batch first (repeatable; "
                     "the name may be left out for a single-input model). compress and sweep default to the first "
                     "sample of --data. A compressed model keeps the dims symbolic.")
+CONFIG_HELP = ("Recipe file (.toml or .json, or a compress --report JSON) with the options; flags given on the "
+               "command line override it.")
 CLASS_AXIS_HELP = ("The output axis that holds class scores (e.g. 2 for N×T×C logits per step), for distillation and "
                    "top-1 agreement; default: detected from the original's outputs (N×C, or probabilities summing to "
                    "1 along an axis; else a map).")
@@ -130,20 +132,21 @@ NOT_ON_THE_COMMAND_LINE = ("temperature", "distill_weight", "measure_latency")
 
 
 def with_options(exclude: tuple[str, ...] = (), after: str = "output"):
-    """Give a typer command (with a `typer.Context` parameter) every flag of FLAGS but `exclude`, as keyword
-    parameters named by their field, listed after its parameter `after` (its required inputs first in --help); the
-    command receives them as one
-    `options: CompressOptions` (and `given_options`: the fields whose flags the command line gave, which override
-    a --config file)."""
+    """Give a typer command (with a `typer.Context` parameter) every flag of FLAGS but `exclude` and `--config`, as
+    keyword parameters named by their field, listed after its parameter `after` (its required inputs first in
+    --help); the command receives them as one `options: CompressOptions`: the --config recipe's, with the flags the
+    command line gave over it (a flag left at its default does not override the file)."""
     flags = [f for f in FLAGS if f.field not in exclude]
 
     def wrap(command):
         hints = typing.get_type_hints(command)
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(command).parameters.values() if p.name not in ("options", "given_options")]
+               for p in inspect.signature(command).parameters.values() if p.name != "options"]
         own = [p.replace(kind=p.KEYWORD_ONLY) for p in own]  # typer passes every parameter by name
         added = [inspect.Parameter(f.field, inspect.Parameter.KEYWORD_ONLY, annotation=f.kind,
                                    default=typer.Option(f.default(), *f.decls, help=f.help)) for f in flags]
+        added.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                       default=typer.Option(None, "--config", help=CONFIG_HELP)))
         cut = [p.name for p in own].index(after) + 1
 
         # the command's typer.Context parameter: where each flag's value came from (typer passes its own click's)
@@ -152,9 +155,15 @@ def with_options(exclude: tuple[str, ...] = (), after: str = "output"):
         @functools.wraps(command)
         def run(**kwargs):
             ctx = kwargs[context]
-            values = {f.field: f.value(kwargs.pop(f.field)) for f in flags}
-            given = {f.field for f in flags if ctx.get_parameter_source(f.field).name not in ("DEFAULT", "DEFAULT_MAP")}
-            return command(options=CompressOptions(**values), given_options=given, **kwargs)
+            options = CompressOptions(**{f.field: f.value(kwargs.pop(f.field)) for f in flags})
+            config = kwargs.pop("config")
+            if config:  # the file's options, with the flags given on the command line over them
+                from onnxecc.core import recipe
+
+                given = {f.field for f in flags
+                         if ctx.get_parameter_source(f.field).name not in ("DEFAULT", "DEFAULT_MAP")}
+                options = recipe.merge(recipe.load(config, CompressOptions), options, given)
+            return command(options=options, **kwargs)
 
         params = own[:cut] + added + own[cut:]
         run.__signature__ = inspect.Signature(params)  # what typer reads, with the types resolved:
