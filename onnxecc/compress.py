@@ -163,8 +163,9 @@ def _start(model, budget, output, options, report, on_event, checkpoint, resume,
         distributed.init(opts.device)
     resumed = checkpoints.load(resume) if resume is not None else None
     proto = ingest.load(model)
-    if opts.class_axis is not None and declared_shape(proto) is not None:  # before any training (a declared rank)
-        class_axis_index(opts.class_axis, declared_shape(proto))
+    declared = declared_shape(proto)
+    if opts.class_axis is not None and declared is not None:  # before any training (a declared rank)
+        class_axis_index(opts.class_axis, declared)
     ck = None
     if checkpoint is not None:
         fingerprint = checkpoints.fingerprint(ingest.sha256(proto), str(budget), opts)

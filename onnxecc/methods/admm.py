@@ -70,7 +70,7 @@ REFERENCE_STEPS = 46  # Adam steps of one W-step there: digits' 1438 training im
 def reference_rho(steps: int) -> float:
     """ρ₀ per Adam step that pulls as hard over a W-step of `steps` steps as RHO_REFERENCE does over
     REFERENCE_STEPS: (1+ρ)^steps = (1+RHO_REFERENCE)^REFERENCE_STEPS (see the module docstring)."""
-    if steps == REFERENCE_STEPS:
+    if steps == REFERENCE_STEPS:  # exactly, not to 1 ulp: digits' runs keep the ρ₀ they were measured with
         return RHO_REFERENCE
     return math.expm1(REFERENCE_STEPS / steps * math.log1p(RHO_REFERENCE))
 

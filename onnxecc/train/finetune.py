@@ -227,6 +227,12 @@ def _finetune(module, x, teacher_logits, y, config, masks, on_epoch, on_batch, p
             gc.collect()
 
 
+def steps_per_epoch(samples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch over `samples` (the last batch may be short; DDP shards each batch, not the
+    epoch)."""
+    return max(1, math.ceil(samples / batch_size))
+
+
 def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoch, on_batch, penalty, param_groups,
           after_step, on_recovery, kind) -> TrainHistory:
     import time
@@ -241,8 +247,7 @@ def _loop(module, net, ddp, device, x, teacher_logits, y, config, masks, on_epoc
     ts = torch.as_tensor(teacher_logits, dtype=torch.float32)
     ys = torch.as_tensor(y, dtype=torch.long) if y is not None else None
     n = len(xs)
-    steps_per_epoch = max(1, math.ceil(n / config.batch_size))
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = steps_per_epoch(n, config.batch_size) * config.epochs
     if config.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: 'cosine' or 'constant'")
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -8,8 +8,6 @@ back and physically removing the channels gives the same function (`onnxecc.grap
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 import torch
@@ -22,7 +20,15 @@ from onnxecc.graph.outputs import fidelity, output_kind
 from onnxecc.optimize.importance import channel_masks
 from onnxecc.train import distributed, recalibrate
 from onnxecc.train.bridge import TorchModel, to_torch, write_back
-from onnxecc.train.finetune import Mask, TorchInputs, TrainConfig, class_scores, distillation_loss, finetune
+from onnxecc.train.finetune import (
+    Mask,
+    TorchInputs,
+    TrainConfig,
+    class_scores,
+    distillation_loss,
+    finetune,
+    steps_per_epoch,
+)
 from onnxecc.train.guard import all_finite, diverged_message
 from onnxecc.train.masked_norm import Normalisations
 
@@ -175,9 +181,8 @@ class MaskedModel:
         return history.as_dict()
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps in one epoch of `train` (as `finetune` counts them; DDP shards each batch, not the
-        epoch)."""
-        return max(1, math.ceil(len(self.data.x_train) / self.config.batch_size))
+        """Optimizer steps in one epoch of `train`."""
+        return steps_per_epoch(len(self.data.x_train), self.config.batch_size)
 
     def choose_lr(self, candidates, samples: int = PROBE_SAMPLES) -> tuple[float, list[dict]]:
         """The fine-tuning learning rate for the current (pruned) weights: from these weights, one pass over up to
